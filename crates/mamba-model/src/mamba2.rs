@@ -1,0 +1,258 @@
+//! The Mamba2 mixer: in_proj → causal conv + SiLU → SSD scan → gated RMSNorm → out_proj.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::silu;
+use burn::tensor::{Distribution, Tensor, backend::Backend};
+use mamba_kernels::{ConvInput, MambaBackend, SsdInput, SsdStepInput};
+
+use crate::config::{Mamba2Config, NormMode};
+use crate::nn::{Linear, rms_normalize};
+
+/// Shapes of a Mamba2 mixer, fixed at construction.
+#[derive(Debug, Clone, Copy)]
+pub struct Mamba2Dims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub state: usize,
+    pub groups: usize,
+    pub conv_kernel: usize,
+    pub chunk_size: usize,
+    pub d_mlp: usize,
+    pub eps: f64,
+    pub dt_limit: (f64, f64),
+    pub norm: NormMode,
+}
+
+impl Mamba2Dims {
+    pub fn from_config(c: &Mamba2Config) -> Self {
+        Self {
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size(),
+            heads: c.num_heads,
+            head_dim: c.head_dim,
+            state: c.state_size,
+            groups: c.n_groups,
+            conv_kernel: c.conv_kernel,
+            chunk_size: c.chunk_size,
+            d_mlp: c.d_mlp,
+            eps: c.layer_norm_epsilon,
+            dt_limit: c.time_step_limit,
+            norm: c.norm,
+        }
+    }
+    pub fn conv_dim(&self) -> usize {
+        self.intermediate + 2 * self.groups * self.state
+    }
+}
+
+/// Recurrent state of one Mamba2 layer.
+#[derive(Debug, Clone)]
+pub struct Mamba2State<B: Backend> {
+    /// `[batch, conv_dim, conv_kernel - 1]`: the last inputs of the conv.
+    pub conv: Tensor<B, 3>,
+    /// `[batch, heads, head_dim, state]`
+    pub ssm: Tensor<B, 4>,
+}
+
+#[derive(Module, Debug)]
+pub struct Mamba2Mixer<B: Backend> {
+    /// `hidden → [2·d_mlp, z (I), xBC (I + 2·G·N), dt (H)]`
+    pub in_proj: Linear<B>,
+    /// `[conv_dim, conv_kernel]` (checkpoint: `conv1d.weight` `[conv_dim, 1, kernel]`)
+    pub conv1d_weight: Param<Tensor<B, 2>>,
+    /// `[conv_dim]`
+    pub conv1d_bias: Option<Param<Tensor<B, 1>>>,
+    /// `[heads]`
+    pub dt_bias: Param<Tensor<B, 1>>,
+    /// `[heads]`
+    pub a_log: Param<Tensor<B, 1>>,
+    /// `[heads]`
+    pub d: Param<Tensor<B, 1>>,
+    /// Gated RMSNorm weight `[intermediate]`.
+    pub norm_weight: Param<Tensor<B, 1>>,
+    pub out_proj: Linear<B>,
+    #[module(skip)]
+    pub dims: Mamba2Dims,
+}
+
+impl<B: Backend> Mamba2Mixer<B> {
+    /// Random init following mamba_ssm / transformers: `A_log = log(1..=H)`, `D = 1`, `dt_bias`
+    /// the inverse softplus of a log-uniform `dt` in `[time_step_min, time_step_max]`.
+    pub fn init(c: &Mamba2Config, device: &B::Device) -> Self {
+        let dims = Mamba2Dims::from_config(c);
+        let conv_dim = dims.conv_dim();
+        let in_proj = Linear::init(dims.hidden, c.in_proj_size(), c.use_bias, device);
+        let mut out_proj = Linear::init(dims.intermediate, dims.hidden, c.use_bias, device);
+        if c.rescale_prenorm_residual {
+            let scale = 1.0 / (c.num_hidden_layers as f64).sqrt();
+            out_proj.weight = out_proj.weight.map(|w| w * scale);
+        }
+        let bound = 1.0 / (dims.conv_kernel as f64).sqrt();
+        let conv1d_weight = Tensor::random(
+            [conv_dim, dims.conv_kernel],
+            Distribution::Uniform(-bound, bound),
+            device,
+        );
+        let a: Vec<f32> = (1..=dims.heads).map(|h| (h as f32).ln()).collect();
+        let dt_bias = init_dt_bias::<B>(dims.heads, c.time_step_min, c.time_step_max, c.time_step_floor, device);
+        Self {
+            in_proj,
+            conv1d_weight: Param::from_tensor(conv1d_weight),
+            conv1d_bias: c
+                .use_conv_bias
+                .then(|| Param::from_tensor(Tensor::zeros([conv_dim], device))),
+            dt_bias: Param::from_tensor(dt_bias),
+            a_log: Param::from_tensor(Tensor::from_floats(a.as_slice(), device)),
+            d: Param::from_tensor(Tensor::ones([dims.heads], device)),
+            norm_weight: Param::from_tensor(Tensor::ones([dims.intermediate], device)),
+            out_proj,
+            dims,
+        }
+    }
+}
+
+/// `dt_bias = dt + log(-expm1(-dt))` (inverse softplus) with `dt` log-uniform in `[min, max]`,
+/// floored at `floor`.
+pub fn init_dt_bias<B: Backend>(n: usize, min: f64, max: f64, floor: f64, device: &B::Device) -> Tensor<B, 1> {
+    let u = Tensor::<B, 1>::random([n], Distribution::Uniform(0.0, 1.0), device);
+    let dt = (u * (max.ln() - min.ln()) + min.ln()).exp().clamp_min(floor);
+    // inverse softplus: dt + log(1 - exp(-dt))
+    dt.clone() + (-(dt.neg().exp()) + 1.0).log()
+}
+
+impl<B: MambaBackend> Mamba2Mixer<B> {
+    fn split_proj(&self, proj: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+        let d = &self.dims;
+        let z = proj.clone().narrow(2, 2 * d.d_mlp, d.intermediate); // [b, l, I]
+        let xbc = proj.clone().narrow(2, 2 * d.d_mlp + d.intermediate, d.conv_dim()); // [b, l, conv_dim]
+        let dt = proj.narrow(2, 2 * d.d_mlp + d.intermediate + d.conv_dim(), d.heads); // [b, l, H]
+        (z, xbc, dt)
+    }
+
+    fn a(&self) -> Tensor<B, 1> {
+        self.a_log.val().exp().neg()
+    }
+
+    /// Full-sequence forward. `x` `[batch, seq, hidden]`, `mask` `[batch, seq]` (1 keep, 0 pad).
+    /// Continues from `state` when given; returns the state after the last position when
+    /// `want_state`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        mask: Option<&Tensor<B, 3>>,
+        state: Option<Mamba2State<B>>,
+        want_state: bool,
+    ) -> (Tensor<B, 3>, Option<Mamba2State<B>>) {
+        let d = &self.dims;
+        let [batch, seq, _] = x.dims();
+        let x = apply_mask(x, mask);
+        let proj = self.in_proj.forward(x); // [b, l, in_proj]
+        let (z, xbc, dt) = self.split_proj(proj);
+        let (conv_state, ssm_state) = match state {
+            Some(s) => (Some(s.conv), Some(s.ssm)),
+            None => (None, None),
+        };
+        let conv = B::causal_conv1d(ConvInput {
+            x: xbc,
+            weight: self.conv1d_weight.val(),
+            bias: self.conv1d_bias.as_ref().map(|b| b.val()),
+            initial_state: conv_state,
+            silu: true,
+        });
+        let xbc = apply_mask(conv.y, mask); // [b, l, conv_dim]
+        let gn = d.groups * d.state;
+        let xs = xbc.clone().narrow(2, 0, d.intermediate).reshape([batch, seq, d.heads, d.head_dim]);
+        let bm = xbc.clone().narrow(2, d.intermediate, gn).reshape([batch, seq, d.groups, d.state]);
+        let cm = xbc.narrow(2, d.intermediate + gn, gn).reshape([batch, seq, d.groups, d.state]);
+        let ssd = B::ssd_chunk_scan(SsdInput {
+            x: xs,
+            dt,
+            a: self.a(),
+            b: bm,
+            c: cm,
+            d: self.d.val(),
+            dt_bias: self.dt_bias.val(),
+            dt_limit: d.dt_limit,
+            initial_state: ssm_state,
+            chunk_size: d.chunk_size,
+        });
+        let y = ssd.y.reshape([batch, seq, d.intermediate]);
+        let y = self.gated_norm(y, z);
+        let out = self.out_proj.forward(y);
+        let state = want_state.then(|| Mamba2State {
+            conv: conv.final_state,
+            ssm: ssd.final_state,
+        });
+        (out, state)
+    }
+
+    /// One-token step: `x` `[batch, hidden]`.
+    pub fn step(&self, x: Tensor<B, 2>, state: Mamba2State<B>) -> (Tensor<B, 2>, Mamba2State<B>) {
+        let d = &self.dims;
+        let [batch, _] = x.dims();
+        let proj = self.in_proj.forward(x).unsqueeze_dim::<3>(1); // [b, 1, in_proj]
+        let (z, xbc, dt) = self.split_proj(proj);
+        let (xbc, conv) = B::causal_conv1d_step(
+            xbc.reshape([batch, d.conv_dim()]),
+            state.conv,
+            self.conv1d_weight.val(),
+            self.conv1d_bias.as_ref().map(|b| b.val()),
+            true,
+        ); // [b, conv_dim]
+        let gn = d.groups * d.state;
+        let xs = xbc.clone().narrow(1, 0, d.intermediate).reshape([batch, d.heads, d.head_dim]);
+        let bm = xbc.clone().narrow(1, d.intermediate, gn).reshape([batch, d.groups, d.state]);
+        let cm = xbc.narrow(1, d.intermediate + gn, gn).reshape([batch, d.groups, d.state]);
+        let (y, ssm) = B::ssd_step(SsdStepInput {
+            x: xs,
+            dt: dt.reshape([batch, d.heads]),
+            a: self.a(),
+            b: bm,
+            c: cm,
+            d: self.d.val(),
+            dt_bias: self.dt_bias.val(),
+            dt_limit: d.dt_limit,
+            state: state.ssm,
+        });
+        let y = self.gated_norm(y.reshape([batch, 1, d.intermediate]), z);
+        let out = self.out_proj.forward(y).reshape([batch, d.hidden]);
+        (out, Mamba2State { conv, ssm })
+    }
+
+    /// Gate first (`y · silu(z)`), then RMS over groups of `I / G` channels (or over all `I`
+    /// with [`NormMode::Hf`]), then the weight.
+    fn gated_norm(&self, y: Tensor<B, 3>, z: Tensor<B, 3>) -> Tensor<B, 3> {
+        let d = &self.dims;
+        let [batch, seq, width] = y.dims();
+        let gated = y * silu(z);
+        let groups = match d.norm {
+            NormMode::Grouped => d.groups,
+            NormMode::Hf => 1,
+        };
+        let normed = if groups == 1 {
+            rms_normalize(gated, d.eps)
+        } else {
+            let g = gated.reshape([batch, seq, groups, width / groups]);
+            rms_normalize(g, d.eps).reshape([batch, seq, width])
+        };
+        normed * self.norm_weight.val().unsqueeze::<3>()
+    }
+
+    pub fn zero_state(&self, batch: usize, device: &B::Device) -> Mamba2State<B> {
+        let d = &self.dims;
+        Mamba2State {
+            conv: Tensor::zeros([batch, d.conv_dim(), d.conv_kernel - 1], device),
+            ssm: Tensor::zeros([batch, d.heads, d.head_dim, d.state], device),
+        }
+    }
+}
+
+/// Zero the padded positions: `x` `[batch, seq, ch]`, `mask` `[batch, seq, 1]`.
+pub(crate) fn apply_mask<B: Backend>(x: Tensor<B, 3>, mask: Option<&Tensor<B, 3>>) -> Tensor<B, 3> {
+    match mask {
+        Some(m) => x * m.clone(),
+        None => x,
+    }
+}

@@ -1,0 +1,233 @@
+//! The causal LM: embeddings → pre-norm residual blocks → norm_f → LM head (tied or not).
+
+use burn::module::Module;
+use burn::tensor::{Int, Tensor, backend::Backend};
+use mamba_kernels::MambaBackend;
+
+use crate::cache::{LayerState, ModelCache};
+use crate::config::{ConfigError, ModelConfig};
+use crate::loss::causal_lm_loss;
+use crate::mamba1::Mamba1Mixer;
+use crate::mamba2::Mamba2Mixer;
+use crate::nn::{Embedding, Linear, RmsNorm};
+
+#[derive(Module, Debug)]
+pub enum Mixer<B: Backend> {
+    Mamba1(Mamba1Mixer<B>),
+    Mamba2(Mamba2Mixer<B>),
+}
+
+/// `x + mixer(norm(x))`. The residual stream stays in the backend's float type (f32 here, so
+/// `residual_in_fp32` holds by construction).
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub norm: RmsNorm<B>,
+    pub mixer: Mixer<B>,
+}
+
+impl<B: MambaBackend> Block<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        mask: Option<&Tensor<B, 3>>,
+        state: Option<LayerState<B>>,
+        want_state: bool,
+    ) -> (Tensor<B, 3>, Option<LayerState<B>>) {
+        let h = self.norm.forward(x.clone());
+        let (h, state) = match &self.mixer {
+            Mixer::Mamba2(m) => {
+                let s = state.map(|s| s.into_mamba2());
+                let (h, s) = m.forward(h, mask, s, want_state);
+                (h, s.map(LayerState::Mamba2))
+            }
+            Mixer::Mamba1(m) => {
+                let s = state.map(|s| s.into_mamba1());
+                let (h, s) = m.forward(h, mask, s, want_state);
+                (h, s.map(LayerState::Mamba1))
+            }
+        };
+        (x + h, state)
+    }
+
+    fn step(&self, x: Tensor<B, 2>, state: LayerState<B>) -> (Tensor<B, 2>, LayerState<B>) {
+        let h = self.norm.forward(x.clone());
+        let (h, state) = match &self.mixer {
+            Mixer::Mamba2(m) => {
+                let (h, s) = m.step(h, state.into_mamba2());
+                (h, LayerState::Mamba2(s))
+            }
+            Mixer::Mamba1(m) => {
+                let (h, s) = m.step(h, state.into_mamba1());
+                (h, LayerState::Mamba1(s))
+            }
+        };
+        (x + h, state)
+    }
+}
+
+/// Mamba / Mamba2 causal language model (transformers' `*ForCausalLM`).
+#[derive(Module, Debug)]
+pub struct MambaLM<B: Backend> {
+    pub embeddings: Embedding<B>,
+    pub layers: Vec<Block<B>>,
+    pub norm_f: RmsNorm<B>,
+    /// `None` when tied to the input embeddings.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    pub config: ModelConfig,
+}
+
+/// Options of [`MambaLM::forward_with`].
+#[derive(Debug, Clone)]
+pub struct ForwardArgs<B: Backend> {
+    /// `[batch, seq]`, 1 for tokens and 0 for (left) padding.
+    pub attention_mask: Option<Tensor<B, 2>>,
+    /// `[batch, seq]`, `-100` ignored; shifted inside.
+    pub labels: Option<Tensor<B, 2, Int>>,
+    /// Continue from these states (multi-token continuation).
+    pub cache: Option<ModelCache<B>>,
+    /// Return the states after the last position.
+    pub return_cache: bool,
+    /// Only compute the logits of the last `n` positions (`0`: all), as transformers'
+    /// `logits_to_keep`.
+    pub logits_to_keep: usize,
+}
+
+impl<B: Backend> Default for ForwardArgs<B> {
+    fn default() -> Self {
+        Self {
+            attention_mask: None,
+            labels: None,
+            cache: None,
+            return_cache: false,
+            logits_to_keep: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ForwardOutput<B: Backend> {
+    /// `[batch, kept, vocab]`
+    pub logits: Tensor<B, 3>,
+    /// Mean next-token cross-entropy over counted labels, `[1]`.
+    pub loss: Option<Tensor<B, 1>>,
+    pub cache: Option<ModelCache<B>>,
+}
+
+impl<B: Backend> MambaLM<B> {
+    /// A randomly initialised model with mamba_ssm / transformers' init scheme.
+    pub fn init(config: &ModelConfig, device: &B::Device) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let hidden = config.hidden_size();
+        let eps = config.layer_norm_epsilon();
+        let layers = (0..config.num_layers())
+            .map(|_| Block {
+                norm: RmsNorm::init(hidden, eps, device),
+                mixer: match config {
+                    ModelConfig::Mamba1(c) => Mixer::Mamba1(Mamba1Mixer::init(c, device)),
+                    ModelConfig::Mamba2(c) => Mixer::Mamba2(Mamba2Mixer::init(c, device)),
+                },
+            })
+            .collect();
+        let vocab = config.vocab_size();
+        Ok(Self {
+            embeddings: Embedding::init(vocab, hidden, 0.02, device),
+            layers,
+            norm_f: RmsNorm::init(hidden, eps, device),
+            lm_head: (!config.tie_word_embeddings()).then(|| Linear::init(hidden, vocab, false, device)),
+            config: config.clone(),
+        })
+    }
+
+    /// `[.., hidden]` → `[.., vocab]` through the LM head or the tied embeddings.
+    pub fn lm_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => burn::tensor::module::linear(hidden, self.embeddings.weight.val().transpose(), None),
+        }
+    }
+}
+
+impl<B: MambaBackend> MambaLM<B> {
+    /// Logits `[batch, seq, vocab]` for `ids` `[batch, seq]`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward_with(ids, ForwardArgs::default()).logits
+    }
+
+    /// The full forward: attention mask, labels (loss), cache in/out, `logits_to_keep`.
+    pub fn forward_with(&self, ids: Tensor<B, 2, Int>, args: ForwardArgs<B>) -> ForwardOutput<B> {
+        let [batch, seq] = ids.dims();
+        let mask = args.attention_mask.map(|m| m.reshape([batch, seq, 1]));
+        let mut x = self.embeddings.forward(ids); // [b, l, d]
+        let mut states_in = args.cache.map(|c| c.layers.into_iter());
+        let mut states_out = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let s = states_in.as_mut().and_then(|it| it.next());
+            let (y, s) = layer.forward(x, mask.as_ref(), s, args.return_cache);
+            x = y;
+            if let Some(s) = s {
+                states_out.push(s);
+            }
+        }
+        let h = self.norm_f.forward(x);
+        let h = if args.logits_to_keep > 0 && args.logits_to_keep < seq {
+            h.narrow(1, seq - args.logits_to_keep, args.logits_to_keep)
+        } else {
+            h
+        };
+        let logits = self.lm_logits(h);
+        let loss = args.labels.map(|labels| causal_lm_loss(logits.clone(), labels));
+        ForwardOutput {
+            logits,
+            loss,
+            cache: args.return_cache.then_some(ModelCache { layers: states_out }),
+        }
+    }
+
+    /// Prefill: logits of the last position `[batch, vocab]` and the cache.
+    pub fn prefill(&self, ids: Tensor<B, 2, Int>) -> (Tensor<B, 2>, ModelCache<B>) {
+        let [batch, _] = ids.dims();
+        let vocab = self.config.vocab_size();
+        let out = self.forward_with(
+            ids,
+            ForwardArgs {
+                return_cache: true,
+                logits_to_keep: 1,
+                ..Default::default()
+            },
+        );
+        (
+            out.logits.reshape([batch, vocab]),
+            out.cache.expect("return_cache was set"),
+        )
+    }
+
+    /// One-token step in O(1): `ids` `[batch]` → logits `[batch, vocab]` and the updated cache.
+    pub fn step(&self, ids: Tensor<B, 1, Int>, cache: ModelCache<B>) -> (Tensor<B, 2>, ModelCache<B>) {
+        let [batch] = ids.dims();
+        let hidden = self.config.hidden_size();
+        let mut x = self.embeddings.forward(ids.reshape([batch, 1])).reshape([batch, hidden]);
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (layer, state) in self.layers.iter().zip(cache.layers) {
+            let (y, s) = layer.step(x, state);
+            x = y;
+            layers.push(s);
+        }
+        let h = self.norm_f.forward(x);
+        (self.lm_logits(h), ModelCache { layers })
+    }
+
+    /// Zero states for `batch` sequences (the cache before any token).
+    pub fn empty_cache(&self, batch: usize, device: &B::Device) -> ModelCache<B> {
+        ModelCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| match &l.mixer {
+                    Mixer::Mamba1(m) => LayerState::Mamba1(m.zero_state(batch, device)),
+                    Mixer::Mamba2(m) => LayerState::Mamba2(m.zero_state(batch, device)),
+                })
+                .collect(),
+        }
+    }
+}

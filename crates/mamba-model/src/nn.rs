@@ -1,0 +1,90 @@
+//! Small building blocks with PyTorch's parameter layouts, so that checkpoints map one to one.
+
+use burn::module::{Module, Param};
+use burn::tensor::{Distribution, Int, Tensor, backend::Backend};
+
+/// A linear layer storing `weight` as `[out, in]` (PyTorch's layout), so Hugging Face
+/// checkpoints load and save without transposes.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[out, in]`
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out]`
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// PyTorch's default init (Kaiming-uniform with `a = sqrt(5)`, i.e. `U(±1/sqrt(in))`),
+    /// bias zero as mamba_ssm initialises it.
+    pub fn init(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Self {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let weight = Tensor::random([d_out, d_in], Distribution::Uniform(-bound, bound), device);
+        Self {
+            weight: Param::from_tensor(weight),
+            bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+        }
+    }
+
+    pub fn d_in(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn d_out(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// `x @ Wᵀ + b` over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        burn::tensor::module::linear(
+            x,
+            self.weight.val().transpose(),
+            self.bias.as_ref().map(|b| b.val()),
+        )
+    }
+}
+
+/// Token embeddings, `weight` `[vocab, hidden]`.
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Embedding<B> {
+    pub fn init(vocab: usize, hidden: usize, std: f64, device: &B::Device) -> Self {
+        let weight = Tensor::random([vocab, hidden], Distribution::Normal(0.0, std), device);
+        Self {
+            weight: Param::from_tensor(weight),
+        }
+    }
+
+    /// `[batch, seq]` ids to `[batch, seq, hidden]`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        burn::tensor::module::embedding(self.weight.val(), ids)
+    }
+}
+
+/// RMSNorm as Mamba uses it: `w * x / sqrt(mean(x²) + eps)`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn init(size: usize, eps: f64, device: &B::Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([size], device)),
+            eps,
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        rms_normalize(x, self.eps) * self.weight.val().unsqueeze::<D>()
+    }
+}
+
+/// `x / sqrt(mean(x², last) + eps)`.
+pub fn rms_normalize<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
+    let var = x.clone().square().mean_dim(D - 1);
+    x * (var + eps).sqrt().recip()
+}

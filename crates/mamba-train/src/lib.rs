@@ -1,0 +1,7 @@
+//! Training, evaluation and benchmarking for mamba-burn, and the helpers the binaries share.
+//! The binaries in `src/bin` stay thin: argument parsing and a call into this crate.
+
+pub mod device;
+pub mod evaluate;
+
+pub use device::{BackendJob, DeviceSpec, run_on};

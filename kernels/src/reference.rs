@@ -1,0 +1,334 @@
+//! Reference implementations of the Mamba ops in plain burn tensor ops.
+//!
+//! They define what "correct" means for the kernels, run on every backend, and are
+//! differentiated by `Autodiff<B>` like any other tensor code. The SSD scan follows the chunked
+//! ("state space duality") algorithm: intra-chunk quadratic form, per-chunk states, state passing
+//! between chunks, and the state-to-output term, all with matrix products.
+
+use burn::tensor::activation::{silu, softplus};
+use burn::tensor::{Bool, Tensor, backend::Backend};
+
+use crate::{
+    ConvInput, ConvOutput, SelectiveScanInput, SelectiveScanOutput, SsdInput, SsdOutput,
+    SsdStepInput,
+};
+
+/// `dt = clamp(softplus(dt + bias), limit)`; the clamp is skipped for `(0, inf)` (softplus is
+/// positive, so it would be the identity anyway, and this keeps it out of the autodiff graph).
+fn discretize_dt<B: Backend, const D: usize>(
+    dt: Tensor<B, D>,
+    bias: Tensor<B, D>,
+    limit: (f64, f64),
+) -> Tensor<B, D> {
+    let dt = softplus(dt + bias, 1.0);
+    clamp_limit(dt, limit)
+}
+
+fn clamp_limit<B: Backend, const D: usize>(dt: Tensor<B, D>, (lo, hi): (f64, f64)) -> Tensor<B, D> {
+    let dt = if lo > 0.0 { dt.clamp_min(lo) } else { dt };
+    if hi.is_finite() { dt.clamp_max(hi) } else { dt }
+}
+
+/// Expand `[.., groups, n]` to `[.., heads, n]`: head `h` reads group `h / (heads / groups)`.
+fn groups_to_heads<B: Backend>(t: Tensor<B, 4>, heads: usize) -> Tensor<B, 4> {
+    let [b, l, g, n] = t.dims();
+    if g == heads {
+        return t;
+    }
+    t.unsqueeze_dim::<5>(3) // [b, l, g, 1, n]
+        .expand([b, l, g, heads / g, n])
+        .reshape([b, l, heads, n])
+}
+
+/// Stable segment sum: `out[.., i, j] = sum_{k = j+1..=i} x[.., k]` for `i >= j`, `-inf` above
+/// the diagonal. `x` is `[a, b, c, t]`, the result `[a, b, c, t, t]`.
+fn segsum<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 5> {
+    let [a, b, c, t] = x.dims();
+    let device = x.device();
+    // [a, b, c, t(k), t(j)] holding x[k]
+    let xe = x.unsqueeze_dim::<5>(4).expand([a, b, c, t, t]);
+    // keep k > j (strictly lower triangle), zero elsewhere
+    let strict: Tensor<B, 5, Bool> = Tensor::<B, 2, Bool>::tril_mask([t, t], -1, &device)
+        .unsqueeze::<5>()
+        .expand([a, b, c, t, t]);
+    let xe = xe.mask_fill(strict, 0.0);
+    let cs = xe.cumsum(3); // sum over k <= i
+    let lower: Tensor<B, 5, Bool> = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &device)
+        .unsqueeze::<5>()
+        .expand([a, b, c, t, t]);
+    cs.mask_fill(lower, f32::NEG_INFINITY)
+}
+
+/// The SSD chunked scan for any sequence length (padded internally to a multiple of the chunk).
+pub fn ssd_chunk_scan<B: Backend>(input: SsdInput<B>) -> SsdOutput<B> {
+    let SsdInput {
+        x,
+        dt,
+        a,
+        b,
+        c,
+        d,
+        dt_bias,
+        dt_limit,
+        initial_state,
+        chunk_size,
+    } = input;
+    let [batch, seqlen, heads, head_dim] = x.dims();
+    let [_, _, _, dstate] = b.dims();
+    let device = x.device();
+    assert!(chunk_size > 0, "chunk_size must be positive");
+
+    let dt = discretize_dt(dt, dt_bias.reshape([1, 1, heads]), dt_limit); // [b, l, h]
+    let nchunks = seqlen.div_ceil(chunk_size).max(1);
+    let padded = nchunks * chunk_size;
+    let pad = padded - seqlen;
+    let q = chunk_size;
+
+    let d_residual = x.clone() * d.reshape([1, 1, heads, 1]); // [b, l, h, p]
+
+    // Padding with dt = 0 makes padded steps the identity on the state.
+    let (x, dt, b, c) = if pad > 0 {
+        (
+            x.pad([(0, 0), (0, pad), (0, 0), (0, 0)], 0.0),
+            dt.pad([(0, 0), (0, pad), (0, 0)], 0.0),
+            b.pad([(0, 0), (0, pad), (0, 0), (0, 0)], 0.0),
+            c.pad([(0, 0), (0, pad), (0, 0), (0, 0)], 0.0),
+        )
+    } else {
+        (x, dt, b, c)
+    };
+    let b = groups_to_heads(b, heads); // [b, L, h, n]
+    let c = groups_to_heads(c, heads); // [b, L, h, n]
+
+    let xdt = x * dt.clone().unsqueeze_dim::<4>(3); // [b, L, h, p]
+    let adt = dt * a.reshape([1, 1, heads]); // [b, L, h]
+
+    // Chunked views.
+    let x_ch = xdt
+        .reshape([batch, nchunks, q, heads, head_dim])
+        .permute([0, 1, 3, 2, 4]); // [b, c, h, q, p]
+    let b_ch = b
+        .reshape([batch, nchunks, q, heads, dstate])
+        .permute([0, 1, 3, 2, 4]); // [b, c, h, q, n]
+    let c_ch = c
+        .reshape([batch, nchunks, q, heads, dstate])
+        .permute([0, 1, 3, 2, 4]); // [b, c, h, q, n]
+    let adt = adt.reshape([batch, nchunks, q, heads]).permute([0, 3, 1, 2]); // [b, h, c, q]
+    let a_cs = adt.clone().cumsum(3); // [b, h, c, q]
+
+    // 1. Intra-chunk (diagonal blocks): Y = (C Bᵀ ∘ L) X.
+    let l_mat = segsum(adt).exp().permute([0, 2, 1, 3, 4]); // [b, c, h, q, q]
+    let cb = c_ch.clone().matmul(b_ch.clone().swap_dims(3, 4)); // [b, c, h, q, q]
+    let y_diag = (cb * l_mat).matmul(x_ch.clone()); // [b, c, h, q, p]
+
+    // 2. State at the end of each chunk from that chunk's inputs.
+    let a_last = a_cs.clone().narrow(3, q - 1, 1); // [b, h, c, 1]
+    let decay_states = (a_last.clone() - a_cs.clone()).exp(); // [b, h, c, q]
+    let decay_states = decay_states.permute([0, 2, 1, 3]).unsqueeze_dim::<5>(4); // [b, c, h, q, 1]
+    let states = (x_ch * decay_states).swap_dims(3, 4).matmul(b_ch); // [b, c, h, p, n]
+
+    // 3. State passing between chunks, starting from the initial state.
+    let init = match initial_state {
+        Some(s) => s,
+        None => Tensor::zeros([batch, heads, head_dim, dstate], &device),
+    }
+    .unsqueeze_dim::<5>(1); // [b, 1, h, p, n]
+    let states = Tensor::cat(vec![init, states], 1); // [b, c+1, h, p, n]
+    let chunk_a = a_last
+        .reshape([batch, heads, nchunks])
+        .pad([(0, 0), (0, 0), (1, 0)], 0.0); // [b, h, c+1]
+    let decay_chunk = segsum(chunk_a.unsqueeze_dim::<4>(2))
+        .reshape([batch, heads, nchunks + 1, nchunks + 1])
+        .exp(); // [b, h, c+1, c+1]
+    let flat = states
+        .reshape([batch, nchunks + 1, heads, head_dim * dstate])
+        .swap_dims(1, 2); // [b, h, c+1, p*n]
+    let new_states = decay_chunk.matmul(flat); // [b, h, c+1, p*n]
+    let new_states = new_states
+        .swap_dims(1, 2)
+        .reshape([batch, nchunks + 1, heads, head_dim, dstate]);
+    let prev_states = new_states.clone().narrow(1, 0, nchunks); // [b, c, h, p, n]
+    let final_state = new_states
+        .narrow(1, nchunks, 1)
+        .reshape([batch, heads, head_dim, dstate]);
+
+    // 4. State -> output for each chunk: Y_off = (C · h_prev) * exp(cumsum A).
+    let decay_out = a_cs.exp().permute([0, 2, 1, 3]).unsqueeze_dim::<5>(4); // [b, c, h, q, 1]
+    let y_off = c_ch.matmul(prev_states.swap_dims(3, 4)) * decay_out; // [b, c, h, q, p]
+
+    let y = (y_diag + y_off)
+        .permute([0, 1, 3, 2, 4])
+        .reshape([batch, padded, heads, head_dim]);
+    let y = if pad > 0 { y.narrow(1, 0, seqlen) } else { y };
+    SsdOutput {
+        y: y + d_residual,
+        final_state,
+    }
+}
+
+/// One-token SSD update.
+pub fn ssd_step<B: Backend>(input: SsdStepInput<B>) -> (Tensor<B, 3>, Tensor<B, 4>) {
+    let SsdStepInput {
+        x,
+        dt,
+        a,
+        b,
+        c,
+        d,
+        dt_bias,
+        dt_limit,
+        state,
+    } = input;
+    let [batch, heads, head_dim] = x.dims();
+    let [_, groups, dstate] = b.dims();
+    let dt = discretize_dt(dt, dt_bias.reshape([1, heads]), dt_limit); // [b, h]
+    let da = (dt.clone() * a.reshape([1, heads])).exp(); // [b, h]
+    let expand = |t: Tensor<B, 3>| -> Tensor<B, 3> {
+        if groups == heads {
+            t
+        } else {
+            t.unsqueeze_dim::<4>(2)
+                .expand([batch, groups, heads / groups, dstate])
+                .reshape([batch, heads, dstate])
+        }
+    };
+    let b = expand(b); // [b, h, n]
+    let c = expand(c); // [b, h, n]
+    let dbx = (x.clone() * dt.unsqueeze_dim::<3>(2)).unsqueeze_dim::<4>(3)
+        * b.unsqueeze_dim::<4>(2); // [b, h, p, n]
+    let state = state * da.reshape([batch, heads, 1, 1]) + dbx; // [b, h, p, n]
+    let y = state.clone().matmul(c.unsqueeze_dim::<4>(3)).reshape([batch, heads, head_dim]);
+    let y = y + x * d.reshape([1, heads, 1]);
+    (y, state)
+}
+
+/// Causal depthwise conv1d with optional initial state, bias and SiLU.
+pub fn causal_conv1d<B: Backend>(input: ConvInput<B>) -> ConvOutput<B> {
+    let ConvInput {
+        x,
+        weight,
+        bias,
+        initial_state,
+        silu: apply_silu,
+    } = input;
+    let [batch, seqlen, channels] = x.dims();
+    let [_, width] = weight.dims();
+    let device = x.device();
+    let state = match initial_state {
+        Some(s) => s.swap_dims(1, 2), // [b, w-1, c]
+        None => Tensor::zeros([batch, width - 1, channels], &device),
+    };
+    let ext = Tensor::cat(vec![state, x], 1); // [b, l + w - 1, c]
+    let mut y: Option<Tensor<B, 3>> = None;
+    for k in 0..width {
+        let wk = weight.clone().narrow(1, k, 1).reshape([1, 1, channels]);
+        let term = ext.clone().narrow(1, k, seqlen) * wk; // [b, l, c]
+        y = Some(match y {
+            Some(acc) => acc + term,
+            None => term,
+        });
+    }
+    let mut y = y.expect("conv width must be at least 1");
+    if let Some(bias) = bias {
+        y = y + bias.reshape([1, 1, channels]);
+    }
+    if apply_silu {
+        y = silu(y);
+    }
+    let total = seqlen + width - 1;
+    let final_state = ext.narrow(1, total - (width - 1), width - 1).swap_dims(1, 2); // [b, c, w-1]
+    ConvOutput { y, final_state }
+}
+
+/// One-token causal conv update.
+pub fn causal_conv1d_step<B: Backend>(
+    x: Tensor<B, 2>,
+    state: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    apply_silu: bool,
+) -> (Tensor<B, 2>, Tensor<B, 3>) {
+    let [batch, channels] = x.dims();
+    let [_, width] = weight.dims();
+    let window = Tensor::cat(vec![state, x.reshape([batch, channels, 1])], 2); // [b, c, w]
+    let mut y = (window.clone() * weight.unsqueeze_dim::<3>(0))
+        .sum_dim(2)
+        .reshape([batch, channels]);
+    if let Some(bias) = bias {
+        y = y + bias.unsqueeze_dim::<2>(0);
+    }
+    if apply_silu {
+        y = silu(y);
+    }
+    let new_state = window.narrow(2, 1, width - 1);
+    (y, new_state)
+}
+
+/// Mamba1's selective scan, sequential over time as transformers' reference path does.
+pub fn selective_scan<B: Backend>(input: SelectiveScanInput<B>) -> SelectiveScanOutput<B> {
+    let SelectiveScanInput {
+        u,
+        delta,
+        a,
+        b,
+        c,
+        d,
+        z,
+        delta_bias,
+        delta_softplus,
+        initial_state,
+    } = input;
+    let [batch, seqlen, channels] = u.dims();
+    let [_, dstate] = a.dims();
+    let device = u.device();
+    let mut dt = delta;
+    if let Some(bias) = delta_bias {
+        dt = dt + bias.reshape([1, 1, channels]);
+    }
+    if delta_softplus {
+        dt = softplus(dt, 1.0);
+    }
+    // [b, l, c, n]
+    let da = (dt.clone().unsqueeze_dim::<4>(3) * a.unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0)).exp();
+    let dbu = (dt * u.clone()).unsqueeze_dim::<4>(3) * b.unsqueeze_dim::<4>(2);
+    let mut state = match initial_state {
+        Some(s) => s,
+        None => Tensor::zeros([batch, channels, dstate], &device),
+    };
+    let mut states = Vec::with_capacity(seqlen);
+    for t in 0..seqlen {
+        let da_t = da.clone().narrow(1, t, 1).reshape([batch, channels, dstate]);
+        let dbu_t = dbu.clone().narrow(1, t, 1).reshape([batch, channels, dstate]);
+        state = da_t * state + dbu_t;
+        states.push(state.clone());
+    }
+    let hs: Tensor<B, 4> = Tensor::stack(states, 1); // [b, l, c, n]
+    let y = (hs * c.unsqueeze_dim::<4>(2)).sum_dim(3).reshape([batch, seqlen, channels]);
+    let mut y = y + u * d.reshape([1, 1, channels]);
+    if let Some(z) = z {
+        y = y * silu(z);
+    }
+    SelectiveScanOutput {
+        y,
+        final_state: state,
+    }
+}
+
+/// Mamba1's one-token state update (used by decoding): returns `y` `[batch, channels]`
+/// (before the gate) and the new state.
+pub fn selective_step<B: Backend>(
+    u: Tensor<B, 2>,
+    dt: Tensor<B, 2>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    c: Tensor<B, 2>,
+    d: Tensor<B, 1>,
+    state: Tensor<B, 3>,
+) -> (Tensor<B, 2>, Tensor<B, 3>) {
+    let [batch, channels] = u.dims();
+    let da = (dt.clone().unsqueeze_dim::<3>(2) * a.unsqueeze_dim::<3>(0)).exp(); // [b, c, n]
+    let dbu = (dt * u.clone()).unsqueeze_dim::<3>(2) * b.unsqueeze_dim::<3>(1); // [b, c, n]
+    let state = da * state + dbu;
+    let y = (state.clone() * c.unsqueeze_dim::<3>(1)).sum_dim(2).reshape([batch, channels]);
+    (y + u * d.unsqueeze_dim::<2>(0), state)
+}
