@@ -130,8 +130,13 @@ def run_case(name, model, out_dir, grad_names, store_dtype=None, shard=None, gro
         kept = model(input_ids=ids, logits_to_keep=5)
         tensors["logits_keep5"] = kept.logits.float().contiguous()
 
+    with torch.no_grad():
+        # 4. every next token counted (what the `eval` binary reports)
+        loss_all = model(input_ids=ids, labels=ids).loss.item()
+
     prompt = ids[:1, :PROMPT_LEN]
     ref = {
+        "loss_all_tokens": loss_all,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "model_type": model.config.model_type,
@@ -156,6 +161,8 @@ def run_case(name, model, out_dir, grad_names, store_dtype=None, shard=None, gro
             for k, v in grads_of(model, grad_names).items():
                 tensors["grouped." + k] = v
             ref["grouped_loss"] = out.loss.item()
+            with torch.no_grad():
+                ref["grouped_loss_all_tokens"] = model(input_ids=ids, labels=ids).loss.item()
             model.zero_grad(set_to_none=True)
             ref["grouped_greedy_cached"] = greedy(model, prompt, True)
         finally:

@@ -100,9 +100,9 @@ fn take_rank(path: &Path, obj: &mut Map<String, Value>, key: &str, hidden: usize
 }
 
 fn deserialize<T: serde::de::DeserializeOwned>(path: &Path, obj: Map<String, Value>) -> Result<T, HfError> {
-    serde_json::from_value(Value::Object(obj)).map_err(|e| HfError::Json {
-        path: path.to_path_buf(),
-        message: e.to_string(),
+    serde_path_to_error::deserialize(Value::Object(obj)).map_err(|e| {
+        let field = e.path().to_string();
+        field_err(path, &field, e.into_inner().to_string())
     })
 }
 
