@@ -285,6 +285,7 @@ fn linear<B: Backend>(src: &TensorSource, prefix: &str, d_in: usize, d_out: usiz
     Ok(Linear {
         weight: param(src, &format!("{prefix}.weight"), [d_out, d_in], device)?,
         bias: if bias { Some(param(src, &format!("{prefix}.bias"), [d_out], device)?) } else { None },
+        lora: None,
     })
 }
 
@@ -351,6 +352,7 @@ pub fn build_model<B: Backend>(config: &ModelConfig, src: &TensorSource, device:
     Ok(MambaLM {
         embeddings: Embedding {
             weight: param(src, "backbone.embeddings.weight", [vocab, h], device)?,
+            lora: None,
         },
         layers,
         norm_f: RmsNorm {

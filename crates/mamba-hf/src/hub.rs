@@ -132,17 +132,26 @@ fn download_model(id: &str, rev: &Option<String>, spec: &str) -> Result<PathBuf,
     Err(hub_err("the hub has no model.safetensors, sharded index or consolidated.safetensors for it".into()))
 }
 
+/// One file of a model repository, from the cache or downloaded unless offline.
+pub fn resolve_repo_file(id_spec: &str, file: &str) -> Result<PathBuf, HfError> {
+    resolve_file(id_spec, file, RepoType::Model)
+}
+
 /// Resolve a dataset hub id to its snapshot directory in the cache (downloading `files` when
 /// not cached and not offline).
 pub fn resolve_dataset_file(id_spec: &str, file: &str) -> Result<PathBuf, HfError> {
+    resolve_file(id_spec, file, RepoType::Dataset)
+}
+
+fn resolve_file(id_spec: &str, file: &str, kind: RepoType) -> Result<PathBuf, HfError> {
     let Some((id, rev)) = parse_id(id_spec) else {
         return Err(HfError::NotFound {
             what: id_spec.to_string(),
-            message: "not a hub dataset id of the form `owner/name[@revision]`".into(),
+            message: "not a hub id of the form `owner/name[@revision]`".into(),
         });
     };
     let cache = cache();
-    if let Some(p) = cache.repo(repo(&id, &rev, RepoType::Dataset)).get(file) {
+    if let Some(p) = cache.repo(repo(&id, &rev, kind)).get(file) {
         return Ok(p);
     }
     if offline() {
@@ -158,7 +167,7 @@ pub fn resolve_dataset_file(id_spec: &str, file: &str) -> Result<PathBuf, HfErro
             what: id_spec.to_string(),
             message: format!("cannot reach the hub: {e}"),
         })?;
-    api.repo(repo(&id, &rev, RepoType::Dataset))
+    api.repo(repo(&id, &rev, kind))
         .get(file)
         .map_err(|e| HfError::NotFound {
             what: format!("{id_spec}/{file}"),

@@ -9,6 +9,7 @@ use mamba_model::{MambaLM, NormMode};
 pub mod checkpoint;
 pub mod config;
 pub mod hub;
+pub mod peft;
 
 pub use checkpoint::SaveDtype;
 pub use config::{config_to_json, load_config};

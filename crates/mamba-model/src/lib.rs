@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod config;
 pub mod generate;
+pub mod lora;
 pub mod loss;
 pub mod mamba1;
 pub mod mamba2;

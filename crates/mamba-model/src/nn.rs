@@ -3,6 +3,8 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Distribution, Int, Tensor, backend::Backend};
 
+use crate::lora::{LoraEmbedding, LoraLinear};
+
 /// A linear layer storing `weight` as `[out, in]` (PyTorch's layout), so Hugging Face
 /// checkpoints load and save without transposes.
 #[derive(Module, Debug)]
@@ -11,6 +13,8 @@ pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     /// `[out]`
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A LoRA adapter on this layer, if any.
+    pub lora: Option<LoraLinear<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -22,6 +26,7 @@ impl<B: Backend> Linear<B> {
         Self {
             weight: Param::from_tensor(weight),
             bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+            lora: None,
         }
     }
 
@@ -33,13 +38,17 @@ impl<B: Backend> Linear<B> {
         self.weight.dims()[0]
     }
 
-    /// `x @ Wᵀ + b` over the last dimension.
+    /// `x @ Wᵀ + b` over the last dimension, plus the LoRA path when adapted.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        burn::tensor::module::linear(
-            x,
+        let base = burn::tensor::module::linear(
+            x.clone(),
             self.weight.val().transpose(),
             self.bias.as_ref().map(|b| b.val()),
-        )
+        );
+        match &self.lora {
+            Some(l) => base + l.forward(x),
+            None => base,
+        }
     }
 }
 
@@ -47,6 +56,8 @@ impl<B: Backend> Linear<B> {
 #[derive(Module, Debug)]
 pub struct Embedding<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
+    /// A LoRA adapter on the embeddings, if any.
+    pub lora: Option<LoraEmbedding<B>>,
 }
 
 impl<B: Backend> Embedding<B> {
@@ -54,12 +65,13 @@ impl<B: Backend> Embedding<B> {
         let weight = Tensor::random([vocab, hidden], Distribution::Normal(0.0, std), device);
         Self {
             weight: Param::from_tensor(weight),
+            lora: None,
         }
     }
 
     /// `[batch, seq]` ids to `[batch, seq, hidden]`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        burn::tensor::module::embedding(self.weight.val(), ids)
+        crate::lora::embed(self, ids)
     }
 }
 

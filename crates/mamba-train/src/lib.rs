@@ -1,7 +1,11 @@
 //! Training, evaluation and benchmarking for mamba-burn, and the helpers the binaries share.
 //! The binaries in `src/bin` stay thin: argument parsing and a call into this crate.
 
+pub mod config;
+pub mod data;
 pub mod device;
 pub mod evaluate;
+pub mod plot;
+pub mod train;
 
 pub use device::{BackendJob, DeviceSpec, run_on};

@@ -1,0 +1,356 @@
+//! The run config (TOML): sections model, tokenizer, data, train, lora, output, device. Unknown
+//! keys are rejected; every key can be overridden with `--set section.key=value`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    #[serde(default)]
+    pub tokenizer: TokenizerSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub lora: LoraSection,
+    pub output: OutputSection,
+    #[serde(default)]
+    pub device: DeviceSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A local model directory or a hub id (`owner/name[@revision]`).
+    pub source: Option<String>,
+    /// Random init from a model config JSON (transformers or mamba_ssm format).
+    pub init: Option<PathBuf>,
+    /// Mamba2 gated norm: `grouped` or `hf`.
+    #[serde(default = "default_norm")]
+    pub norm: String,
+}
+
+fn default_norm() -> String {
+    "grouped".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerSection {
+    /// `tokenizer.json` path, a directory holding one, or a hub id; default: the model's directory.
+    pub source: Option<String>,
+    /// End-of-sequence id appended to every example; default: the model config's `eos_token_id`.
+    pub eos_id: Option<u32>,
+    /// Padding id (labels are `-100` there anyway); default: the model config's `pad_token_id`,
+    /// else the EOS id.
+    pub pad_id: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// A local file (`.jsonl`, `.json`, `.csv`, text) or a hub dataset id.
+    pub source: String,
+    /// File inside a hub dataset repository (e.g. `quotes.jsonl`).
+    pub file: Option<String>,
+    /// The field holding the text ...
+    pub field: Option<String>,
+    /// ... or a template such as `{quote} — {author}`.
+    pub template: Option<String>,
+    #[serde(default = "default_val_fraction")]
+    pub validation_fraction: f64,
+    #[serde(default = "default_seq_len")]
+    pub seq_len: usize,
+    /// `pack` (concatenate and cut) or `pad` (one example a row).
+    #[serde(default = "default_layout")]
+    pub layout: String,
+    /// Use only the first N examples (after reading, before the split).
+    pub max_examples: Option<usize>,
+}
+
+fn default_val_fraction() -> f64 {
+    0.1
+}
+fn default_seq_len() -> usize {
+    128
+}
+fn default_layout() -> String {
+    "pack".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Rows per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub warmup_steps: u64,
+    /// Cosine decay ends at `lr · min_lr_ratio`.
+    pub min_lr_ratio: f64,
+    /// AdamW decoupled weight decay, never applied to A_log, D, dt_bias, norms and biases.
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global-norm gradient clipping; 0 disables.
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Validate every N steps (and at the end); 0: only at the end.
+    pub eval_every: u64,
+    /// At most this many validation batches per evaluation (0: all).
+    pub eval_batches: usize,
+    pub log_every: u64,
+    /// Write a resumable checkpoint every N steps; 0: none.
+    pub checkpoint_every: u64,
+    /// Complete checkpoints kept.
+    pub keep_checkpoints: usize,
+    /// Recompute activations in backward instead of keeping them.
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            steps: 100,
+            batch_size: 4,
+            grad_accum: 1,
+            lr: 2e-3,
+            warmup_steps: 10,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 42,
+            eval_every: 50,
+            eval_batches: 0,
+            log_every: 10,
+            checkpoint_every: 50,
+            keep_checkpoints: 2,
+            gradient_checkpointing: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    pub enabled: bool,
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub rslora: bool,
+    /// Module names (`in_proj`, `out_proj`, `x_proj`, `dt_proj`, `embeddings`, `lm_head`) ...
+    pub target_modules: Vec<String>,
+    /// ... or a regex over full module keys (`backbone.layers.\d+.mixer.in_proj`).
+    pub target_regex: Option<String>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            rslora: false,
+            target_modules: vec!["in_proj".into(), "out_proj".into()],
+            target_regex: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    pub dir: PathBuf,
+    /// Also write the merged model (LoRA folded in) in transformers' format.
+    #[serde(default = "yes")]
+    pub export_merged: bool,
+    /// `f32`, `f16` or `bf16` for exported weights.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    #[serde(default = "default_device")]
+    pub name: String,
+}
+
+impl Default for DeviceSection {
+    fn default() -> Self {
+        Self { name: default_device() }
+    }
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+
+/// Parse `--set section.key=value`: the value is read as TOML (`3`, `true`, `"x"`, `[1, 2]`) and,
+/// failing that, as a plain string.
+fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
+    let (path, raw) = spec
+        .split_once('=')
+        .with_context(|| format!("--set {spec}: expected section.key=value"))?;
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
+        bail!("--set {spec}: expected section.key=value");
+    }
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {}", raw.trim()))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
+    let mut table = doc;
+    for k in &keys[..keys.len() - 1] {
+        table = table
+            .entry(k.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .with_context(|| format!("--set {spec}: `{k}` is not a section"))?;
+    }
+    table.insert(keys[keys.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl RunConfig {
+    /// Read `path`, apply the overrides, check every value.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading run config {}", path.display()))?;
+        Self::parse(&text, overrides).with_context(|| format!("run config {}", path.display()))
+    }
+
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut doc: toml::Table = toml::from_str(text).context("malformed TOML")?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        let cfg: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
+            let path = e.path().to_string();
+            anyhow::anyhow!("`{path}`: {}", e.into_inner())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        match (&self.model.source, &self.model.init) {
+            (Some(_), Some(_)) => bail!("`model`: give either `source` (a model to fine-tune) or `init` (a config to train from scratch), not both"),
+            (None, None) => bail!("`model`: missing `source` (model directory or hub id) or `init` (model config JSON)"),
+            _ => {}
+        }
+        if !matches!(self.model.norm.as_str(), "grouped" | "hf") {
+            bail!("`model.norm`: expected \"grouped\" or \"hf\", got {:?}", self.model.norm);
+        }
+        match (&self.data.field, &self.data.template) {
+            (Some(_), Some(_)) => bail!("`data`: give either `field` or `template`, not both"),
+            (None, None) => bail!("`data`: missing `field` (e.g. \"quote\") or `template` (e.g. \"{{quote}} — {{author}}\")"),
+            _ => {}
+        }
+        if !(0.0..1.0).contains(&self.data.validation_fraction) {
+            bail!("`data.validation_fraction`: expected a value in [0, 1), got {}", self.data.validation_fraction);
+        }
+        if self.data.seq_len < 2 {
+            bail!("`data.seq_len`: must be at least 2 (one token to predict the next), got {}", self.data.seq_len);
+        }
+        if !matches!(self.data.layout.as_str(), "pack" | "pad") {
+            bail!("`data.layout`: expected \"pack\" or \"pad\", got {:?}", self.data.layout);
+        }
+        let t = &self.train;
+        if t.steps == 0 || t.batch_size == 0 || t.grad_accum == 0 {
+            bail!("`train.steps`, `train.batch_size` and `train.grad_accum` must be positive");
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            bail!("`train.lr`: must be a positive number, got {}", t.lr);
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            bail!("`train.min_lr_ratio`: expected a value in [0, 1], got {}", t.min_lr_ratio);
+        }
+        if self.lora.enabled {
+            if self.lora.r == 0 {
+                bail!("`lora.r`: must be positive, got 0");
+            }
+            if self.lora.target_modules.is_empty() && self.lora.target_regex.is_none() {
+                bail!("`lora.target_modules`: empty; name modules (in_proj, out_proj, x_proj, dt_proj, embeddings, lm_head) or set `lora.target_regex`");
+            }
+        }
+        if !matches!(self.output.dtype.as_str(), "f32" | "f16" | "bf16") {
+            bail!("`output.dtype`: expected \"f32\", \"f16\" or \"bf16\", got {:?}", self.output.dtype);
+        }
+        self.device.name.parse::<crate::DeviceSpec>().map_err(|e| anyhow::anyhow!("`device.name`: {e}"))?;
+        Ok(())
+    }
+
+    /// Learning rate at `step` (0-based): linear warmup, then cosine to `lr · min_lr_ratio`.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let t = &self.train;
+        if step < t.warmup_steps {
+            return t.lr * (step + 1) as f64 / t.warmup_steps as f64;
+        }
+        let span = t.steps.saturating_sub(t.warmup_steps).max(1) as f64;
+        let progress = ((step - t.warmup_steps) as f64 / span).min(1.0);
+        let min = t.lr * t.min_lr_ratio;
+        min + 0.5 * (t.lr - min) * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[model]
+init = "m.json"
+[data]
+source = "q.jsonl"
+field = "quote"
+[output]
+dir = "runs/x"
+"#;
+
+    #[test]
+    fn overrides_and_unknown_keys() {
+        let c = RunConfig::parse(BASE, &["train.lr=0.01".into(), "lora.target_modules=[\"x_proj\"]".into(), "data.field=author".into()]).unwrap();
+        assert_eq!(c.train.lr, 0.01);
+        assert_eq!(c.lora.target_modules, vec!["x_proj"]);
+        assert_eq!(c.data.field.as_deref(), Some("author"));
+        let e = format!("{:#}", RunConfig::parse(&format!("{BASE}\n[train]\nlearning_rate = 1.0\n"), &[]).unwrap_err());
+        assert!(e.contains("train") && e.contains("learning_rate"), "{e}");
+        let e = format!("{:#}", RunConfig::parse(BASE, &["train.steps=\"many\"".into()]).unwrap_err());
+        assert!(e.contains("`train.steps`"), "{e}");
+        let e = format!("{:#}", RunConfig::parse(BASE, &["data.seq_len=1".into()]).unwrap_err());
+        assert!(e.contains("`data.seq_len`"), "{e}");
+    }
+
+    #[test]
+    fn schedule() {
+        let mut c = RunConfig::parse(BASE, &[]).unwrap();
+        c.train.steps = 110;
+        c.train.warmup_steps = 10;
+        c.train.lr = 1.0;
+        c.train.min_lr_ratio = 0.1;
+        assert!((c.lr_at(0) - 0.1).abs() < 1e-12);
+        assert!((c.lr_at(9) - 1.0).abs() < 1e-12);
+        assert!((c.lr_at(10) - 1.0).abs() < 1e-12);
+        assert!((c.lr_at(60) - 0.55).abs() < 1e-12);
+        assert!((c.lr_at(110) - 0.1).abs() < 1e-12);
+    }
+}
