@@ -106,6 +106,20 @@ pub struct ConvOutput<B: Backend> {
     pub final_state: Tensor<B, 3>,
 }
 
+/// Gradients of the causal conv1d's output `y` with respect to its inputs (see
+/// [`MambaBackend::causal_conv1d_backward`]).
+#[derive(Debug, Clone)]
+pub struct ConvGrads<B: Backend> {
+    /// `[batch, seq, channels]`
+    pub x: Tensor<B, 3>,
+    /// `[channels, width]`
+    pub weight: Tensor<B, 2>,
+    /// `[channels]`; `Some` exactly when the input had a bias.
+    pub bias: Option<Tensor<B, 1>>,
+    /// `[batch, channels, width - 1]`; `Some` exactly when the input had an initial state.
+    pub initial_state: Option<Tensor<B, 3>>,
+}
+
 /// Mamba1's selective scan.
 ///
 /// `dt = softplus(delta + delta_bias)` (when `delta_softplus`), `h_t = exp(dt_t A) h_{t-1} +
@@ -154,6 +168,14 @@ pub trait MambaBackend: Backend {
         reference::causal_conv1d(input)
     }
 
+    /// Backward of [`causal_conv1d`](MambaBackend::causal_conv1d)'s output `y`: given the
+    /// forward's input and `dy` `[batch, seq, channels]`, the gradients of `x`, the weight, the
+    /// bias and the initial state (the final state's own gradient, a slice of the inputs, is not
+    /// included). Used by `Autodiff<B>` when `B::has_kernels()`.
+    fn causal_conv1d_backward(input: ConvInput<Self>, dy: Tensor<Self, 3>) -> ConvGrads<Self> {
+        reference::causal_conv1d_backward(input, dy)
+    }
+
     /// One-token conv update: `x` is `[batch, channels]`, `state` `[batch, channels, width - 1]`.
     /// Returns the output `[batch, channels]` and the shifted state.
     fn causal_conv1d_step(
@@ -195,7 +217,21 @@ pub trait MambaBackend: Backend {
     }
 }
 
-impl<B: MambaBackend, C: CheckpointStrategy> MambaBackend for Autodiff<B, C> {}
+impl<B: MambaBackend, C: CheckpointStrategy> MambaBackend for Autodiff<B, C> {
+    fn has_kernels() -> bool {
+        B::has_kernels()
+    }
+
+    /// With kernels in `B`, a custom autodiff step runs `B`'s forward and backward ops;
+    /// otherwise the reference ops are differentiated as they are.
+    fn causal_conv1d(input: ConvInput<Self>) -> ConvOutput<Self> {
+        #[cfg(feature = "cube")]
+        if B::has_kernels() {
+            return cube::autodiff::causal_conv1d::<B, C>(input);
+        }
+        reference::causal_conv1d(input)
+    }
+}
 
 #[cfg(feature = "ndarray")]
 impl<E, I, Q> MambaBackend for burn::backend::NdArray<E, I, Q>
@@ -209,6 +245,9 @@ where
 }
 
 #[cfg(feature = "cube")]
+pub mod cube;
+
+#[cfg(feature = "cube")]
 impl<R, F, I, BT> MambaBackend for burn_cubecl::CubeBackend<R, F, I, BT>
 where
     R: burn_cubecl::CubeRuntime,
@@ -216,4 +255,20 @@ where
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
+    fn has_kernels() -> bool {
+        true
+    }
+
+    fn causal_conv1d(input: ConvInput<Self>) -> ConvOutput<Self> {
+        cube::conv::causal_conv1d(input)
+    }
+
+    fn causal_conv1d_backward(input: ConvInput<Self>, dy: Tensor<Self, 3>) -> ConvGrads<Self> {
+        cube::conv::causal_conv1d_backward(input, dy)
+    }
+
+    /// Forward only: `Autodiff<CubeBackend>` keeps differentiating the reference.
+    fn ssd_chunk_scan(input: SsdInput<Self>) -> SsdOutput<Self> {
+        cube::ssd::ssd_chunk_scan(input)
+    }
 }

@@ -9,7 +9,7 @@ use burn::tensor::activation::{silu, softplus};
 use burn::tensor::{Bool, Tensor, backend::Backend};
 
 use crate::{
-    ConvInput, ConvOutput, SelectiveScanInput, SelectiveScanOutput, SsdInput, SsdOutput,
+    ConvGrads, ConvInput, ConvOutput, SelectiveScanInput, SelectiveScanOutput, SsdInput, SsdOutput,
     SsdStepInput,
 };
 
@@ -238,6 +238,77 @@ pub fn causal_conv1d<B: Backend>(input: ConvInput<B>) -> ConvOutput<B> {
     let total = seqlen + width - 1;
     let final_state = ext.narrow(1, total - (width - 1), width - 1).swap_dims(1, 2); // [b, c, w-1]
     ConvOutput { y, final_state }
+}
+
+/// Backward of [`causal_conv1d`]'s output `y` in plain tensor ops: the gradients of `x`, the
+/// weight, the bias and the initial state given `dy` `[batch, seq, channels]`.
+pub fn causal_conv1d_backward<B: Backend>(input: ConvInput<B>, dy: Tensor<B, 3>) -> ConvGrads<B> {
+    let ConvInput {
+        x,
+        weight,
+        bias,
+        initial_state,
+        silu: apply_silu,
+    } = input;
+    let [batch, seqlen, channels] = x.dims();
+    let [_, width] = weight.dims();
+    let device = x.device();
+    let has_bias = bias.is_some();
+    let has_init = initial_state.is_some();
+    let state = match initial_state {
+        Some(s) => s.swap_dims(1, 2), // [b, w-1, c]
+        None => Tensor::zeros([batch, width - 1, channels], &device),
+    };
+    let ext = Tensor::cat(vec![state, x], 1); // [b, l + w - 1, c]
+    let w_k = |k: usize| weight.clone().narrow(1, k, 1).reshape([1, 1, channels]);
+
+    // Gradient at the pre-activation.
+    let g = if apply_silu {
+        let mut pre = ext.clone().narrow(1, 0, seqlen) * w_k(0); // [b, l, c]
+        for k in 1..width {
+            pre = pre + ext.clone().narrow(1, k, seqlen) * w_k(k);
+        }
+        if let Some(bias) = bias {
+            pre = pre + bias.reshape([1, 1, channels]);
+        }
+        let s = burn::tensor::activation::sigmoid(pre.clone());
+        dy * s.clone() * (pre * (s.neg() + 1.0) + 1.0)
+    } else {
+        dy
+    };
+
+    // dweight[c, k] = sum_{b, t} g[b, t, c] ext[b, t + k, c]
+    let dweight = Tensor::cat(
+        (0..width)
+            .map(|k| {
+                (g.clone() * ext.clone().narrow(1, k, seqlen))
+                    .sum_dim(1)
+                    .sum_dim(0)
+                    .reshape([channels, 1])
+            })
+            .collect(),
+        1,
+    ); // [c, w]
+    let dbias = g.clone().sum_dim(1).sum_dim(0).reshape([channels]);
+
+    // dext[b, j, c] = sum_k g[b, j - k, c] w[c, k]
+    let mut dext: Option<Tensor<B, 3>> = None;
+    for k in 0..width {
+        let term = (g.clone() * w_k(k)).pad([(0, 0), (k, width - 1 - k), (0, 0)], 0.0);
+        dext = Some(match dext {
+            Some(acc) => acc + term,
+            None => term,
+        });
+    }
+    let dext = dext.expect("conv width must be at least 1"); // [b, l + w - 1, c]
+    let dx = dext.clone().narrow(1, width - 1, seqlen);
+    let dinit = dext.narrow(1, 0, width - 1).swap_dims(1, 2); // [b, c, w-1]
+    ConvGrads {
+        x: dx,
+        weight: dweight,
+        bias: has_bias.then_some(dbias),
+        initial_state: has_init.then_some(dinit),
+    }
 }
 
 /// One-token causal conv update.

@@ -115,8 +115,10 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig, HfError> {
 }
 
 /// Put the adapter saved in `dir` onto `model` (its base weights stay as they are).
-pub fn load_adapter<B: Backend>(mut model: MambaLM<B>, dir: &Path, device: &B::Device) -> Result<(MambaLM<B>, LoraConfig), HfError> {
+pub fn load_adapter<B: Backend>(model: MambaLM<B>, dir: &Path, device: &B::Device) -> Result<(MambaLM<B>, LoraConfig), HfError> {
     let cfg = read_adapter_config(dir)?;
+    // Base weights frozen: only the adapters set below are trainable.
+    let mut model = burn::module::Module::no_grad(model);
     let file = dir.join("adapter_model.safetensors");
     let src = TensorSource::open(std::slice::from_ref(&file))?;
     let scaling = cfg.scaling();
@@ -159,6 +161,5 @@ pub fn load_adapter<B: Backend>(mut model: MambaLM<B>, dir: &Path, device: &B::D
             misshapen: problems,
         });
     }
-    // Base weights stay frozen: only the adapters are trainable.
     Ok((model, cfg))
 }

@@ -350,6 +350,15 @@ impl ModelConfig {
             Self::Mamba2(c) => c.validate(),
         }
     }
+    /// Sets `tie_word_embeddings`.
+    pub fn with_tied_embeddings(mut self, tie: bool) -> Self {
+        match &mut self {
+            Self::Mamba1(c) => c.tie_word_embeddings = tie,
+            Self::Mamba2(c) => c.tie_word_embeddings = tie,
+        }
+        self
+    }
+
     /// Selects the gated-norm behaviour (Mamba2 only; Mamba1 has no gated norm).
     pub fn with_norm(mut self, norm: NormMode) -> Self {
         if let Self::Mamba2(c) = &mut self {

@@ -306,8 +306,21 @@ fn merge_linear<B: Backend>(lin: &mut Linear<B>) {
 }
 
 /// Fold every adapter into its base weight (`W + scaling · B A`) and drop the adapters.
+///
+/// An embedding adapter changes only the input embeddings (as in PEFT); when the head is tied to
+/// them, merging into the shared weight would change the head too. The merged model is then
+/// untied: `lm_head.weight` keeps the original weight, so it computes exactly what the base model
+/// with its adapter computes.
 pub fn merge<B: Backend>(mut model: MambaLM<B>) -> MambaLM<B> {
     if let Some(l) = model.embeddings.lora.take() {
+        if model.lm_head.is_none() {
+            model.lm_head = Some(Linear {
+                weight: Param::from_tensor(model.embeddings.weight.val()),
+                bias: None,
+                lora: None,
+            });
+            model.config = model.config.clone().with_tied_embeddings(false);
+        }
         model.embeddings.weight = Param::from_tensor(model.embeddings.weight.val() + l.delta());
     }
     for layer in model.layers.iter_mut() {

@@ -206,7 +206,7 @@ fn default_device() -> String {
 }
 
 /// Parse `--set section.key=value`: the value is read as TOML (`3`, `true`, `"x"`, `[1, 2]`) and,
-/// failing that, as a plain string.
+/// failing that, as a plain string. An empty value (`--set model.init=`) removes the key.
 fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
     let (path, raw) = spec
         .split_once('=')
@@ -215,6 +215,7 @@ fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
     if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
         bail!("--set {spec}: expected section.key=value");
     }
+    let remove = raw.trim().is_empty();
     let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {}", raw.trim()))
         .ok()
         .and_then(|mut t| t.remove("v"))
@@ -227,7 +228,11 @@ fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
             .as_table_mut()
             .with_context(|| format!("--set {spec}: `{k}` is not a section"))?;
     }
-    table.insert(keys[keys.len() - 1].to_string(), value);
+    if remove {
+        table.remove(keys[keys.len() - 1]);
+    } else {
+        table.insert(keys[keys.len() - 1].to_string(), value);
+    }
     Ok(())
 }
 

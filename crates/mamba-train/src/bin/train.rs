@@ -15,7 +15,8 @@ struct Args {
     /// The run config (see configs/).
     #[arg(long)]
     config: PathBuf,
-    /// Override a config value: `--set train.lr=1e-3 --set lora.r=16`.
+    /// Override a config value: `--set train.lr=1e-3 --set lora.r=16`; `--set model.init=`
+    /// removes a key.
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     overrides: Vec<String>,
     /// Continue from the last complete checkpoint in output.dir.

@@ -1,0 +1,499 @@
+//! The cubecl kernels (run on `Wgpu`, which is a `CubeBackend`; on a machine without a GPU that
+//! is Mesa's lavapipe) against the reference ops on `NdArray`: forward outputs, final states and
+//! the gradients of every input through `Autodiff`, at small odd shapes with fresh random inputs
+//! on every run.
+//!
+//! Metric: `‖got − want‖ / ‖want‖ ≤ 1e-4` in f32 over whole tensors (so any element a kernel
+//! fails to write shows up, helped by poisoning the allocator with NaN first); a NaN or an
+//! infinity anywhere fails.
+
+use burn::backend::{Autodiff, NdArray, Wgpu};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Distribution, Tensor, TensorData};
+use mamba_burn::kernels::{ConvGrads, ConvInput, MambaBackend, SsdInput, reference};
+
+type Cpu = NdArray<f32>;
+type Gpu = Wgpu<f32, i32, u32>;
+
+const REL_TOL: f64 = 1e-4;
+
+/// `‖got − want‖ / ‖want‖`, infinite when either side holds a non-finite value.
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    if got.iter().chain(want).any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
+    num.sqrt() / den.sqrt().max(1e-30)
+}
+
+fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<f32>, Vec<usize>) {
+    let dims = t.dims().to_vec();
+    (
+        t.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+        dims,
+    )
+}
+
+/// Compare whole tensors (shape and values); returns the relative error.
+fn check<B1: Backend, B2: Backend, const D: usize>(
+    what: &str,
+    got: Tensor<B1, D>,
+    want: Tensor<B2, D>,
+) -> f64 {
+    let (g, gd) = values(got);
+    let (w, wd) = values(want);
+    assert_eq!(gd, wd, "{what}: shape");
+    let err = rel_err(&g, &w);
+    assert!(
+        err <= REL_TOL,
+        "{what}: relative error {err:e} > {REL_TOL:e}"
+    );
+    err
+}
+
+/// Fill and free a buffer of `n` NaNs on the GPU, so that a later allocation of the same size
+/// likely reuses NaN memory: an output element a kernel forgets to write then shows as NaN.
+fn poison(n: usize) {
+    let device = Default::default();
+    let t = Tensor::<Gpu, 1>::full([n.max(1)], f32::NAN, &device);
+    let _ = t.clone().narrow(0, 0, 1).into_data();
+    drop(t);
+}
+
+fn random(shape: &[usize], scale: f32) -> TensorData {
+    let device = Default::default();
+    let t = Tensor::<Cpu, 1>::random(
+        [shape.iter().product::<usize>()],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    ) * scale;
+    TensorData::new(t.into_data().to_vec::<f32>().unwrap(), shape.to_vec())
+}
+
+/// One conv case: the data, shared by every backend.
+#[derive(Debug, Clone, Copy)]
+struct ConvCase {
+    batch: usize,
+    seq: usize,
+    channels: usize,
+    width: usize,
+    bias: bool,
+    init: bool,
+    silu: bool,
+    /// Extra channels around `x`: when nonzero `x` is a narrowed (strided) view, as the model's
+    /// slices of the input projection are.
+    pad: usize,
+}
+
+struct ConvData {
+    case: ConvCase,
+    /// `[batch, seq, channels + 2 * pad]`
+    x: TensorData,
+    weight: TensorData,
+    bias: Option<TensorData>,
+    init: Option<TensorData>,
+    /// Upstream gradients of `y` and of the final state.
+    r: TensorData,
+    r2: TensorData,
+}
+
+impl ConvData {
+    fn new(case: ConvCase) -> Self {
+        let ConvCase {
+            batch,
+            seq,
+            channels,
+            width,
+            pad,
+            ..
+        } = case;
+        Self {
+            case,
+            x: random(&[batch, seq, channels + 2 * pad], 1.0),
+            weight: random(&[channels, width], 0.5),
+            bias: case.bias.then(|| random(&[channels], 0.5)),
+            init: case
+                .init
+                .then(|| random(&[batch, channels, width - 1], 1.0)),
+            r: random(&[batch, seq, channels], 1.0),
+            r2: random(&[batch, channels, width - 1], 1.0),
+        }
+    }
+}
+
+/// Leaf tensors of one case on one backend (`x_full` is the unnarrowed input).
+struct ConvLeaves<B: Backend> {
+    x_full: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    init: Option<Tensor<B, 3>>,
+}
+
+impl<B: Backend> ConvLeaves<B> {
+    fn new(d: &ConvData, device: &B::Device, grad: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>) -> Self {
+        Self {
+            x_full: grad(Tensor::from_data(d.x.clone(), device)),
+            weight: Tensor::from_data(d.weight.clone(), device),
+            bias: d.bias.clone().map(|b| Tensor::from_data(b, device)),
+            init: d.init.clone().map(|s| Tensor::from_data(s, device)),
+        }
+    }
+
+    fn input(&self, case: &ConvCase) -> ConvInput<B> {
+        ConvInput {
+            x: self.x_full.clone().narrow(2, case.pad, case.channels),
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            initial_state: self.init.clone(),
+            silu: case.silu,
+        }
+    }
+}
+
+fn conv_cases() -> Vec<ConvCase> {
+    let mut cases = Vec::new();
+    for width in [2, 3, 4] {
+        for bias in [false, true] {
+            for init in [false, true] {
+                for silu in [false, true] {
+                    cases.push(ConvCase {
+                        batch: 2,
+                        seq: 37,
+                        channels: 70,
+                        width,
+                        bias,
+                        init,
+                        silu,
+                        pad: 0,
+                    });
+                }
+            }
+        }
+    }
+    // Strided input (a narrowed view), sequences shorter than the state, and a wider kernel.
+    let base = ConvCase {
+        batch: 3,
+        seq: 29,
+        channels: 33,
+        width: 4,
+        bias: true,
+        init: true,
+        silu: true,
+        pad: 5,
+    };
+    cases.push(base);
+    cases.push(ConvCase {
+        seq: 2,
+        pad: 0,
+        ..base
+    });
+    cases.push(ConvCase {
+        seq: 1,
+        init: false,
+        ..base
+    });
+    cases.push(ConvCase { width: 7, ..base });
+    cases
+}
+
+#[test]
+fn conv_forward_matches_reference() {
+    let gpu = Default::default();
+    let cpu = Default::default();
+    assert!(Gpu::has_kernels());
+    for case in conv_cases() {
+        let d = ConvData::new(case);
+        let want = reference::causal_conv1d(ConvLeaves::<Cpu>::new(&d, &cpu, |t| t).input(&case));
+        poison(case.batch * case.seq * case.channels);
+        poison(case.batch * case.channels * (case.width - 1));
+        let got = Gpu::causal_conv1d(ConvLeaves::<Gpu>::new(&d, &gpu, |t| t).input(&case));
+        let e_y = check(&format!("{case:?} y"), got.y, want.y);
+        let e_s = check(
+            &format!("{case:?} final_state"),
+            got.final_state,
+            want.final_state,
+        );
+        eprintln!("{case:?}: y {e_y:.2e}, final_state {e_s:.2e}");
+    }
+}
+
+/// Forward outputs and input gradients of `loss = Σ y·r + Σ final_state·r2` on an autodiff
+/// backend, as host vectors in the order y, final_state, dx (of the unnarrowed input), dweight,
+/// dbias, dinit.
+fn conv_autodiff<B: AutodiffBackend + MambaBackend>(
+    d: &ConvData,
+    device: &B::Device,
+) -> Vec<(&'static str, Tensor<B::InnerBackend, 3>)> {
+    let case = d.case;
+    let leaves = ConvLeaves::<B>::new(d, device, |t| t.require_grad());
+    let leaves = ConvLeaves {
+        weight: leaves.weight.require_grad(),
+        bias: leaves.bias.map(|b| b.require_grad()),
+        init: leaves.init.map(|s| s.require_grad()),
+        ..leaves
+    };
+    let out = B::causal_conv1d(leaves.input(&case));
+    let r = Tensor::<B, 3>::from_data(d.r.clone(), device);
+    let r2 = Tensor::<B, 3>::from_data(d.r2.clone(), device);
+    let loss = (out.y.clone() * r).sum() + (out.final_state.clone() * r2).sum();
+    let grads = loss.backward();
+    let mut res = vec![
+        ("y", out.y.inner()),
+        ("final_state", out.final_state.inner()),
+        ("dx", leaves.x_full.grad(&grads).expect("dx")),
+        (
+            "dweight",
+            leaves.weight.grad(&grads).expect("dweight").unsqueeze(),
+        ),
+    ];
+    if let Some(b) = &leaves.bias {
+        res.push(("dbias", b.grad(&grads).expect("dbias").unsqueeze()));
+    }
+    if let Some(s) = &leaves.init {
+        res.push(("dinit", s.grad(&grads).expect("dinit")));
+    }
+    res
+}
+
+#[test]
+fn conv_autodiff_matches_reference() {
+    let gpu = Default::default();
+    let cpu = Default::default();
+    assert!(<Autodiff<Gpu> as MambaBackend>::has_kernels());
+    for case in conv_cases() {
+        let d = ConvData::new(case);
+        let want = conv_autodiff::<Autodiff<Cpu>>(&d, &cpu);
+        poison(case.batch * case.seq * (case.channels + 2 * case.pad));
+        let got = conv_autodiff::<Autodiff<Gpu>>(&d, &gpu);
+        assert_eq!(got.len(), want.len());
+        let mut line = format!("{case:?}:");
+        for ((name, g), (_, w)) in got.into_iter().zip(want) {
+            let err = check(&format!("{case:?} {name}"), g, w);
+            line += &format!(" {name} {err:.2e}");
+        }
+        eprintln!("{line}");
+    }
+}
+
+/// The trait's backward op itself: the kernels against the reference backward, and the
+/// reference backward (the default for every other backend) against autodiff of the reference.
+#[test]
+fn conv_backward_op_matches_reference() {
+    let gpu = Default::default();
+    let cpu = Default::default();
+    for case in conv_cases() {
+        let d = ConvData::new(case);
+        fn dy<B: Backend>(d: &ConvData, device: &B::Device) -> Tensor<B, 3> {
+            Tensor::from_data(d.r.clone(), device)
+        }
+
+        // Reference backward vs autodiff of the reference forward (y only).
+        let leaves = ConvLeaves::<Autodiff<Cpu>>::new(&d, &cpu, |t| t.require_grad());
+        let leaves = ConvLeaves {
+            weight: leaves.weight.require_grad(),
+            bias: leaves.bias.map(|b| b.require_grad()),
+            init: leaves.init.map(|s| s.require_grad()),
+            ..leaves
+        };
+        let y = reference::causal_conv1d(leaves.input(&case)).y;
+        let grads = (y * dy(&d, &cpu)).sum().backward();
+        let want = reference::causal_conv1d_backward(
+            ConvLeaves::<Cpu>::new(&d, &cpu, |t| t).input(&case),
+            dy(&d, &cpu),
+        );
+        let dx_want = leaves
+            .x_full
+            .grad(&grads)
+            .unwrap()
+            .narrow(2, case.pad, case.channels);
+        check(&format!("{case:?} ref dx"), want.x.clone(), dx_want);
+        check(
+            &format!("{case:?} ref dweight"),
+            want.weight.clone(),
+            leaves.weight.grad(&grads).unwrap(),
+        );
+        if let (Some(b), Some(db)) = (&leaves.bias, &want.bias) {
+            check(
+                &format!("{case:?} ref dbias"),
+                db.clone(),
+                b.grad(&grads).unwrap(),
+            );
+        }
+        if let (Some(s), Some(ds)) = (&leaves.init, &want.initial_state) {
+            check(
+                &format!("{case:?} ref dinit"),
+                ds.clone(),
+                s.grad(&grads).unwrap(),
+            );
+        }
+
+        // Kernel backward vs reference backward.
+        poison(case.batch * case.seq * case.channels);
+        let got: ConvGrads<Gpu> = Gpu::causal_conv1d_backward(
+            ConvLeaves::<Gpu>::new(&d, &gpu, |t| t).input(&case),
+            dy(&d, &gpu),
+        );
+        assert_eq!(got.bias.is_some(), case.bias);
+        assert_eq!(got.initial_state.is_some(), case.init);
+        let e_x = check(&format!("{case:?} dx"), got.x, want.x);
+        let e_w = check(&format!("{case:?} dweight"), got.weight, want.weight);
+        if let (Some(g), Some(w)) = (got.bias, want.bias) {
+            check(&format!("{case:?} dbias"), g, w);
+        }
+        if let (Some(g), Some(w)) = (got.initial_state, want.initial_state) {
+            check(&format!("{case:?} dinit"), g, w);
+        }
+        eprintln!("{case:?}: kernel backward dx {e_x:.2e}, dweight {e_w:.2e}");
+    }
+}
+
+/// The metric itself must be able to fail: a perturbed tensor and a NaN are rejected.
+#[test]
+fn metric_rejects_wrong_values() {
+    let want = vec![1.0f32, -2.0, 3.0, 0.5];
+    assert!(rel_err(&want, &want) == 0.0);
+    let mut off = want.clone();
+    off[2] += 0.01;
+    assert!(rel_err(&off, &want) > REL_TOL);
+    let mut nan = want.clone();
+    nan[1] = f32::NAN;
+    assert!(rel_err(&nan, &want).is_infinite());
+    assert!(rel_err(&want, &nan).is_infinite());
+}
+
+/// One SSD case.
+#[derive(Debug, Clone, Copy)]
+struct SsdCase {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    state: usize,
+    groups: usize,
+    chunk: usize,
+    init: bool,
+    dt_limit: (f64, f64),
+}
+
+struct SsdData {
+    x: TensorData,
+    dt: TensorData,
+    a: TensorData,
+    b: TensorData,
+    c: TensorData,
+    d: TensorData,
+    dt_bias: TensorData,
+    init: Option<TensorData>,
+}
+
+impl SsdData {
+    fn new(case: &SsdCase) -> Self {
+        let SsdCase {
+            batch: bs,
+            seq: l,
+            heads: h,
+            head_dim: p,
+            state: n,
+            groups: g,
+            ..
+        } = *case;
+        // A = -exp(A_log) with A_log ~ N(0, 0.5): decays of a realistic range.
+        let a_log = random(&[h], 0.5).to_vec::<f32>().unwrap();
+        let a: Vec<f32> = a_log.iter().map(|v| -v.exp()).collect();
+        Self {
+            x: random(&[bs, l, h, p], 1.0),
+            dt: random(&[bs, l, h], 1.0),
+            a: TensorData::new(a, [h]),
+            b: random(&[bs, l, g, n], 0.5),
+            c: random(&[bs, l, g, n], 0.5),
+            d: random(&[h], 1.0),
+            dt_bias: random(&[h], 0.5),
+            init: case.init.then(|| random(&[bs, h, p, n], 1.0)),
+        }
+    }
+
+    fn input<B: Backend>(&self, case: &SsdCase, device: &B::Device) -> SsdInput<B> {
+        SsdInput {
+            x: Tensor::from_data(self.x.clone(), device),
+            dt: Tensor::from_data(self.dt.clone(), device),
+            a: Tensor::from_data(self.a.clone(), device),
+            b: Tensor::from_data(self.b.clone(), device),
+            c: Tensor::from_data(self.c.clone(), device),
+            d: Tensor::from_data(self.d.clone(), device),
+            dt_bias: Tensor::from_data(self.dt_bias.clone(), device),
+            dt_limit: case.dt_limit,
+            initial_state: self.init.clone().map(|s| Tensor::from_data(s, device)),
+            chunk_size: case.chunk,
+        }
+    }
+}
+
+fn ssd_cases() -> Vec<SsdCase> {
+    let base = SsdCase {
+        batch: 2,
+        seq: 37,
+        heads: 4,
+        head_dim: 8,
+        state: 8,
+        groups: 2,
+        chunk: 16,
+        init: false,
+        dt_limit: (0.0, f64::INFINITY),
+    };
+    vec![
+        base,
+        SsdCase { init: true, ..base },
+        // one group, seq a multiple of the chunk, a dt clamp
+        SsdCase {
+            groups: 1,
+            seq: 32,
+            dt_limit: (0.05, 1.5),
+            init: true,
+            ..base
+        },
+        // heads == groups, a single partial chunk
+        SsdCase {
+            groups: 4,
+            seq: 5,
+            ..base
+        },
+        // several chunks of an odd size, odd dims
+        SsdCase {
+            batch: 3,
+            seq: 50,
+            heads: 6,
+            head_dim: 5,
+            state: 7,
+            groups: 3,
+            chunk: 7,
+            init: true,
+            ..base
+        },
+    ]
+}
+
+#[test]
+fn ssd_forward_matches_reference() {
+    let gpu = Default::default();
+    let cpu = Default::default();
+    for case in ssd_cases() {
+        let data = SsdData::new(&case);
+        let want = reference::ssd_chunk_scan(data.input::<Cpu>(&case, &cpu));
+        poison(case.batch * case.seq * case.heads * case.head_dim);
+        poison(case.batch * case.heads * case.head_dim * case.state);
+        let got = Gpu::ssd_chunk_scan(data.input::<Gpu>(&case, &gpu));
+        let e_y = check(&format!("{case:?} y"), got.y, want.y);
+        let e_s = check(
+            &format!("{case:?} final_state"),
+            got.final_state,
+            want.final_state,
+        );
+        eprintln!("{case:?}: y {e_y:.2e}, final_state {e_s:.2e}");
+    }
+}
