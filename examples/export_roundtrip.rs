@@ -10,19 +10,31 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use mamba_burn::hf::{SaveDtype, load_model_dir, save_model};
+use mamba_burn::hf::{load_model_dir, save_model, SaveDtype};
 use mamba_burn::model::{ForwardArgs, Mamba1Config, Mamba2Config, MambaLM, ModelConfig, NormMode};
 
 type B = burn::backend::NdArray<f32>;
 
 fn main() -> anyhow::Result<()> {
-    let out = PathBuf::from(std::env::args().nth(1).expect("usage: export_roundtrip <out-dir>"));
+    let out = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .expect("usage: export_roundtrip <out-dir>"),
+    );
     std::fs::create_dir_all(&out)?;
     let device = Default::default();
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let mut models: Vec<(String, MambaLM<B>, SaveDtype)> = Vec::new();
-    for case in ["mamba2_g2_untied_bias_limit", "mamba2_g4_bf16_sharded", "mamba1_untied_f16"] {
-        models.push((format!("resaved_{case}"), load_model_dir(&fixtures.join(case), NormMode::Hf, &device)?, SaveDtype::F32));
+    for case in [
+        "mamba2_g2_untied_bias_limit",
+        "mamba2_g4_bf16_sharded",
+        "mamba1_untied_f16",
+    ] {
+        models.push((
+            format!("resaved_{case}"),
+            load_model_dir(&fixtures.join(case), NormMode::Hf, &device)?,
+            SaveDtype::F32,
+        ));
     }
     let m2 = ModelConfig::Mamba2(Mamba2Config {
         vocab_size: 120,
@@ -49,8 +61,16 @@ fn main() -> anyhow::Result<()> {
         tie_word_embeddings: false,
         ..Mamba1Config::default()
     });
-    models.push(("random_mamba2_g3".into(), MambaLM::init(&m2, &device)?, SaveDtype::F32));
-    models.push(("random_mamba1_bf16".into(), MambaLM::init(&m1, &device)?, SaveDtype::Bf16));
+    models.push((
+        "random_mamba2_g3".into(),
+        MambaLM::init(&m2, &device)?,
+        SaveDtype::F32,
+    ));
+    models.push((
+        "random_mamba1_bf16".into(),
+        MambaLM::init(&m1, &device)?,
+        SaveDtype::Bf16,
+    ));
 
     let mut cases = Vec::new();
     for (name, model, dtype) in models {
@@ -62,7 +82,13 @@ fn main() -> anyhow::Result<()> {
         let ids: Vec<i64> = (0..2 * 41).map(|i| (i * 37 + 11) % vocab).collect();
         let t = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [2, 41]), &device);
         let loss: f32 = model
-            .forward_with(t.clone(), ForwardArgs { labels: Some(t), ..Default::default() })
+            .forward_with(
+                t.clone(),
+                ForwardArgs {
+                    labels: Some(t),
+                    ..Default::default()
+                },
+            )
             .loss
             .unwrap()
             .into_scalar();
@@ -74,6 +100,9 @@ fn main() -> anyhow::Result<()> {
         }));
         eprintln!("{name}: loss {loss}");
     }
-    std::fs::write(out.join("cases.json"), serde_json::to_string_pretty(&cases)?)?;
+    std::fs::write(
+        out.join("cases.json"),
+        serde_json::to_string_pretty(&cases)?,
+    )?;
     Ok(())
 }

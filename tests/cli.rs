@@ -10,7 +10,9 @@ use serde_json::Value;
 
 fn run(bin: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
     let mut cmd = Command::new(bin);
-    cmd.args(args).env("HF_HUB_OFFLINE", "1").env_remove("HF_HUB_CACHE");
+    cmd.args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("HF_HUB_CACHE");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -18,8 +20,17 @@ fn run(bin: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
 }
 
 fn json_of(out: &Output) -> Value {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 const EVAL: &str = env!("CARGO_BIN_EXE_eval");
@@ -38,12 +49,32 @@ fn eval_matches_transformers_loss() {
     let tmp = tempfile::tempdir().unwrap();
     let ids = token_file(tmp.path(), &r);
     let model = r.dir.to_str().unwrap();
-    for (norm, key) in [("hf", "loss_all_tokens"), ("grouped", "grouped_loss_all_tokens")] {
-        let out = run(EVAL, &["--model", model, "--token-ids", ids.to_str().unwrap(), "--device", "cpu", "--norm", norm, "--json"], &[]);
+    for (norm, key) in [
+        ("hf", "loss_all_tokens"),
+        ("grouped", "grouped_loss_all_tokens"),
+    ] {
+        let out = run(
+            EVAL,
+            &[
+                "--model",
+                model,
+                "--token-ids",
+                ids.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--norm",
+                norm,
+                "--json",
+            ],
+            &[],
+        );
         let v = json_of(&out);
         let loss = v["loss"].as_f64().unwrap();
         let want = r.f64(key);
-        assert!(((loss - want) / want).abs() <= 1e-5, "--norm {norm}: {loss} vs transformers {want}");
+        assert!(
+            ((loss - want) / want).abs() <= 1e-5,
+            "--norm {norm}: {loss} vs transformers {want}"
+        );
         assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
         assert_eq!(v["tokens"], 2 * 36);
     }
@@ -57,7 +88,19 @@ fn generate_matches_transformers_greedy() {
         let want = r.u32s("greedy_cached");
         let n = (want.len() - prompt.len()).to_string();
         for extra in [&[][..], &["--no-cache"][..]] {
-            let mut args = vec!["--model", r.dir.to_str().unwrap(), "--max-new-tokens", &n, "--greedy", "--ignore-eos", "--device", "cpu", "--norm", "hf", "--json"];
+            let mut args = vec![
+                "--model",
+                r.dir.to_str().unwrap(),
+                "--max-new-tokens",
+                &n,
+                "--greedy",
+                "--ignore-eos",
+                "--device",
+                "cpu",
+                "--norm",
+                "hf",
+                "--json",
+            ];
             let joined = prompt.join(",");
             args.extend(["--prompt-ids", &joined]);
             args.extend(extra);
@@ -83,21 +126,49 @@ fn hub_id_from_local_cache_offline() {
         std::fs::copy(r.dir.join(f), snap.join(f)).unwrap();
     }
     let ids = token_file(home.path(), &r);
-    let args = ["--model", "test-org/tiny-mamba", "--token-ids", ids.to_str().unwrap(), "--device", "cpu", "--json"];
+    let args = [
+        "--model",
+        "test-org/tiny-mamba",
+        "--token-ids",
+        ids.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--json",
+    ];
     let v = json_of(&run(EVAL, &args, &[("HF_HOME", home.path())]));
     let want = r.f64("loss_all_tokens");
     assert!(((v["loss"].as_f64().unwrap() - want) / want).abs() <= 1e-5);
 
     // Same through HF_HUB_CACHE pointing at the hub folder directly.
-    let v = json_of(&run(EVAL, &args, &[("HF_HUB_CACHE", &home.path().join("hub")), ("HF_HOME", Path::new("/nonexistent"))]));
+    let v = json_of(&run(
+        EVAL,
+        &args,
+        &[
+            ("HF_HUB_CACHE", &home.path().join("hub")),
+            ("HF_HOME", Path::new("/nonexistent")),
+        ],
+    ));
     assert!(((v["loss"].as_f64().unwrap() - want) / want).abs() <= 1e-5);
 
     // An id not in the cache, offline: a clear error naming the cache.
-    let args = ["--model", "test-org/absent", "--token-ids", ids.to_str().unwrap(), "--device", "cpu", "--json"];
+    let args = [
+        "--model",
+        "test-org/absent",
+        "--token-ids",
+        ids.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--json",
+    ];
     let out = run(EVAL, &args, &[("HF_HOME", home.path())]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("test-org/absent") && err.contains("HF_HUB_OFFLINE") && err.contains(&home.path().join("hub").display().to_string()), "{err}");
+    assert!(
+        err.contains("test-org/absent")
+            && err.contains("HF_HUB_OFFLINE")
+            && err.contains(&home.path().join("hub").display().to_string()),
+        "{err}"
+    );
 }
 
 #[test]
@@ -106,19 +177,44 @@ fn bad_token_files_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let model = r.dir.to_str().unwrap();
     for (content, want) in [
-        ("[[1, 2, 3], [4, 5]]", "sequence 1 has 2 tokens but sequence 0 has 3"),
-        ("[[1, 2, 300]]", "token 300 (sequence 0, position 2) is out of range for the model's vocab_size 96"),
+        (
+            "[[1, 2, 3], [4, 5]]",
+            "sequence 1 has 2 tokens but sequence 0 has 3",
+        ),
+        (
+            "[[1, 2, 300]]",
+            "token 300 (sequence 0, position 2) is out of range for the model's vocab_size 96",
+        ),
         ("[]", "the list of sequences is empty"),
         ("[[1]]", "at least 2 tokens"),
         ("{\"ids\": 1}", "expected a JSON list of lists"),
     ] {
         let p = tmp.path().join("bad.json");
         std::fs::write(&p, content).unwrap();
-        let out = run(EVAL, &["--model", model, "--token-ids", p.to_str().unwrap(), "--device", "cpu", "--json"], &[]);
+        let out = run(
+            EVAL,
+            &[
+                "--model",
+                model,
+                "--token-ids",
+                p.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--json",
+            ],
+            &[],
+        );
         assert!(!out.status.success(), "{content} was accepted");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(want) && err.contains("bad.json"), "{content}: {err}");
+        assert!(
+            err.contains(want) && err.contains("bad.json"),
+            "{content}: {err}"
+        );
     }
-    let out = run(GENERATE, &["--model", model, "--prompt-ids", "1,2", "--json"], &[]);
+    let out = run(
+        GENERATE,
+        &["--model", model, "--prompt-ids", "1,2", "--json"],
+        &[],
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("pass --greedy"));
 }

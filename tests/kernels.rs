@@ -10,7 +10,7 @@
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor, TensorData};
-use mamba_burn::kernels::{ConvGrads, ConvInput, MambaBackend, SsdInput, reference};
+use mamba_burn::kernels::{reference, ConvGrads, ConvInput, MambaBackend, SsdInput};
 
 type Cpu = NdArray<f32>;
 type Gpu = Wgpu<f32, i32, u32>;

@@ -5,7 +5,7 @@ mod common;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use common::*;
-use mamba_burn::hf::{SaveDtype, load_model_dir, save_model};
+use mamba_burn::hf::{load_model_dir, save_model, SaveDtype};
 use mamba_burn::model::{ForwardArgs, Mamba1Config, Mamba2Config, MambaLM, ModelConfig, NormMode};
 
 fn mamba2_config(groups: usize) -> ModelConfig {
@@ -38,7 +38,11 @@ fn mamba1_config() -> ModelConfig {
 }
 
 fn configs() -> Vec<(&'static str, ModelConfig)> {
-    vec![("mamba2 g1", mamba2_config(1)), ("mamba2 g2", mamba2_config(2)), ("mamba1", mamba1_config())]
+    vec![
+        ("mamba2 g1", mamba2_config(1)),
+        ("mamba2 g2", mamba2_config(2)),
+        ("mamba1", mamba1_config()),
+    ]
 }
 
 fn ids(rows: &[Vec<i64>]) -> Tensor<Cpu, 2, Int> {
@@ -47,10 +51,14 @@ fn ids(rows: &[Vec<i64>]) -> Tensor<Cpu, 2, Int> {
 
 fn random_ids(n: usize, seed: u64) -> Vec<i64> {
     // A small LCG: deterministic and independent of any crate's RNG.
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) % 50) as i64
         })
         .collect()
@@ -71,8 +79,14 @@ fn causal() {
         b[t] = (a[t] + 7) % 50;
         let la = m.forward(ids(&[a]));
         let lb = m.forward(ids(&[b]));
-        let before = max_abs(&values(la.clone().narrow(1, 0, t)), &values(lb.clone().narrow(1, 0, t)));
-        assert_eq!(before, 0.0, "{name}: logits before the change moved by {before}");
+        let before = max_abs(
+            &values(la.clone().narrow(1, 0, t)),
+            &values(lb.clone().narrow(1, 0, t)),
+        );
+        assert_eq!(
+            before, 0.0,
+            "{name}: logits before the change moved by {before}"
+        );
         let at = max_abs(&values(la.narrow(1, t, 1)), &values(lb.narrow(1, t, 1)));
         assert!(at > 1e-4, "{name}: the changed token had no effect");
     }
@@ -88,9 +102,15 @@ fn step_matches_full_forward() {
         let prefix = 5;
         let (logits, mut cache) = m.prefill(ids(&[seq[..prefix].to_vec()]));
         let want = values(full.clone().narrow(1, prefix - 1, 1));
-        assert!(max_abs(&values(logits), &want) <= 1e-4, "{name}: prefill logits");
+        assert!(
+            max_abs(&values(logits), &want) <= 1e-4,
+            "{name}: prefill logits"
+        );
         for (t, &tok) in seq.iter().enumerate().skip(prefix) {
-            let tok = Tensor::<Cpu, 1, Int>::from_data(TensorData::new(vec![tok], [1]), &Default::default());
+            let tok = Tensor::<Cpu, 1, Int>::from_data(
+                TensorData::new(vec![tok], [1]),
+                &Default::default(),
+            );
             let (logits, c) = m.step(tok, cache);
             cache = c;
             let want = values(full.clone().narrow(1, t, 1));
@@ -111,7 +131,13 @@ fn cache_continuation_matches_full_forward() {
         for split in [1, 7, 8, 17] {
             let head: Vec<Vec<i64>> = rows.iter().map(|r| r[..split].to_vec()).collect();
             let tail: Vec<Vec<i64>> = rows.iter().map(|r| r[split..].to_vec()).collect();
-            let first = m.forward_with(ids(&head), ForwardArgs { return_cache: true, ..Default::default() });
+            let first = m.forward_with(
+                ids(&head),
+                ForwardArgs {
+                    return_cache: true,
+                    ..Default::default()
+                },
+            );
             let rest = m.forward_with(
                 ids(&tail),
                 ForwardArgs {
@@ -119,8 +145,14 @@ fn cache_continuation_matches_full_forward() {
                     ..Default::default()
                 },
             );
-            let err = max_abs(&values(rest.logits), &values(full.clone().narrow(1, split, 30 - split)));
-            assert!(err <= 1e-4, "{name}: continuation after {split} differs by {err:e}");
+            let err = max_abs(
+                &values(rest.logits),
+                &values(full.clone().narrow(1, split, 30 - split)),
+            );
+            assert!(
+                err <= 1e-4,
+                "{name}: continuation after {split} differs by {err:e}"
+            );
         }
     }
 }
@@ -132,15 +164,24 @@ fn save_load_round_trip() {
         let m = model(&config);
         let dir = tempfile::tempdir().unwrap();
         save_model(&m, dir.path(), SaveDtype::F32).unwrap();
-        let back: MambaLM<Cpu> = load_model_dir(dir.path(), NormMode::Grouped, &Default::default()).unwrap();
+        let back: MambaLM<Cpu> =
+            load_model_dir(dir.path(), NormMode::Grouped, &Default::default()).unwrap();
         let x = ids(&[random_ids(12, 5)]);
-        assert_eq!(values(m.forward(x.clone())), values(back.forward(x.clone())), "{name}");
+        assert_eq!(
+            values(m.forward(x.clone())),
+            values(back.forward(x.clone())),
+            "{name}"
+        );
         assert_eq!(back.config, m.config, "{name}: config round trip");
 
         save_model(&m, dir.path(), SaveDtype::Bf16).unwrap();
-        let bf: MambaLM<Cpu> = load_model_dir(dir.path(), NormMode::Grouped, &Default::default()).unwrap();
+        let bf: MambaLM<Cpu> =
+            load_model_dir(dir.path(), NormMode::Grouped, &Default::default()).unwrap();
         let err = rel_err(&values(bf.forward(x.clone())), &values(m.forward(x)));
-        assert!(err > 0.0 && err < 2e-2, "{name}: bf16 round trip rel {err:e}");
+        assert!(
+            err > 0.0 && err < 2e-2,
+            "{name}: bf16 round trip rel {err:e}"
+        );
         let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
         assert!(cfg.contains("\"dtype\": \"bfloat16\""), "{cfg}");
     }
@@ -153,17 +194,25 @@ fn resave_keeps_transformers_keys_and_values() {
     let m: MambaLM<Cpu> = load_model_dir(&src, NormMode::Hf, &Default::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save_model(&m, dir.path(), SaveDtype::F32).unwrap();
-    let ours = mamba_burn::hf::checkpoint::TensorSource::open(&[dir.path().join("model.safetensors")]).unwrap();
-    let theirs = mamba_burn::hf::checkpoint::TensorSource::open(&[src.join("model.safetensors")]).unwrap();
+    let ours =
+        mamba_burn::hf::checkpoint::TensorSource::open(&[dir.path().join("model.safetensors")])
+            .unwrap();
+    let theirs =
+        mamba_burn::hf::checkpoint::TensorSource::open(&[src.join("model.safetensors")]).unwrap();
     let a: Vec<&String> = ours.keys().collect();
     let b: Vec<&String> = theirs.keys().collect();
     assert_eq!(a, b);
     for k in a {
-        assert_eq!(ours.read_f32(k).unwrap(), theirs.read_f32(k).unwrap(), "{k}");
+        assert_eq!(
+            ours.read_f32(k).unwrap(),
+            theirs.read_f32(k).unwrap(),
+            "{k}"
+        );
     }
     // The config keeps every field transformers wrote that we model.
     let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["model_type"], "mamba2");
     assert_eq!(cfg["n_groups"], 2);
     assert_eq!(cfg["time_step_limit"][1], 0.08);
@@ -181,7 +230,13 @@ fn left_padding_with_mask_matches_unpadded() {
         let mut padded = vec![0i64; 4];
         padded.extend(&row);
         let other = random_ids(15, 7);
-        let mask = vec![vec![0, 0, 0, 0].into_iter().chain(vec![1; 11]).collect::<Vec<i64>>(), vec![1; 15]];
+        let mask = vec![
+            vec![0, 0, 0, 0]
+                .into_iter()
+                .chain(vec![1; 11])
+                .collect::<Vec<i64>>(),
+            vec![1; 15],
+        ];
         let out = m.forward_with(
             ids(&[padded, other]),
             ForwardArgs {

@@ -32,12 +32,23 @@ fn check_forward(r: &Reference, norm: NormMode, prefix: &str, loss_key: &str) {
     let (want, shape) = r.tensor(&format!("{prefix}logits"));
     assert_eq!(out.logits.dims().to_vec(), shape);
     let err = max_abs(&values(out.logits), &want);
-    assert!(err <= LOGITS_ABS, "{}: {prefix}logits max-abs {err:e}", r.dir.display());
+    assert!(
+        err <= LOGITS_ABS,
+        "{}: {prefix}logits max-abs {err:e}",
+        r.dir.display()
+    );
     let loss = values(out.loss.unwrap())[0] as f64;
     let want = r.f64(loss_key);
     let rel = ((loss - want) / want).abs();
-    eprintln!("{}: {prefix}logits max-abs {err:e}, {loss_key} {loss} vs {want} rel {rel:e}", r.dir.display());
-    assert!(rel <= LOSS_REL, "{}: {loss_key} {loss} vs {want} (rel {rel:e})", r.dir.display());
+    eprintln!(
+        "{}: {prefix}logits max-abs {err:e}, {loss_key} {loss} vs {want} rel {rel:e}",
+        r.dir.display()
+    );
+    assert!(
+        rel <= LOSS_REL,
+        "{}: {loss_key} {loss} vs {want} (rel {rel:e})",
+        r.dir.display()
+    );
 }
 
 fn check_masked_and_kept(r: &Reference) {
@@ -54,7 +65,11 @@ fn check_masked_and_kept(r: &Reference) {
     );
     let (want, _) = r.tensor("logits_masked");
     let err = max_abs(&values(out.logits), &want);
-    assert!(err <= LOGITS_ABS, "{}: masked logits max-abs {err:e}", r.dir.display());
+    assert!(
+        err <= LOGITS_ABS,
+        "{}: masked logits max-abs {err:e}",
+        r.dir.display()
+    );
 
     let out = model.forward_with(
         int_tensor(&ids, &device),
@@ -66,7 +81,11 @@ fn check_masked_and_kept(r: &Reference) {
     let (want, shape) = r.tensor("logits_keep5");
     assert_eq!(out.logits.dims().to_vec(), shape);
     let err = max_abs(&values(out.logits), &want);
-    assert!(err <= LOGITS_ABS, "{}: logits_to_keep max-abs {err:e}", r.dir.display());
+    assert!(
+        err <= LOGITS_ABS,
+        "{}: logits_to_keep max-abs {err:e}",
+        r.dir.display()
+    );
 }
 
 fn check_grads(r: &Reference, norm: NormMode, prefix: &str) {
@@ -94,7 +113,11 @@ fn check_grads(r: &Reference, norm: NormMode, prefix: &str) {
         assert_eq!(our_shape, &shape, "{name}");
         let err = rel_err(got, &want);
         eprintln!("  {prefix}grad {name}: rel {err:e}");
-        assert!(err <= GRAD_REL, "{}: gradient of {name}: rel {err:e}", r.dir.display());
+        assert!(
+            err <= GRAD_REL,
+            "{}: gradient of {name}: rel {err:e}",
+            r.dir.display()
+        );
     }
     let _ = <CpuAd as AutodiffBackend>::inner;
 }

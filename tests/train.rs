@@ -11,7 +11,7 @@ use burn::module::AutodiffModule;
 use common::*;
 use mamba_burn::hf::checkpoint::export_grads;
 use mamba_burn::hf::load_model_dir;
-use mamba_burn::model::lora::{LoraConfig, LoraTargets, adapters, apply_lora, merge};
+use mamba_burn::model::lora::{adapters, apply_lora, merge, LoraConfig, LoraTargets};
 use mamba_burn::model::{ForwardArgs, MambaLM, NormMode};
 use serde_json::Value;
 
@@ -44,7 +44,9 @@ fn small(out: &Path) -> Vec<String> {
 
 fn train(config: &str, sets: &[String], extra: &[&str]) -> Command {
     let mut cmd = Command::new(TRAIN);
-    cmd.current_dir(repo()).args(["--config", config, "--device", "cpu"]).args(extra);
+    cmd.current_dir(repo())
+        .args(["--config", config, "--device", "cpu"])
+        .args(extra);
     for s in sets {
         cmd.args(["--set", s]);
     }
@@ -53,17 +55,31 @@ fn train(config: &str, sets: &[String], extra: &[&str]) -> Command {
 }
 
 fn ok(out: Output) -> Value {
-    assert!(out.status.success(), "failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
 fn eval_loss(model: &Path, adapter: Option<&Path>) -> f64 {
     let data = shared().join("datasets/english_quotes/quotes.jsonl");
     let mut cmd = Command::new(EVAL);
-    cmd.args(["--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--template", "{quote} — {author}", "--split", "validation"])
-        .args(["--max-examples", "300"])
-        .args(["--seq-len", "32", "--device", "cpu", "--json"]);
+    cmd.args([
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--template",
+        "{quote} — {author}",
+        "--split",
+        "validation",
+    ])
+    .args(["--max-examples", "300"])
+    .args(["--seq-len", "32", "--device", "cpu", "--json"]);
     if let Some(a) = adapter {
         cmd.args(["--adapter", a.to_str().unwrap()]);
     }
@@ -75,10 +91,25 @@ fn quickstart_then_lora_on_its_export() {
     let tmp = tempfile::tempdir().unwrap();
     // 1. A small Mamba2 from scratch: validation loss falls.
     let qs = tmp.path().join("quickstart");
-    let s = ok(train("configs/quickstart.toml", &small(&qs), &[]).output().unwrap());
-    let (before, after) = (s["initial_val_loss"].as_f64().unwrap(), s["final_val_loss"].as_f64().unwrap());
-    assert!(after < before - 0.3, "from scratch: validation loss {before} → {after}");
-    for f in ["model/config.json", "model/model.safetensors", "model/tokenizer.json", "metrics.jsonl", "loss.png", "summary.json"] {
+    let s = ok(train("configs/quickstart.toml", &small(&qs), &[])
+        .output()
+        .unwrap());
+    let (before, after) = (
+        s["initial_val_loss"].as_f64().unwrap(),
+        s["final_val_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        after < before - 0.3,
+        "from scratch: validation loss {before} → {after}"
+    );
+    for f in [
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "metrics.jsonl",
+        "loss.png",
+        "summary.json",
+    ] {
         assert!(qs.join(f).is_file(), "missing {f}");
     }
 
@@ -100,59 +131,142 @@ fn quickstart_then_lora_on_its_export() {
         ]
         .into_iter(),
     );
-    let s = ok(train("configs/quickstart.toml", &sets, &[]).output().unwrap());
-    let (before, after) = (s["initial_val_loss"].as_f64().unwrap(), s["final_val_loss"].as_f64().unwrap());
-    assert!(after < before - 0.05, "LoRA: validation loss {before} → {after}");
+    let s = ok(train("configs/quickstart.toml", &sets, &[])
+        .output()
+        .unwrap());
+    let (before, after) = (
+        s["initial_val_loss"].as_f64().unwrap(),
+        s["final_val_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        after < before - 0.05,
+        "LoRA: validation loss {before} → {after}"
+    );
     assert!(s["trainable_params"].as_u64().unwrap() < s["total_params"].as_u64().unwrap() / 5);
 
     // PEFT files.
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(lora.join("adapter/adapter_config.json")).unwrap()).unwrap();
-    assert_eq!((cfg["peft_type"].as_str(), cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some("LORA"), Some(4), Some(8.0)));
-    let st = mamba_burn::hf::checkpoint::TensorSource::open(&[lora.join("adapter/adapter_model.safetensors")]).unwrap();
-    let keys: Vec<String> = st.keys().map(|k| k.trim_start_matches("backbone.").to_string()).collect();
-    assert!(keys.contains(&"base_model.model.backbone.layers.0.mixer.in_proj.lora_A.weight".to_string()), "{keys:?}");
-    assert!(keys.contains(&"base_model.model.backbone.embeddings.lora_embedding_B".to_string()), "{keys:?}");
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(lora.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            cfg["peft_type"].as_str(),
+            cfg["r"].as_u64(),
+            cfg["lora_alpha"].as_f64()
+        ),
+        (Some("LORA"), Some(4), Some(8.0))
+    );
+    let st = mamba_burn::hf::checkpoint::TensorSource::open(&[
+        lora.join("adapter/adapter_model.safetensors")
+    ])
+    .unwrap();
+    let keys: Vec<String> = st
+        .keys()
+        .map(|k| k.trim_start_matches("backbone.").to_string())
+        .collect();
+    assert!(
+        keys.contains(
+            &"base_model.model.backbone.layers.0.mixer.in_proj.lora_A.weight".to_string()
+        ),
+        "{keys:?}"
+    );
+    assert!(
+        keys.contains(&"base_model.model.backbone.embeddings.lora_embedding_B".to_string()),
+        "{keys:?}"
+    );
     assert_eq!(keys.len(), 2 + 2 * 2 * 2, "{keys:?}");
 
     // 3. Base + adapter and the merged export evaluate to the same loss (the full validation
     //    split, through the eval binary), better than the base.
     let with_adapter = eval_loss(&qs.join("model"), Some(&lora.join("adapter")));
     let merged = eval_loss(&lora.join("merged"), None);
-    assert!(((with_adapter - merged) / merged).abs() < 1e-5, "adapter {with_adapter} vs merged {merged}");
+    assert!(
+        ((with_adapter - merged) / merged).abs() < 1e-5,
+        "adapter {with_adapter} vs merged {merged}"
+    );
     let base = eval_loss(&qs.join("model"), None);
-    assert!(merged < base, "merged {merged} is not better than the base {base}");
+    assert!(
+        merged < base,
+        "merged {merged} is not better than the base {base}"
+    );
 }
 
 /// Every LoRA target gets a gradient, the base gets none, and merging is exact.
 #[test]
 fn every_lora_target_trains_and_merges_exactly() {
-    for case in ["mamba1_untied_f16", "mamba2_g2_untied_bias_limit", "mamba2_g1_tied"] {
+    for case in [
+        "mamba1_untied_f16",
+        "mamba2_g2_untied_bias_limit",
+        "mamba2_g1_tied",
+    ] {
         let device = Default::default();
-        let model: MambaLM<CpuAd> = load_model_dir(&fixtures().join(case), NormMode::Hf, &device).unwrap();
+        let model: MambaLM<CpuAd> =
+            load_model_dir(&fixtures().join(case), NormMode::Hf, &device).unwrap();
         let names: Vec<String> = if case.starts_with("mamba1") {
-            ["in_proj", "x_proj", "dt_proj", "out_proj", "embeddings", "lm_head"].map(String::from).to_vec()
+            [
+                "in_proj",
+                "x_proj",
+                "dt_proj",
+                "out_proj",
+                "embeddings",
+                "lm_head",
+            ]
+            .map(String::from)
+            .to_vec()
         } else if case.ends_with("tied") {
-            ["in_proj", "out_proj", "embeddings"].map(String::from).to_vec()
+            ["in_proj", "out_proj", "embeddings"]
+                .map(String::from)
+                .to_vec()
         } else {
-            ["in_proj", "out_proj", "embeddings", "lm_head"].map(String::from).to_vec()
+            ["in_proj", "out_proj", "embeddings", "lm_head"]
+                .map(String::from)
+                .to_vec()
         };
-        let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, targets: LoraTargets::Names(names) };
+        let cfg = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            use_rslora: false,
+            targets: LoraTargets::Names(names),
+        };
         let (model, keys) = apply_lora(model, &cfg, &device).unwrap();
         let r = Reference::load(case);
         let ids = int_tensor(&r.ids("input_ids"), &device);
-        let out = model.forward_with(ids.clone(), ForwardArgs { labels: Some(ids.clone()), ..Default::default() });
+        let out = model.forward_with(
+            ids.clone(),
+            ForwardArgs {
+                labels: Some(ids.clone()),
+                ..Default::default()
+            },
+        );
         let grads = out.loss.unwrap().backward();
-        assert!(export_grads::<CpuAd>(&model, &grads).is_empty(), "{case}: a frozen base weight got a gradient");
+        assert!(
+            export_grads::<CpuAd>(&model, &grads).is_empty(),
+            "{case}: a frozen base weight got a gradient"
+        );
         let (linears, emb) = adapters(&model);
         assert_eq!(linears.len() + emb.iter().count(), keys.len());
         for (key, l) in &linears {
             // B starts at zero, so dL/dA is zero at init and dL/dB carries the signal.
-            let g = l.b.val().grad(&grads).unwrap_or_else(|| panic!("{case}: no gradient for {key}.lora_B"));
-            assert!(values(g).iter().any(|v| v.abs() > 0.0), "{case}: zero gradient for {key}.lora_B");
+            let g =
+                l.b.val()
+                    .grad(&grads)
+                    .unwrap_or_else(|| panic!("{case}: no gradient for {key}.lora_B"));
+            assert!(
+                values(g).iter().any(|v| v.abs() > 0.0),
+                "{case}: zero gradient for {key}.lora_B"
+            );
         }
         let e = emb.expect("embeddings adapted");
-        let g = e.a.val().grad(&grads).expect("no gradient for lora_embedding_A");
-        assert!(values(g).iter().any(|v| v.abs() > 0.0), "{case}: zero gradient for lora_embedding_A");
+        let g =
+            e.a.val()
+                .grad(&grads)
+                .expect("no gradient for lora_embedding_A");
+        assert!(
+            values(g).iter().any(|v| v.abs() > 0.0),
+            "{case}: zero gradient for lora_embedding_A"
+        );
 
         // Give every B a value, then merge: the merged model computes the same function.
         let model = model.valid();
@@ -162,8 +276,16 @@ fn every_lora_target_trains_and_merges_exactly() {
         let tied = model.lm_head.is_none();
         let merged = merge(model);
         assert!(adapters(&merged).0.is_empty() && adapters(&merged).1.is_none());
-        assert_eq!(merged.lm_head.is_some(), true, "{case}: a merged embedding adapter unties the head");
-        assert_eq!(merged.config.tie_word_embeddings(), false, "{case} (tied before: {tied})");
+        assert_eq!(
+            merged.lm_head.is_some(),
+            true,
+            "{case}: a merged embedding adapter unties the head"
+        );
+        assert_eq!(
+            merged.config.tie_word_embeddings(),
+            false,
+            "{case} (tied before: {tied})"
+        );
         let err = rel_err(&values(merged.forward(ids)), &with);
         assert!(err < 1e-5, "{case}: merged differs by {err:e}");
     }
@@ -172,7 +294,13 @@ fn every_lora_target_trains_and_merges_exactly() {
 fn perturb_adapters(mut model: MambaLM<Cpu>) -> MambaLM<Cpu> {
     use burn::module::Param;
     use burn::tensor::{Distribution, Tensor};
-    let noisy = |p: &Param<Tensor<Cpu, 2>>| Param::from_tensor(Tensor::random(p.dims(), Distribution::Normal(0.0, 0.05), &Default::default()));
+    let noisy = |p: &Param<Tensor<Cpu, 2>>| {
+        Param::from_tensor(Tensor::random(
+            p.dims(),
+            Distribution::Normal(0.0, 0.05),
+            &Default::default(),
+        ))
+    };
     let mut visit = |l: &mut mamba_burn::model::nn::Linear<Cpu>| {
         if let Some(a) = l.lora.as_mut() {
             a.b = noisy(&a.b);
@@ -218,43 +346,78 @@ fn resume_after_kill_continues_the_same_curve() {
     let tmp = tempfile::tempdir().unwrap();
     let sets = |dir: &Path| -> Vec<String> {
         let mut s = small(dir);
-        s.extend(["train.steps=12".to_string(), "train.checkpoint_every=4".into(), "data.max_examples=120".into()]);
+        s.extend([
+            "train.steps=12".to_string(),
+            "train.checkpoint_every=4".into(),
+            "data.max_examples=120".into(),
+        ]);
         s
     };
     let whole = tmp.path().join("whole");
-    ok(train("configs/quickstart.toml", &sets(&whole), &[]).output().unwrap());
+    ok(train("configs/quickstart.toml", &sets(&whole), &[])
+        .output()
+        .unwrap());
 
     let cut = tmp.path().join("cut");
-    let mut child = train("configs/quickstart.toml", &sets(&cut), &[]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = train("configs/quickstart.toml", &sets(&cut), &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let first = cut.join("checkpoints/step-00000004/state.json");
     let t0 = Instant::now();
     while !first.is_file() {
-        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!cut.join("summary.json").exists(), "the run finished before the kill");
+    assert!(
+        !cut.join("summary.json").exists(),
+        "the run finished before the kill"
+    );
 
     // Without --resume the directory is refused rather than overwritten.
-    let out = train("configs/quickstart.toml", &sets(&cut), &[]).output().unwrap();
+    let out = train("configs/quickstart.toml", &sets(&cut), &[])
+        .output()
+        .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--resume"));
 
-    ok(train("configs/quickstart.toml", &sets(&cut), &["--resume"]).output().unwrap());
-    let (a, b) = (losses(&whole.join("metrics.jsonl")), losses(&cut.join("metrics.jsonl")));
-    assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
+    ok(train("configs/quickstart.toml", &sets(&cut), &["--resume"])
+        .output()
+        .unwrap());
+    let (a, b) = (
+        losses(&whole.join("metrics.jsonl")),
+        losses(&cut.join("metrics.jsonl")),
+    );
+    assert_eq!(
+        a.iter().map(|x| x.0).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
     assert_eq!(a.len(), b.len(), "{b:?}");
     for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
         assert_eq!(sa, sb);
-        assert!(((la - lb) / la).abs() < 1e-5, "step {sa}: {la} uninterrupted vs {lb} resumed");
+        assert!(
+            ((la - lb) / la).abs() < 1e-5,
+            "step {sa}: {la} uninterrupted vs {lb} resumed"
+        );
     }
 }
 
 fn fails_with(cmd: &mut Command, want: &str) -> String {
     let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure containing {want:?}");
+    assert!(
+        !out.status.success(),
+        "expected failure containing {want:?}"
+    );
     assert!(err.contains(want), "expected {want:?} in:\n{err}");
     err
 }
@@ -268,22 +431,123 @@ fn bad_input_stops_with_a_clear_message() {
         s.extend(extra.iter().map(|x| x.to_string()));
         s
     };
-    fails_with(&mut train("configs/quickstart.toml", &with(&["data.source=\"/nonexistent/quotes.jsonl\""]), &[]), "/nonexistent/quotes.jsonl");
-    fails_with(&mut train("configs/quickstart.toml", &with(&["train.learning_rate=1"]), &[]), "learning_rate");
-    fails_with(&mut train("configs/quickstart.toml", &with(&["data.seq_len=1"]), &[]), "`data.seq_len`: must be at least 2");
-    fails_with(&mut train("configs/quickstart.toml", &with(&["data.field=\"nope\""]), &[]), "line 1: missing field `nope`");
+    fails_with(
+        &mut train(
+            "configs/quickstart.toml",
+            &with(&["data.source=\"/nonexistent/quotes.jsonl\""]),
+            &[],
+        ),
+        "/nonexistent/quotes.jsonl",
+    );
+    fails_with(
+        &mut train(
+            "configs/quickstart.toml",
+            &with(&["train.learning_rate=1"]),
+            &[],
+        ),
+        "learning_rate",
+    );
+    fails_with(
+        &mut train("configs/quickstart.toml", &with(&["data.seq_len=1"]), &[]),
+        "`data.seq_len`: must be at least 2",
+    );
+    fails_with(
+        &mut train(
+            "configs/quickstart.toml",
+            &with(&["data.field=\"nope\""]),
+            &[],
+        ),
+        "line 1: missing field `nope`",
+    );
     let empty = tmp.path().join("empty.jsonl");
     std::fs::write(&empty, "").unwrap();
-    fails_with(&mut train("configs/quickstart.toml", &with(&[&format!("data.source=\"{}\"", empty.display())]), &[]), "the dataset is empty");
-    fails_with(&mut train("/nonexistent.toml", &[], &[]), "/nonexistent.toml");
+    fails_with(
+        &mut train(
+            "configs/quickstart.toml",
+            &with(&[&format!("data.source=\"{}\"", empty.display())]),
+            &[],
+        ),
+        "the dataset is empty",
+    );
+    fails_with(
+        &mut train("/nonexistent.toml", &[], &[]),
+        "/nonexistent.toml",
+    );
 
     // A diverging run stops at the first non-finite loss and keeps its last checkpoint.
     let err = fails_with(
-        &mut train("configs/quickstart.toml", &with(&["train.lr=1e30", "train.max_grad_norm=0", "train.warmup_steps=0", "train.checkpoint_every=1"]), &[]),
+        &mut train(
+            "configs/quickstart.toml",
+            &with(&[
+                "train.lr=1e30",
+                "train.max_grad_norm=0",
+                "train.warmup_steps=0",
+                "train.checkpoint_every=1",
+            ]),
+            &[],
+        ),
         "the loss is",
     );
     assert!(err.contains("left intact"), "{err}");
     let kept = out.join("checkpoints");
-    let cps: Vec<_> = std::fs::read_dir(&kept).unwrap().flatten().filter(|e| e.path().join("state.json").is_file()).collect();
-    assert!(!cps.is_empty(), "no complete checkpoint left in {}", kept.display());
+    let cps: Vec<_> = std::fs::read_dir(&kept)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("state.json").is_file())
+        .collect();
+    assert!(
+        !cps.is_empty(),
+        "no complete checkpoint left in {}",
+        kept.display()
+    );
+}
+
+/// As in PEFT, a target list may name modules another architecture has (`x_proj` on a Mamba2)
+/// as long as something matches; nothing matching at all is an error naming the modules.
+#[test]
+fn lora_targets_follow_peft_matching() {
+    use mamba_burn::model::lora::unmatched_targets;
+    let device = Default::default();
+    let model: MambaLM<Cpu> =
+        load_model_dir(&fixtures().join("mamba2_g1_tied"), NormMode::Hf, &device).unwrap();
+    let names = |v: &[&str]| LoraTargets::Names(v.iter().map(|s| s.to_string()).collect());
+    let cfg = |t| LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        use_rslora: false,
+        targets: t,
+    };
+    assert_eq!(
+        unmatched_targets(&model, &names(&["x_proj", "in_proj"])),
+        vec!["x_proj"]
+    );
+    let (_, keys) = apply_lora(model, &cfg(names(&["x_proj", "in_proj"])), &device).unwrap();
+    assert_eq!(
+        keys,
+        vec![
+            "backbone.layers.0.mixer.in_proj",
+            "backbone.layers.1.mixer.in_proj"
+        ]
+    );
+    let model: MambaLM<Cpu> =
+        load_model_dir(&fixtures().join("mamba2_g1_tied"), NormMode::Hf, &device).unwrap();
+    let e = apply_lora(model, &cfg(names(&["x_proj", "dt_proj"])), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("x_proj, dt_proj") && e.contains("in_proj"),
+        "{e}"
+    );
+    let model: MambaLM<Cpu> =
+        load_model_dir(&fixtures().join("mamba2_g1_tied"), NormMode::Hf, &device).unwrap();
+    let (_, keys) = apply_lora(
+        model,
+        &cfg(LoraTargets::Regex(
+            r"backbone\.layers\.1\.mixer\.(in|out)_proj".into(),
+        )),
+        &device,
+    )
+    .unwrap();
+    assert_eq!(keys.len(), 2);
 }

@@ -9,9 +9,9 @@
 //!
 //! This crate never depends on the model: the model only ever calls this trait.
 
-use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::tensor::{Tensor, backend::Backend};
+use burn::backend::Autodiff;
+use burn::tensor::{backend::Backend, Tensor};
 
 pub mod reference;
 

@@ -6,7 +6,7 @@
 //! between chunks, and the state-to-output term, all with matrix products.
 
 use burn::tensor::activation::{silu, softplus};
-use burn::tensor::{Bool, Tensor, backend::Backend};
+use burn::tensor::{backend::Backend, Bool, Tensor};
 
 use crate::{
     ConvGrads, ConvInput, ConvOutput, SelectiveScanInput, SelectiveScanOutput, SsdInput, SsdOutput,
@@ -26,7 +26,11 @@ fn discretize_dt<B: Backend, const D: usize>(
 
 fn clamp_limit<B: Backend, const D: usize>(dt: Tensor<B, D>, (lo, hi): (f64, f64)) -> Tensor<B, D> {
     let dt = if lo > 0.0 { dt.clamp_min(lo) } else { dt };
-    if hi.is_finite() { dt.clamp_max(hi) } else { dt }
+    if hi.is_finite() {
+        dt.clamp_max(hi)
+    } else {
+        dt
+    }
 }
 
 /// Expand `[.., groups, n]` to `[.., heads, n]`: head `h` reads group `h / (heads / groups)`.
@@ -113,7 +117,9 @@ pub fn ssd_chunk_scan<B: Backend>(input: SsdInput<B>) -> SsdOutput<B> {
     let c_ch = c
         .reshape([batch, nchunks, q, heads, dstate])
         .permute([0, 1, 3, 2, 4]); // [b, c, h, q, n]
-    let adt = adt.reshape([batch, nchunks, q, heads]).permute([0, 3, 1, 2]); // [b, h, c, q]
+    let adt = adt
+        .reshape([batch, nchunks, q, heads])
+        .permute([0, 3, 1, 2]); // [b, h, c, q]
     let a_cs = adt.clone().cumsum(3); // [b, h, c, q]
 
     // 1. Intra-chunk (diagonal blocks): Y = (C Bᵀ ∘ L) X.
@@ -144,9 +150,10 @@ pub fn ssd_chunk_scan<B: Backend>(input: SsdInput<B>) -> SsdOutput<B> {
         .reshape([batch, nchunks + 1, heads, head_dim * dstate])
         .swap_dims(1, 2); // [b, h, c+1, p*n]
     let new_states = decay_chunk.matmul(flat); // [b, h, c+1, p*n]
-    let new_states = new_states
-        .swap_dims(1, 2)
-        .reshape([batch, nchunks + 1, heads, head_dim, dstate]);
+    let new_states =
+        new_states
+            .swap_dims(1, 2)
+            .reshape([batch, nchunks + 1, heads, head_dim, dstate]);
     let prev_states = new_states.clone().narrow(1, 0, nchunks); // [b, c, h, p, n]
     let final_state = new_states
         .narrow(1, nchunks, 1)
@@ -194,10 +201,13 @@ pub fn ssd_step<B: Backend>(input: SsdStepInput<B>) -> (Tensor<B, 3>, Tensor<B, 
     };
     let b = expand(b); // [b, h, n]
     let c = expand(c); // [b, h, n]
-    let dbx = (x.clone() * dt.unsqueeze_dim::<3>(2)).unsqueeze_dim::<4>(3)
-        * b.unsqueeze_dim::<4>(2); // [b, h, p, n]
+    let dbx =
+        (x.clone() * dt.unsqueeze_dim::<3>(2)).unsqueeze_dim::<4>(3) * b.unsqueeze_dim::<4>(2); // [b, h, p, n]
     let state = state * da.reshape([batch, heads, 1, 1]) + dbx; // [b, h, p, n]
-    let y = state.clone().matmul(c.unsqueeze_dim::<4>(3)).reshape([batch, heads, head_dim]);
+    let y = state
+        .clone()
+        .matmul(c.unsqueeze_dim::<4>(3))
+        .reshape([batch, heads, head_dim]);
     let y = y + x * d.reshape([1, heads, 1]);
     (y, state)
 }
@@ -236,7 +246,9 @@ pub fn causal_conv1d<B: Backend>(input: ConvInput<B>) -> ConvOutput<B> {
         y = silu(y);
     }
     let total = seqlen + width - 1;
-    let final_state = ext.narrow(1, total - (width - 1), width - 1).swap_dims(1, 2); // [b, c, w-1]
+    let final_state = ext
+        .narrow(1, total - (width - 1), width - 1)
+        .swap_dims(1, 2); // [b, c, w-1]
     ConvOutput { y, final_state }
 }
 
@@ -360,7 +372,8 @@ pub fn selective_scan<B: Backend>(input: SelectiveScanInput<B>) -> SelectiveScan
         dt = softplus(dt, 1.0);
     }
     // [b, l, c, n]
-    let da = (dt.clone().unsqueeze_dim::<4>(3) * a.unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0)).exp();
+    let da =
+        (dt.clone().unsqueeze_dim::<4>(3) * a.unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0)).exp();
     let dbu = (dt * u.clone()).unsqueeze_dim::<4>(3) * b.unsqueeze_dim::<4>(2);
     let mut state = match initial_state {
         Some(s) => s,
@@ -368,13 +381,21 @@ pub fn selective_scan<B: Backend>(input: SelectiveScanInput<B>) -> SelectiveScan
     };
     let mut states = Vec::with_capacity(seqlen);
     for t in 0..seqlen {
-        let da_t = da.clone().narrow(1, t, 1).reshape([batch, channels, dstate]);
-        let dbu_t = dbu.clone().narrow(1, t, 1).reshape([batch, channels, dstate]);
+        let da_t = da
+            .clone()
+            .narrow(1, t, 1)
+            .reshape([batch, channels, dstate]);
+        let dbu_t = dbu
+            .clone()
+            .narrow(1, t, 1)
+            .reshape([batch, channels, dstate]);
         state = da_t * state + dbu_t;
         states.push(state.clone());
     }
     let hs: Tensor<B, 4> = Tensor::stack(states, 1); // [b, l, c, n]
-    let y = (hs * c.unsqueeze_dim::<4>(2)).sum_dim(3).reshape([batch, seqlen, channels]);
+    let y = (hs * c.unsqueeze_dim::<4>(2))
+        .sum_dim(3)
+        .reshape([batch, seqlen, channels]);
     let mut y = y + u * d.reshape([1, 1, channels]);
     if let Some(z) = z {
         y = y * silu(z);
@@ -400,6 +421,8 @@ pub fn selective_step<B: Backend>(
     let da = (dt.clone().unsqueeze_dim::<3>(2) * a.unsqueeze_dim::<3>(0)).exp(); // [b, c, n]
     let dbu = (dt * u.clone()).unsqueeze_dim::<3>(2) * b.unsqueeze_dim::<3>(1); // [b, c, n]
     let state = da * state + dbu;
-    let y = (state.clone() * c.unsqueeze_dim::<3>(1)).sum_dim(2).reshape([batch, channels]);
+    let y = (state.clone() * c.unsqueeze_dim::<3>(1))
+        .sum_dim(2)
+        .reshape([batch, channels]);
     (y + u * d.unsqueeze_dim::<2>(0), state)
 }

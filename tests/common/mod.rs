@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use mamba_burn::hf::checkpoint::TensorSource;
 use serde_json::Value;
 
@@ -28,7 +28,9 @@ pub struct Reference {
 impl Reference {
     pub fn load(case: &str) -> Self {
         let dir = fixtures().join(case);
-        let json: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let json: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
         let tensors = TensorSource::open(&[dir.join("reference.safetensors")]).unwrap();
         Self { dir, json, tensors }
     }
@@ -52,7 +54,9 @@ impl Reference {
     }
 
     pub fn f64(&self, key: &str) -> f64 {
-        self.json[key].as_f64().unwrap_or_else(|| panic!("reference.json has no number `{key}`"))
+        self.json[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("reference.json has no number `{key}`"))
     }
 }
 
@@ -75,7 +79,10 @@ pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     let mut m = 0.0f32;
     for (x, y) in a.iter().zip(b) {
-        assert!(x.is_finite() && y.is_finite(), "non-finite value: {x} vs {y}");
+        assert!(
+            x.is_finite() && y.is_finite(),
+            "non-finite value: {x} vs {y}"
+        );
         m = m.max((x - y).abs());
     }
     m
@@ -86,7 +93,10 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (x, y) in a.iter().zip(b) {
-        assert!(x.is_finite() && y.is_finite(), "non-finite value: {x} vs {y}");
+        assert!(
+            x.is_finite() && y.is_finite(),
+            "non-finite value: {x} vs {y}"
+        );
         num += ((x - y) as f64).powi(2);
         den += (*y as f64).powi(2);
     }

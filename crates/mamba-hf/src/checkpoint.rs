@@ -12,14 +12,14 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use mamba_model::mamba1::{Mamba1Dims, Mamba1Mixer};
 use mamba_model::mamba2::{Mamba2Dims, Mamba2Mixer};
 use mamba_model::nn::{Embedding, Linear, RmsNorm};
 use mamba_model::{Block, MambaLM, Mixer, ModelConfig};
 use safetensors::{Dtype, SafeTensors};
 
-use crate::{HfError, io_err};
+use crate::{io_err, HfError};
 
 /// Storage dtype for saving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -34,7 +34,10 @@ pub enum SaveDtype {
 pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let mut out = Vec::new();
     let h = config.hidden_size();
-    out.push(("backbone.embeddings.weight".to_string(), vec![config.vocab_size(), h]));
+    out.push((
+        "backbone.embeddings.weight".to_string(),
+        vec![config.vocab_size(), h],
+    ));
     for i in 0..config.num_layers() {
         let p = format!("backbone.layers.{i}.");
         out.push((format!("{p}norm.weight"), vec![h]));
@@ -47,7 +50,10 @@ pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
                 if c.use_bias {
                     out.push((format!("{p}mixer.in_proj.bias"), vec![proj]));
                 }
-                out.push((format!("{p}mixer.conv1d.weight"), vec![conv, 1, c.conv_kernel]));
+                out.push((
+                    format!("{p}mixer.conv1d.weight"),
+                    vec![conv, 1, c.conv_kernel],
+                ));
                 if c.use_conv_bias {
                     out.push((format!("{p}mixer.conv1d.bias"), vec![conv]));
                 }
@@ -67,7 +73,10 @@ pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
                 if c.use_bias {
                     out.push((format!("{p}mixer.in_proj.bias"), vec![2 * inner]));
                 }
-                out.push((format!("{p}mixer.conv1d.weight"), vec![inner, 1, c.conv_kernel]));
+                out.push((
+                    format!("{p}mixer.conv1d.weight"),
+                    vec![inner, 1, c.conv_kernel],
+                ));
                 if c.use_conv_bias {
                     out.push((format!("{p}mixer.conv1d.bias"), vec![inner]));
                 }
@@ -98,7 +107,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, HfError> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        return Ok(shard_files(&index)?.into_iter().map(|f| dir.join(f)).collect());
+        return Ok(shard_files(&index)?
+            .into_iter()
+            .map(|f| dir.join(f))
+            .collect());
     }
     let consolidated = dir.join("consolidated.safetensors");
     if consolidated.is_file() {
@@ -106,7 +118,9 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, HfError> {
     }
     Err(HfError::NotFound {
         what: dir.display().to_string(),
-        message: "no model.safetensors, model.safetensors.index.json or consolidated.safetensors in it".into(),
+        message:
+            "no model.safetensors, model.safetensors.index.json or consolidated.safetensors in it"
+                .into(),
     })
 }
 
@@ -174,7 +188,10 @@ impl TensorSource {
                     if prev != fi {
                         return Err(HfError::Safetensors {
                             path: path.clone(),
-                            message: format!("tensor `{key}` also appears in {}", files[prev].display()),
+                            message: format!(
+                                "tensor `{key}` also appears in {}",
+                                files[prev].display()
+                            ),
                         });
                     }
                 }
@@ -211,7 +228,10 @@ impl TensorSource {
         })?;
         let bytes = view.data();
         let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             Dtype::F16 => bytes
                 .chunks_exact(2)
                 .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
@@ -227,7 +247,9 @@ impl TensorSource {
             other => {
                 return Err(HfError::Safetensors {
                     path: path.clone(),
-                    message: format!("tensor `{k}` has dtype {other:?}; expected F32, F16, BF16 or F64"),
+                    message: format!(
+                        "tensor `{k}` has dtype {other:?}; expected F32, F16, BF16 or F64"
+                    ),
                 });
             }
         };
@@ -237,7 +259,11 @@ impl TensorSource {
 
 /// Compare the file's tensors with what `config` expects. Infers `d_mlp` for Mamba2 when the
 /// in_proj is wider by an even amount, as transformers does.
-pub fn check_tensors(config: &mut ModelConfig, src: &TensorSource, what: &Path) -> Result<(), HfError> {
+pub fn check_tensors(
+    config: &mut ModelConfig,
+    src: &TensorSource,
+    what: &Path,
+) -> Result<(), HfError> {
     if let ModelConfig::Mamba2(c) = config {
         if let Some(shape) = src.shape("backbone.layers.0.mixer.in_proj.weight") {
             let base = c.in_proj_size() - 2 * c.d_mlp;
@@ -252,7 +278,9 @@ pub fn check_tensors(config: &mut ModelConfig, src: &TensorSource, what: &Path) 
     for (key, shape) in &expected {
         match src.shape(key) {
             None => missing.push(key.clone()),
-            Some(s) if &s != shape => misshapen.push(format!("{key}: expected {shape:?}, found {s:?}")),
+            Some(s) if &s != shape => {
+                misshapen.push(format!("{key}: expected {shape:?}, found {s:?}"))
+            }
             Some(_) => {}
         }
     }
@@ -276,21 +304,44 @@ pub fn check_tensors(config: &mut ModelConfig, src: &TensorSource, what: &Path) 
     }
 }
 
-fn param<B: Backend, const D: usize>(src: &TensorSource, key: &str, shape: [usize; D], device: &B::Device) -> Result<Param<Tensor<B, D>>, HfError> {
+fn param<B: Backend, const D: usize>(
+    src: &TensorSource,
+    key: &str,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Result<Param<Tensor<B, D>>, HfError> {
     let (values, _) = src.read_f32(key)?;
-    Ok(Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device)))
+    Ok(Param::from_tensor(Tensor::from_data(
+        TensorData::new(values, shape),
+        device,
+    )))
 }
 
-fn linear<B: Backend>(src: &TensorSource, prefix: &str, d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Result<Linear<B>, HfError> {
+fn linear<B: Backend>(
+    src: &TensorSource,
+    prefix: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<Linear<B>, HfError> {
     Ok(Linear {
         weight: param(src, &format!("{prefix}.weight"), [d_out, d_in], device)?,
-        bias: if bias { Some(param(src, &format!("{prefix}.bias"), [d_out], device)?) } else { None },
+        bias: if bias {
+            Some(param(src, &format!("{prefix}.bias"), [d_out], device)?)
+        } else {
+            None
+        },
         lora: None,
     })
 }
 
 /// Build the model from checked tensors.
-pub fn build_model<B: Backend>(config: &ModelConfig, src: &TensorSource, device: &B::Device) -> Result<MambaLM<B>, HfError> {
+pub fn build_model<B: Backend>(
+    config: &ModelConfig,
+    src: &TensorSource,
+    device: &B::Device,
+) -> Result<MambaLM<B>, HfError> {
     let h = config.hidden_size();
     let eps = config.layer_norm_epsilon();
     let vocab = config.vocab_size();
@@ -306,18 +357,47 @@ pub fn build_model<B: Backend>(config: &ModelConfig, src: &TensorSource, device:
                 let dims = Mamba2Dims::from_config(c);
                 let conv = dims.conv_dim();
                 Mixer::Mamba2(Mamba2Mixer {
-                    in_proj: linear(src, &format!("{p}mixer.in_proj"), h, c.in_proj_size(), c.use_bias, device)?,
-                    conv1d_weight: param(src, &format!("{p}mixer.conv1d.weight"), [conv, c.conv_kernel], device)?,
+                    in_proj: linear(
+                        src,
+                        &format!("{p}mixer.in_proj"),
+                        h,
+                        c.in_proj_size(),
+                        c.use_bias,
+                        device,
+                    )?,
+                    conv1d_weight: param(
+                        src,
+                        &format!("{p}mixer.conv1d.weight"),
+                        [conv, c.conv_kernel],
+                        device,
+                    )?,
                     conv1d_bias: if c.use_conv_bias {
-                        Some(param(src, &format!("{p}mixer.conv1d.bias"), [conv], device)?)
+                        Some(param(
+                            src,
+                            &format!("{p}mixer.conv1d.bias"),
+                            [conv],
+                            device,
+                        )?)
                     } else {
                         None
                     },
                     dt_bias: param(src, &format!("{p}mixer.dt_bias"), [c.num_heads], device)?,
                     a_log: param(src, &format!("{p}mixer.A_log"), [c.num_heads], device)?,
                     d: param(src, &format!("{p}mixer.D"), [c.num_heads], device)?,
-                    norm_weight: param(src, &format!("{p}mixer.norm.weight"), [dims.intermediate], device)?,
-                    out_proj: linear(src, &format!("{p}mixer.out_proj"), dims.intermediate, h, c.use_bias, device)?,
+                    norm_weight: param(
+                        src,
+                        &format!("{p}mixer.norm.weight"),
+                        [dims.intermediate],
+                        device,
+                    )?,
+                    out_proj: linear(
+                        src,
+                        &format!("{p}mixer.out_proj"),
+                        dims.intermediate,
+                        h,
+                        c.use_bias,
+                        device,
+                    )?,
                     dims,
                 })
             }
@@ -325,18 +405,49 @@ pub fn build_model<B: Backend>(config: &ModelConfig, src: &TensorSource, device:
                 let inner = c.intermediate_size;
                 let (r, n) = (c.time_step_rank, c.state_size);
                 Mixer::Mamba1(Mamba1Mixer {
-                    in_proj: linear(src, &format!("{p}mixer.in_proj"), h, 2 * inner, c.use_bias, device)?,
-                    conv1d_weight: param(src, &format!("{p}mixer.conv1d.weight"), [inner, c.conv_kernel], device)?,
+                    in_proj: linear(
+                        src,
+                        &format!("{p}mixer.in_proj"),
+                        h,
+                        2 * inner,
+                        c.use_bias,
+                        device,
+                    )?,
+                    conv1d_weight: param(
+                        src,
+                        &format!("{p}mixer.conv1d.weight"),
+                        [inner, c.conv_kernel],
+                        device,
+                    )?,
                     conv1d_bias: if c.use_conv_bias {
-                        Some(param(src, &format!("{p}mixer.conv1d.bias"), [inner], device)?)
+                        Some(param(
+                            src,
+                            &format!("{p}mixer.conv1d.bias"),
+                            [inner],
+                            device,
+                        )?)
                     } else {
                         None
                     },
-                    x_proj: linear(src, &format!("{p}mixer.x_proj"), inner, r + 2 * n, false, device)?,
+                    x_proj: linear(
+                        src,
+                        &format!("{p}mixer.x_proj"),
+                        inner,
+                        r + 2 * n,
+                        false,
+                        device,
+                    )?,
                     dt_proj: linear(src, &format!("{p}mixer.dt_proj"), r, inner, true, device)?,
                     a_log: param(src, &format!("{p}mixer.A_log"), [inner, n], device)?,
                     d: param(src, &format!("{p}mixer.D"), [inner], device)?,
-                    out_proj: linear(src, &format!("{p}mixer.out_proj"), inner, h, c.use_bias, device)?,
+                    out_proj: linear(
+                        src,
+                        &format!("{p}mixer.out_proj"),
+                        inner,
+                        h,
+                        c.use_bias,
+                        device,
+                    )?,
                     dims: Mamba1Dims {
                         hidden: h,
                         intermediate: inner,
@@ -371,12 +482,21 @@ pub fn build_model<B: Backend>(config: &ModelConfig, src: &TensorSource, device:
 /// Visits every parameter of a model under its transformers key, with the shape the checkpoint
 /// stores it in (conv weights are `[C, 1, K]` on disk, `[C, K]` in the module).
 pub trait NamedParamVisitor<B: Backend> {
-    fn visit<const D: usize>(&mut self, key: String, param: &Param<Tensor<B, D>>, hf_shape: Vec<usize>);
+    fn visit<const D: usize>(
+        &mut self,
+        key: String,
+        param: &Param<Tensor<B, D>>,
+        hf_shape: Vec<usize>,
+    );
 }
 
 /// Walk `model`'s parameters in checkpoint order.
 pub fn visit_named_params<B: Backend, V: NamedParamVisitor<B>>(model: &MambaLM<B>, v: &mut V) {
-    fn plain<B: Backend, V: NamedParamVisitor<B>, const D: usize>(v: &mut V, key: String, p: &Param<Tensor<B, D>>) {
+    fn plain<B: Backend, V: NamedParamVisitor<B>, const D: usize>(
+        v: &mut V,
+        key: String,
+        p: &Param<Tensor<B, D>>,
+    ) {
         let shape = p.dims().to_vec();
         v.visit(key, p, shape);
     }
@@ -386,14 +506,23 @@ pub fn visit_named_params<B: Backend, V: NamedParamVisitor<B>>(model: &MambaLM<B
             plain(v, format!("{prefix}.bias"), b);
         }
     }
-    fn conv<B: Backend, V: NamedParamVisitor<B>>(v: &mut V, p: &str, w: &Param<Tensor<B, 2>>, b: &Option<Param<Tensor<B, 1>>>) {
+    fn conv<B: Backend, V: NamedParamVisitor<B>>(
+        v: &mut V,
+        p: &str,
+        w: &Param<Tensor<B, 2>>,
+        b: &Option<Param<Tensor<B, 1>>>,
+    ) {
         let [c, k] = w.dims();
         v.visit(format!("{p}mixer.conv1d.weight"), w, vec![c, 1, k]);
         if let Some(b) = b {
             plain(v, format!("{p}mixer.conv1d.bias"), b);
         }
     }
-    plain(v, "backbone.embeddings.weight".into(), &model.embeddings.weight);
+    plain(
+        v,
+        "backbone.embeddings.weight".into(),
+        &model.embeddings.weight,
+    );
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("backbone.layers.{i}.");
         plain(v, format!("{p}norm.weight"), &layer.norm.weight);
@@ -431,8 +560,18 @@ pub type NamedTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
 pub fn export_tensors<B: Backend>(model: &MambaLM<B>) -> NamedTensors {
     struct Collect(NamedTensors);
     impl<B: Backend> NamedParamVisitor<B> for Collect {
-        fn visit<const D: usize>(&mut self, key: String, param: &Param<Tensor<B, D>>, hf_shape: Vec<usize>) {
-            let values: Vec<f32> = param.val().into_data().convert::<f32>().into_vec().expect("f32 data");
+        fn visit<const D: usize>(
+            &mut self,
+            key: String,
+            param: &Param<Tensor<B, D>>,
+            hf_shape: Vec<usize>,
+        ) {
+            let values: Vec<f32> = param
+                .val()
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .expect("f32 data");
             self.0.push((key, hf_shape, values));
         }
     }
@@ -443,10 +582,18 @@ pub fn export_tensors<B: Backend>(model: &MambaLM<B>) -> NamedTensors {
 
 /// The gradients of a model's parameters under transformers' names (parameters without a
 /// gradient are left out).
-pub fn export_grads<B: burn::tensor::backend::AutodiffBackend>(model: &MambaLM<B>, grads: &B::Gradients) -> NamedTensors {
+pub fn export_grads<B: burn::tensor::backend::AutodiffBackend>(
+    model: &MambaLM<B>,
+    grads: &B::Gradients,
+) -> NamedTensors {
     struct Collect<'a, B: burn::tensor::backend::AutodiffBackend>(NamedTensors, &'a B::Gradients);
     impl<B: burn::tensor::backend::AutodiffBackend> NamedParamVisitor<B> for Collect<'_, B> {
-        fn visit<const D: usize>(&mut self, key: String, param: &Param<Tensor<B, D>>, hf_shape: Vec<usize>) {
+        fn visit<const D: usize>(
+            &mut self,
+            key: String,
+            param: &Param<Tensor<B, D>>,
+            hf_shape: Vec<usize>,
+        ) {
             if let Some(g) = param.val().grad(self.1) {
                 let values: Vec<f32> = g.into_data().convert::<f32>().into_vec().expect("f32 data");
                 self.0.push((key, hf_shape, values));
@@ -460,14 +607,23 @@ pub fn export_grads<B: burn::tensor::backend::AutodiffBackend>(model: &MambaLM<B
 
 /// Serialise named f32 tensors to safetensors bytes in `dtype`, with `{"format": "pt"}`
 /// metadata as transformers expects.
-pub fn to_safetensors_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: SaveDtype) -> Result<Vec<u8>, HfError> {
+pub fn to_safetensors_bytes(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    dtype: SaveDtype,
+) -> Result<Vec<u8>, HfError> {
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(k, s, v)| {
             let bytes = match dtype {
                 SaveDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                SaveDtype::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes()).collect(),
-                SaveDtype::Bf16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect(),
+                SaveDtype::F16 => v
+                    .iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes())
+                    .collect(),
+                SaveDtype::Bf16 => v
+                    .iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
+                    .collect(),
             };
             (k.clone(), s.clone(), bytes)
         })
@@ -498,9 +654,15 @@ pub fn to_safetensors_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: S
 /// Write `bytes` to `path` atomically: a temp file in the same directory, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HfError> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;

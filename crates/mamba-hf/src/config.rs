@@ -6,7 +6,7 @@ use std::path::Path;
 use mamba_model::{Mamba1Config, Mamba2Config, ModelConfig};
 use serde_json::{Map, Value};
 
-use crate::{HfError, io_err};
+use crate::{io_err, HfError};
 
 /// Parse JSON that may contain the bare tokens `Infinity`, `-Infinity` and `NaN` (as Python's
 /// `json` writes them). They become `{"__float__": "..."}`, the form newer transformers writes.
@@ -54,7 +54,10 @@ fn json_float(v: &Value) -> Option<f64> {
     match v {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => parse_float_str(s),
-        Value::Object(m) => m.get("__float__").and_then(|s| s.as_str()).and_then(parse_float_str),
+        Value::Object(m) => m
+            .get("__float__")
+            .and_then(|s| s.as_str())
+            .and_then(parse_float_str),
         _ => None,
     }
 }
@@ -76,7 +79,11 @@ fn field_err(path: &Path, field: &str, message: impl Into<String>) -> HfError {
     }
 }
 
-fn take_limit(path: &Path, obj: &mut Map<String, Value>, key: &str) -> Result<Option<(f64, f64)>, HfError> {
+fn take_limit(
+    path: &Path,
+    obj: &mut Map<String, Value>,
+    key: &str,
+) -> Result<Option<(f64, f64)>, HfError> {
     let Some(v) = obj.remove(key) else {
         return Ok(None);
     };
@@ -84,22 +91,36 @@ fn take_limit(path: &Path, obj: &mut Map<String, Value>, key: &str) -> Result<Op
         .as_array()
         .filter(|a| a.len() == 2)
         .ok_or_else(|| field_err(path, key, format!("expected [min, max], got {v}")))?;
-    let lo = json_float(&arr[0]).ok_or_else(|| field_err(path, key, format!("min is not a number: {}", arr[0])))?;
-    let hi = json_float(&arr[1]).ok_or_else(|| field_err(path, key, format!("max is not a number: {}", arr[1])))?;
+    let lo = json_float(&arr[0])
+        .ok_or_else(|| field_err(path, key, format!("min is not a number: {}", arr[0])))?;
+    let hi = json_float(&arr[1])
+        .ok_or_else(|| field_err(path, key, format!("max is not a number: {}", arr[1])))?;
     Ok(Some((lo, hi)))
 }
 
 /// `time_step_rank` may be `"auto"` (`ceil(hidden / 16)`).
-fn take_rank(path: &Path, obj: &mut Map<String, Value>, key: &str, hidden: usize) -> Result<Option<usize>, HfError> {
+fn take_rank(
+    path: &Path,
+    obj: &mut Map<String, Value>,
+    key: &str,
+    hidden: usize,
+) -> Result<Option<usize>, HfError> {
     match obj.remove(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s == "auto" => Ok(Some(hidden.div_ceil(16))),
         Some(Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64().map(|v| v as usize)),
-        Some(other) => Err(field_err(path, key, format!("expected an integer or \"auto\", got {other}"))),
+        Some(other) => Err(field_err(
+            path,
+            key,
+            format!("expected an integer or \"auto\", got {other}"),
+        )),
     }
 }
 
-fn deserialize<T: serde::de::DeserializeOwned>(path: &Path, obj: Map<String, Value>) -> Result<T, HfError> {
+fn deserialize<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    obj: Map<String, Value>,
+) -> Result<T, HfError> {
     serde_path_to_error::deserialize(Value::Object(obj)).map_err(|e| {
         let field = e.path().to_string();
         field_err(path, &field, e.into_inner().to_string())
@@ -137,7 +158,11 @@ pub fn load_config(path: &Path) -> Result<ModelConfig, HfError> {
 
 fn short(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 60 { format!("{}…", &s[..60]) } else { s }
+    if s.len() > 60 {
+        format!("{}…", &s[..60])
+    } else {
+        s
+    }
 }
 
 /// Dispatch on the format of a parsed config object.
@@ -200,7 +225,11 @@ pub fn config_from_json(path: &Path, mut obj: Map<String, Value>) -> Result<Mode
 }
 
 fn pad_vocab(vocab: usize, multiple: usize) -> usize {
-    if multiple <= 1 { vocab } else { vocab.div_ceil(multiple) * multiple }
+    if multiple <= 1 {
+        vocab
+    } else {
+        vocab.div_ceil(multiple) * multiple
+    }
 }
 
 fn want_usize(path: &Path, obj: &Map<String, Value>, key: &str) -> Result<usize, HfError> {
@@ -218,14 +247,26 @@ fn opt_bool(obj: &Map<String, Value>, key: &str) -> Option<bool> {
 fn reject_unsupported(path: &Path, obj: &Map<String, Value>) -> Result<(), HfError> {
     if let Some(v) = obj.get("attn_layer_idx").and_then(|v| v.as_array()) {
         if !v.is_empty() {
-            return Err(field_err(path, "attn_layer_idx", "hybrid attention layers are not supported (expected [])"));
+            return Err(field_err(
+                path,
+                "attn_layer_idx",
+                "hybrid attention layers are not supported (expected [])",
+            ));
         }
     }
     if get_usize(obj, "d_intermediate").unwrap_or(0) > 0 {
-        return Err(field_err(path, "d_intermediate", "MLP blocks are not supported (expected 0)"));
+        return Err(field_err(
+            path,
+            "d_intermediate",
+            "MLP blocks are not supported (expected 0)",
+        ));
     }
     if opt_bool(obj, "rms_norm") == Some(false) {
-        return Err(field_err(path, "rms_norm", "LayerNorm models are not supported (expected true)"));
+        return Err(field_err(
+            path,
+            "rms_norm",
+            "LayerNorm models are not supported (expected true)",
+        ));
     }
     Ok(())
 }
@@ -241,8 +282,14 @@ fn mamba_ssm_config(path: &Path, obj: Map<String, Value>) -> Result<ModelConfig,
     let tie = opt_bool(&obj, "tie_embeddings").unwrap_or(true);
     let residual_in_fp32 = opt_bool(&obj, "residual_in_fp32").unwrap_or(true);
     let empty = Map::new();
-    let ssm = obj.get("ssm_cfg").and_then(|v| v.as_object()).unwrap_or(&empty);
-    let layer = ssm.get("layer").and_then(|v| v.as_str()).unwrap_or("Mamba1");
+    let ssm = obj
+        .get("ssm_cfg")
+        .and_then(|v| v.as_object())
+        .unwrap_or(&empty);
+    let layer = ssm
+        .get("layer")
+        .and_then(|v| v.as_str())
+        .unwrap_or("Mamba1");
     let eps = opt_f64(&obj, "norm_epsilon").unwrap_or(1e-5);
     match layer {
         "Mamba2" => {
@@ -250,18 +297,30 @@ fn mamba_ssm_config(path: &Path, obj: Map<String, Value>) -> Result<ModelConfig,
             let head_dim = get_usize(ssm, "headdim").unwrap_or(64);
             let intermediate = expand * d_model;
             if head_dim == 0 || intermediate % head_dim != 0 {
-                return Err(field_err(path, "ssm_cfg.headdim", format!("must divide expand × d_model = {intermediate}, got {head_dim}")));
+                return Err(field_err(
+                    path,
+                    "ssm_cfg.headdim",
+                    format!("must divide expand × d_model = {intermediate}, got {head_dim}"),
+                ));
             }
             let limit = match ssm.get("dt_limit").and_then(|v| v.as_array()) {
                 Some(a) if a.len() == 2 => (
-                    json_float(&a[0]).ok_or_else(|| field_err(path, "ssm_cfg.dt_limit", "min is not a number"))?,
-                    json_float(&a[1]).ok_or_else(|| field_err(path, "ssm_cfg.dt_limit", "max is not a number"))?,
+                    json_float(&a[0]).ok_or_else(|| {
+                        field_err(path, "ssm_cfg.dt_limit", "min is not a number")
+                    })?,
+                    json_float(&a[1]).ok_or_else(|| {
+                        field_err(path, "ssm_cfg.dt_limit", "max is not a number")
+                    })?,
                 ),
                 Some(_) => return Err(field_err(path, "ssm_cfg.dt_limit", "expected [min, max]")),
                 None => (0.0, f64::INFINITY),
             };
             if ssm.get("norm_before_gate").and_then(|v| v.as_bool()) == Some(true) {
-                return Err(field_err(path, "ssm_cfg.norm_before_gate", "only false (gate before norm) is supported"));
+                return Err(field_err(
+                    path,
+                    "ssm_cfg.norm_before_gate",
+                    "only false (gate before norm) is supported",
+                ));
             }
             Ok(ModelConfig::Mamba2(Mamba2Config {
                 vocab_size: vocab,
@@ -296,10 +355,13 @@ fn mamba_ssm_config(path: &Path, obj: Map<String, Value>) -> Result<ModelConfig,
             let rank = match ssm.get("dt_rank") {
                 None | Some(Value::Null) => d_model.div_ceil(16),
                 Some(Value::String(s)) if s == "auto" => d_model.div_ceil(16),
-                Some(v) => v
-                    .as_u64()
-                    .map(|v| v as usize)
-                    .ok_or_else(|| field_err(path, "ssm_cfg.dt_rank", format!("expected an integer or \"auto\", got {v}")))?,
+                Some(v) => v.as_u64().map(|v| v as usize).ok_or_else(|| {
+                    field_err(
+                        path,
+                        "ssm_cfg.dt_rank",
+                        format!("expected an integer or \"auto\", got {v}"),
+                    )
+                })?,
             };
             Ok(ModelConfig::Mamba1(Mamba1Config {
                 vocab_size: vocab,
@@ -323,7 +385,11 @@ fn mamba_ssm_config(path: &Path, obj: Map<String, Value>) -> Result<ModelConfig,
                 ..Mamba1Config::default()
             }))
         }
-        other => Err(field_err(path, "ssm_cfg.layer", format!("expected `Mamba1` or `Mamba2`, got `{other}`"))),
+        other => Err(field_err(
+            path,
+            "ssm_cfg.layer",
+            format!("expected `Mamba1` or `Mamba2`, got `{other}`"),
+        )),
     }
 }
 
@@ -338,7 +404,14 @@ fn codestral_params(path: &Path, obj: Map<String, Value>) -> Result<ModelConfig,
     let head_dim = get_usize(&obj, "head_dim").unwrap_or(64);
     let expand = get_usize(&obj, "expand").unwrap_or(2);
     if head_dim == 0 || (expand * dim) % head_dim != 0 {
-        return Err(field_err(path, "dim", format!("expand × dim = {} is not a multiple of head_dim {head_dim}", expand * dim)));
+        return Err(field_err(
+            path,
+            "dim",
+            format!(
+                "expand × dim = {} is not a multiple of head_dim {head_dim}",
+                expand * dim
+            ),
+        ));
     }
     Ok(ModelConfig::Mamba2(Mamba2Config {
         vocab_size: pad_vocab(vocab, multiple),
@@ -379,7 +452,10 @@ pub fn config_to_json(config: &ModelConfig) -> String {
             m.insert("intermediate_size".into(), c.intermediate_size().into());
             ("Mamba2ForCausalLM", v)
         }
-        ModelConfig::Mamba1(c) => ("MambaForCausalLM", serde_json::to_value(c).expect("config serializes")),
+        ModelConfig::Mamba1(c) => (
+            "MambaForCausalLM",
+            serde_json::to_value(c).expect("config serializes"),
+        ),
     };
     obj.insert("architectures".into(), Value::Array(vec![arch.into()]));
     obj.insert("model_type".into(), config.model_type().into());
@@ -389,7 +465,8 @@ pub fn config_to_json(config: &ModelConfig) -> String {
     obj.insert("dtype".into(), "float32".into());
     obj.insert("use_cache".into(), true.into());
     let text = serde_json::to_string_pretty(&Value::Object(obj)).expect("json serializes");
-    text.replace("\"__MB_INF__\"", "Infinity").replace("\"__MB_NEG_INF__\"", "-Infinity")
+    text.replace("\"__MB_INF__\"", "Infinity")
+        .replace("\"__MB_NEG_INF__\"", "-Infinity")
 }
 
 fn float_placeholder(v: f64) -> Value {
@@ -408,7 +485,9 @@ mod tests {
 
     #[test]
     fn lenient_json_keeps_strings_and_rewrites_tokens() {
-        let v = parse_json_lenient(r#"{"a": [0.0, Infinity], "s": "Infinity NaN", "b": -Infinity}"#).unwrap();
+        let v =
+            parse_json_lenient(r#"{"a": [0.0, Infinity], "s": "Infinity NaN", "b": -Infinity}"#)
+                .unwrap();
         assert_eq!(json_float(&v["a"][1]), Some(f64::INFINITY));
         assert_eq!(v["s"], "Infinity NaN");
         assert_eq!(json_float(&v["b"]), Some(f64::NEG_INFINITY));

@@ -13,7 +13,12 @@ use crate::HfError;
 pub fn offline() -> bool {
     ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"].iter().any(|k| {
         std::env::var(k)
-            .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+            .map(|v| {
+                matches!(
+                    v.trim().to_ascii_lowercase().as_str(),
+                    "1" | "true" | "yes" | "on"
+                )
+            })
             .unwrap_or(false)
     })
 }
@@ -62,14 +67,18 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf, HfError> {
     let Some((id, rev)) = parse_id(spec) else {
         return Err(HfError::NotFound {
             what: spec.to_string(),
-            message: "no such directory, and not a hub id of the form `owner/name[@revision]`".into(),
+            message: "no such directory, and not a hub id of the form `owner/name[@revision]`"
+                .into(),
         });
     };
     let cache = cache();
     let cached = cache.repo(repo(&id, &rev, RepoType::Model));
     let config_in_cache = CONFIG_FILES.iter().find_map(|f| cached.get(f));
     if let Some(config) = config_in_cache {
-        let dir = config.parent().expect("a cached file has a parent").to_path_buf();
+        let dir = config
+            .parent()
+            .expect("a cached file has a parent")
+            .to_path_buf();
         // Sharded checkpoints: make sure every shard the index names is there too.
         if dir.join("model.safetensors").exists() || dir.join("consolidated.safetensors").exists() {
             return Ok(dir);
@@ -80,7 +89,10 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf, HfError> {
         if offline() {
             return Err(HfError::NotFound {
                 what: spec.to_string(),
-                message: format!("the cache at {} has the config but no weights, and HF_HUB_OFFLINE is set", dir.display()),
+                message: format!(
+                    "the cache at {} has the config but no weights, and HF_HUB_OFFLINE is set",
+                    dir.display()
+                ),
             });
         }
     } else if offline() {
@@ -110,9 +122,16 @@ fn download_model(id: &str, rev: &Option<String>, spec: &str) -> Result<PathBuf,
         .iter()
         .find_map(|f| api_repo.get(f).ok())
         .ok_or_else(|| hub_err("the hub has no config.json or params.json for it (or is unreachable; set HF_HUB_OFFLINE=1 to use the cache only)".into()))?;
-    let dir = config.parent().expect("a cached file has a parent").to_path_buf();
+    let dir = config
+        .parent()
+        .expect("a cached file has a parent")
+        .to_path_buf();
     // Tokenizer files are optional.
-    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
         let _ = api_repo.get(f);
     }
     if api_repo.get("model.safetensors").is_ok() {
@@ -129,7 +148,9 @@ fn download_model(id: &str, rev: &Option<String>, spec: &str) -> Result<PathBuf,
     if api_repo.get("consolidated.safetensors").is_ok() {
         return Ok(dir);
     }
-    Err(hub_err("the hub has no model.safetensors, sharded index or consolidated.safetensors for it".into()))
+    Err(hub_err(
+        "the hub has no model.safetensors, sharded index or consolidated.safetensors for it".into(),
+    ))
 }
 
 /// One file of a model repository, from the cache or downloaded unless offline.
@@ -157,7 +178,10 @@ fn resolve_file(id_spec: &str, file: &str, kind: RepoType) -> Result<PathBuf, Hf
     if offline() {
         return Err(HfError::NotFound {
             what: format!("{id_spec}/{file}"),
-            message: format!("not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set", cache.path().display()),
+            message: format!(
+                "not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set",
+                cache.path().display()
+            ),
         });
     }
     let api = hf_hub::api::sync::ApiBuilder::from_env()

@@ -20,11 +20,18 @@ pub use hub::resolve_model_dir;
 #[derive(Debug, thiserror::Error)]
 pub enum HfError {
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: malformed JSON: {message}", path.display())]
     Json { path: PathBuf, message: String },
     #[error("{}: `{field}` {message}", path.display())]
-    Config { path: PathBuf, field: String, message: String },
+    Config {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
     #[error("{}: {source}", path.display())]
     InvalidConfig {
         path: PathBuf,
@@ -84,13 +91,21 @@ pub fn config_path(dir: &Path) -> Result<PathBuf, HfError> {
 }
 
 /// Load a model from a directory or hub id: config, then weights, checked against each other.
-pub fn load_model<B: Backend>(spec: &str, norm: NormMode, device: &B::Device) -> Result<MambaLM<B>, HfError> {
+pub fn load_model<B: Backend>(
+    spec: &str,
+    norm: NormMode,
+    device: &B::Device,
+) -> Result<MambaLM<B>, HfError> {
     let dir = resolve_model_dir(spec)?;
     load_model_dir(&dir, norm, device)
 }
 
 /// Load a model from a local directory.
-pub fn load_model_dir<B: Backend>(dir: &Path, norm: NormMode, device: &B::Device) -> Result<MambaLM<B>, HfError> {
+pub fn load_model_dir<B: Backend>(
+    dir: &Path,
+    norm: NormMode,
+    device: &B::Device,
+) -> Result<MambaLM<B>, HfError> {
     let mut config = load_config(&config_path(dir)?)?.with_norm(norm);
     let files = checkpoint::weight_files(dir)?;
     let src = checkpoint::TensorSource::open(&files)?;
@@ -100,13 +115,21 @@ pub fn load_model_dir<B: Backend>(dir: &Path, norm: NormMode, device: &B::Device
 
 /// Save `model` in transformers' format: `config.json` + `model.safetensors`, each written
 /// atomically.
-pub fn save_model<B: Backend>(model: &MambaLM<B>, dir: &Path, dtype: SaveDtype) -> Result<(), HfError> {
+pub fn save_model<B: Backend>(
+    model: &MambaLM<B>,
+    dir: &Path,
+    dtype: SaveDtype,
+) -> Result<(), HfError> {
     let tensors = checkpoint::export_tensors(model);
     let bytes = checkpoint::to_safetensors_bytes(&tensors, dtype)?;
     checkpoint::write_atomic(&dir.join("model.safetensors"), &bytes)?;
     let mut json = config_to_json(&model.config);
     if dtype != SaveDtype::F32 {
-        let name = if dtype == SaveDtype::Bf16 { "bfloat16" } else { "float16" };
+        let name = if dtype == SaveDtype::Bf16 {
+            "bfloat16"
+        } else {
+            "float16"
+        };
         json = json.replace("\"dtype\": \"float32\"", &format!("\"dtype\": \"{name}\""));
     }
     checkpoint::write_atomic(&dir.join("config.json"), json.as_bytes())

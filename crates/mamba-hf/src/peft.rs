@@ -4,19 +4,22 @@
 
 use std::path::Path;
 
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use mamba_model::lora::{adapters, set_adapter, target_keys, LoraConfig, LoraTargets};
 use mamba_model::MambaLM;
-use mamba_model::lora::{LoraConfig, LoraTargets, adapters, set_adapter, target_keys};
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 
-use crate::checkpoint::{NamedTensors, TensorSource, to_safetensors_bytes, write_atomic};
-use crate::{HfError, io_err};
+use crate::checkpoint::{to_safetensors_bytes, write_atomic, NamedTensors, TensorSource};
+use crate::{io_err, HfError};
 
 const PREFIX: &str = "base_model.model.";
 
 fn values<B: Backend>(t: Tensor<B, 2>) -> (Vec<usize>, Vec<f32>) {
     let shape = t.dims().to_vec();
-    (shape, t.into_data().convert::<f32>().into_vec().expect("f32 data"))
+    (
+        shape,
+        t.into_data().convert::<f32>().into_vec().expect("f32 data"),
+    )
 }
 
 /// The adapter tensors under PEFT's keys.
@@ -25,9 +28,17 @@ pub fn adapter_tensors<B: Backend>(model: &MambaLM<B>) -> NamedTensors {
     let mut out = Vec::new();
     if let Some(e) = emb {
         let (s, v) = values(e.a.val());
-        out.push((format!("{PREFIX}backbone.embeddings.lora_embedding_A"), s, v));
+        out.push((
+            format!("{PREFIX}backbone.embeddings.lora_embedding_A"),
+            s,
+            v,
+        ));
         let (s, v) = values(e.b.val());
-        out.push((format!("{PREFIX}backbone.embeddings.lora_embedding_B"), s, v));
+        out.push((
+            format!("{PREFIX}backbone.embeddings.lora_embedding_B"),
+            s,
+            v,
+        ));
     }
     for (key, l) in linears {
         let (s, v) = values(l.a.val());
@@ -39,9 +50,17 @@ pub fn adapter_tensors<B: Backend>(model: &MambaLM<B>) -> NamedTensors {
 }
 
 /// Write `adapter_model.safetensors` and `adapter_config.json` into `dir`, atomically.
-pub fn save_adapter<B: Backend>(model: &MambaLM<B>, cfg: &LoraConfig, base_model: &str, dir: &Path) -> Result<(), HfError> {
+pub fn save_adapter<B: Backend>(
+    model: &MambaLM<B>,
+    cfg: &LoraConfig,
+    base_model: &str,
+    dir: &Path,
+) -> Result<(), HfError> {
     let tensors = adapter_tensors(model);
-    write_atomic(&dir.join("adapter_model.safetensors"), &to_safetensors_bytes(&tensors, Default::default())?)?;
+    write_atomic(
+        &dir.join("adapter_model.safetensors"),
+        &to_safetensors_bytes(&tensors, Default::default())?,
+    )?;
     let targets = match &cfg.targets {
         LoraTargets::Names(n) => json!(n),
         LoraTargets::Regex(r) => json!(r),
@@ -67,7 +86,12 @@ pub fn save_adapter<B: Backend>(model: &MambaLM<B>, cfg: &LoraConfig, base_model
         "use_dora": false,
         "revision": null,
     });
-    write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&config).expect("json").as_bytes())
+    write_atomic(
+        &dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&config)
+            .expect("json")
+            .as_bytes(),
+    )
 }
 
 /// Read `adapter_config.json` into a [`LoraConfig`].
@@ -85,10 +109,16 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig, HfError> {
     };
     if let Some(t) = v.get("peft_type").and_then(|t| t.as_str()) {
         if t != "LORA" {
-            return Err(field("peft_type", &format!("expected \"LORA\", got \"{t}\"")));
+            return Err(field(
+                "peft_type",
+                &format!("expected \"LORA\", got \"{t}\""),
+            ));
         }
     }
-    let r = v.get("r").and_then(|r| r.as_u64()).ok_or_else(|| field("r", "missing or not a positive integer"))? as usize;
+    let r = v
+        .get("r")
+        .and_then(|r| r.as_u64())
+        .ok_or_else(|| field("r", "missing or not a positive integer"))? as usize;
     let alpha = v.get("lora_alpha").and_then(|a| a.as_f64()).unwrap_or(8.0);
     for (k, bad) in [("use_dora", true), ("fan_in_fan_out", true)] {
         if v.get(k).and_then(|x| x.as_bool()) == Some(bad) {
@@ -96,26 +126,51 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig, HfError> {
         }
     }
     for k in ["rank_pattern", "alpha_pattern"] {
-        if v.get(k).and_then(|x| x.as_object()).is_some_and(|m| !m.is_empty()) {
-            return Err(field(k, "per-module ranks/alphas are not supported (expected {})"));
+        if v.get(k)
+            .and_then(|x| x.as_object())
+            .is_some_and(|m| !m.is_empty())
+        {
+            return Err(field(
+                k,
+                "per-module ranks/alphas are not supported (expected {})",
+            ));
         }
     }
     let targets = match v.get("target_modules") {
         Some(Value::String(s)) => LoraTargets::Regex(s.clone()),
-        Some(Value::Array(a)) => LoraTargets::Names(a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()),
-        _ => return Err(field("target_modules", "missing: expected a list of module names or a regex")),
+        Some(Value::Array(a)) => LoraTargets::Names(
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect(),
+        ),
+        _ => {
+            return Err(field(
+                "target_modules",
+                "missing: expected a list of module names or a regex",
+            ))
+        }
     };
     Ok(LoraConfig {
         r,
         alpha,
-        dropout: v.get("lora_dropout").and_then(|d| d.as_f64()).unwrap_or(0.0),
-        use_rslora: v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false),
+        dropout: v
+            .get("lora_dropout")
+            .and_then(|d| d.as_f64())
+            .unwrap_or(0.0),
+        use_rslora: v
+            .get("use_rslora")
+            .and_then(|x| x.as_bool())
+            .unwrap_or(false),
         targets,
     })
 }
 
 /// Put the adapter saved in `dir` onto `model` (its base weights stay as they are).
-pub fn load_adapter<B: Backend>(model: MambaLM<B>, dir: &Path, device: &B::Device) -> Result<(MambaLM<B>, LoraConfig), HfError> {
+pub fn load_adapter<B: Backend>(
+    model: MambaLM<B>,
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(MambaLM<B>, LoraConfig), HfError> {
     let cfg = read_adapter_config(dir)?;
     // Base weights frozen: only the adapters set below are trainable.
     let mut model = burn::module::Module::no_grad(model);
@@ -130,9 +185,15 @@ pub fn load_adapter<B: Backend>(model: MambaLM<B>, dir: &Path, device: &B::Devic
     let mut problems = Vec::new();
     for m in &modules {
         let (ka, kb) = if m == "backbone.embeddings" {
-            (format!("{PREFIX}{m}.lora_embedding_A"), format!("{PREFIX}{m}.lora_embedding_B"))
+            (
+                format!("{PREFIX}{m}.lora_embedding_A"),
+                format!("{PREFIX}{m}.lora_embedding_B"),
+            )
         } else {
-            (format!("{PREFIX}{m}.lora_A.weight"), format!("{PREFIX}{m}.lora_B.weight"))
+            (
+                format!("{PREFIX}{m}.lora_A.weight"),
+                format!("{PREFIX}{m}.lora_B.weight"),
+            )
         };
         match (find(ka.clone()), find(kb.clone())) {
             (None, None) => continue,
@@ -140,7 +201,10 @@ pub fn load_adapter<B: Backend>(model: MambaLM<B>, dir: &Path, device: &B::Devic
                 let (av, ash) = src.read_f32(&a)?;
                 let (bv, bsh) = src.read_f32(&b)?;
                 if ash.len() != 2 || bsh.len() != 2 || ash[0] != cfg.r || bsh[1] != cfg.r {
-                    problems.push(format!("{ka} {ash:?} / {kb} {bsh:?}: expected rank {} (A [r, in], B [out, r])", cfg.r));
+                    problems.push(format!(
+                        "{ka} {ash:?} / {kb} {bsh:?}: expected rank {} (A [r, in], B [out, r])",
+                        cfg.r
+                    ));
                     continue;
                 }
                 let ta = Tensor::from_data(TensorData::new(av, [ash[0], ash[1]]), device);
@@ -149,14 +213,21 @@ pub fn load_adapter<B: Backend>(model: MambaLM<B>, dir: &Path, device: &B::Devic
                 used.push(a);
                 used.push(b);
             }
-            (a, _) => problems.push(format!("{}: only one of lora_A / lora_B present", if a.is_some() { kb } else { ka })),
+            (a, _) => problems.push(format!(
+                "{}: only one of lora_A / lora_B present",
+                if a.is_some() { kb } else { ka }
+            )),
         }
     }
     let unexpected: Vec<String> = src.keys().filter(|k| !used.contains(k)).cloned().collect();
     if !problems.is_empty() || !unexpected.is_empty() || used.is_empty() {
         return Err(HfError::Tensors {
             path: file,
-            missing: if used.is_empty() { vec!["(no adapter of this model's modules)".into()] } else { vec![] },
+            missing: if used.is_empty() {
+                vec!["(no adapter of this model's modules)".into()]
+            } else {
+                vec![]
+            },
             unexpected,
             misshapen: problems,
         });

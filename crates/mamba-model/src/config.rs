@@ -41,7 +41,9 @@ impl std::str::FromStr for NormMode {
         match s {
             "grouped" => Ok(Self::Grouped),
             "hf" => Ok(Self::Hf),
-            other => Err(format!("unknown norm `{other}`: expected `grouped` or `hf`")),
+            other => Err(format!(
+                "unknown norm `{other}`: expected `grouped` or `hf`"
+            )),
         }
     }
 }
@@ -146,7 +148,10 @@ impl Mamba2Config {
         positive("chunk_size", self.chunk_size)?;
         positive("num_hidden_layers", self.num_hidden_layers)?;
         if self.conv_kernel < 2 {
-            return Err(invalid("conv_kernel", format!("must be at least 2, got {}", self.conv_kernel)));
+            return Err(invalid(
+                "conv_kernel",
+                format!("must be at least 2, got {}", self.conv_kernel),
+            ));
         }
         if self.num_heads * self.head_dim != self.intermediate_size() {
             return Err(invalid(
@@ -165,7 +170,10 @@ impl Mamba2Config {
         if self.num_heads % self.n_groups != 0 {
             return Err(invalid(
                 "n_groups",
-                format!("must divide num_heads = {}, got {}", self.num_heads, self.n_groups),
+                format!(
+                    "must divide num_heads = {}, got {}",
+                    self.num_heads, self.n_groups
+                ),
             ));
         }
         check_act(&self.hidden_act)?;
@@ -251,7 +259,10 @@ impl Mamba1Config {
         positive("time_step_rank", self.time_step_rank)?;
         positive("expand", self.expand)?;
         if self.conv_kernel < 2 {
-            return Err(invalid("conv_kernel", format!("must be at least 2, got {}", self.conv_kernel)));
+            return Err(invalid(
+                "conv_kernel",
+                format!("must be at least 2, got {}", self.conv_kernel),
+            ));
         }
         if self.intermediate_size != self.expand * self.hidden_size {
             return Err(invalid(
@@ -282,7 +293,10 @@ fn positive(field: &str, v: usize) -> Result<(), ConfigError> {
 fn check_act(act: &str) -> Result<(), ConfigError> {
     match act {
         "silu" | "swish" => Ok(()),
-        other => Err(invalid("hidden_act", format!("must be `silu`, got `{other}`"))),
+        other => Err(invalid(
+            "hidden_act",
+            format!("must be `silu`, got `{other}`"),
+        )),
     }
 }
 
@@ -290,7 +304,10 @@ fn check_eps(eps: f64) -> Result<(), ConfigError> {
     if eps > 0.0 && eps.is_finite() {
         Ok(())
     } else {
-        Err(invalid("layer_norm_epsilon", format!("must be a positive number, got {eps}")))
+        Err(invalid(
+            "layer_norm_epsilon",
+            format!("must be a positive number, got {eps}"),
+        ))
     }
 }
 

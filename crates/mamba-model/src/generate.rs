@@ -37,7 +37,8 @@ pub fn greedy<B: MambaBackend>(
             if Some(next) == eos || n + 1 == max_new_tokens {
                 break;
             }
-            let tok = Tensor::<B, 1, Int>::from_data(TensorData::new(vec![next as i64], [1]), device);
+            let tok =
+                Tensor::<B, 1, Int>::from_data(TensorData::new(vec![next as i64], [1]), device);
             let (logits, c) = model.step(tok, cache);
             cache = c;
             next = argmax_rows(logits)[0] as u32;

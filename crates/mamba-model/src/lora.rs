@@ -8,7 +8,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{Distribution, Int, Tensor, backend::Backend};
+use burn::tensor::{backend::Backend, Distribution, Int, Tensor};
 
 use crate::model::{MambaLM, Mixer};
 use crate::nn::{Embedding, Linear};
@@ -34,7 +34,11 @@ pub enum LoraTargets {
 
 impl LoraConfig {
     pub fn scaling(&self) -> f64 {
-        if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
     }
 }
 
@@ -42,7 +46,7 @@ impl LoraConfig {
 pub enum LoraError {
     #[error("lora.r must be positive, got 0")]
     ZeroRank,
-    #[error("lora.target_modules: `{0}` matches no module of this model (modules: {1})")]
+    #[error("lora.target_modules: `{0}` matches no module of this model (it has: {1})")]
     UnmatchedTarget(String, String),
     #[error("lora.target_modules: invalid regex `{0}`: {1}")]
     BadRegex(String, String),
@@ -66,7 +70,11 @@ impl<B: Backend> LoraLinear<B> {
         // kaiming_uniform_(a = sqrt(5)) over fan_in = d_in: U(±1/sqrt(d_in)).
         let bound = 1.0 / (d_in as f64).sqrt();
         Self {
-            a: Param::from_tensor(Tensor::random([cfg.r, d_in], Distribution::Uniform(-bound, bound), device)),
+            a: Param::from_tensor(Tensor::random(
+                [cfg.r, d_in],
+                Distribution::Uniform(-bound, bound),
+                device,
+            )),
             b: Param::from_tensor(Tensor::zeros([d_out, cfg.r], device)),
             dropout: DropoutConfig::new(cfg.dropout).init(),
             scaling: cfg.scaling(),
@@ -75,7 +83,8 @@ impl<B: Backend> LoraLinear<B> {
 
     /// `scaling · B A dropout(x)` over the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let h = burn::tensor::module::linear(self.dropout.forward(x), self.a.val().transpose(), None);
+        let h =
+            burn::tensor::module::linear(self.dropout.forward(x), self.a.val().transpose(), None);
         burn::tensor::module::linear(h, self.b.val().transpose(), None) * self.scaling
     }
 
@@ -98,7 +107,11 @@ impl<B: Backend> LoraEmbedding<B> {
     pub fn init(vocab: usize, hidden: usize, cfg: &LoraConfig, device: &B::Device) -> Self {
         Self {
             a: Param::from_tensor(Tensor::zeros([cfg.r, vocab], device)),
-            b: Param::from_tensor(Tensor::random([hidden, cfg.r], Distribution::Normal(0.0, 1.0), device)),
+            b: Param::from_tensor(Tensor::random(
+                [hidden, cfg.r],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            )),
             scaling: cfg.scaling(),
         }
     }
@@ -123,7 +136,9 @@ pub fn target_keys<B: Backend>(model: &MambaLM<B>) -> Vec<String> {
         let p = format!("backbone.layers.{i}.mixer.");
         match &layer.mixer {
             Mixer::Mamba2(_) => keys.extend(["in_proj", "out_proj"].map(|n| format!("{p}{n}"))),
-            Mixer::Mamba1(_) => keys.extend(["in_proj", "x_proj", "dt_proj", "out_proj"].map(|n| format!("{p}{n}"))),
+            Mixer::Mamba1(_) => {
+                keys.extend(["in_proj", "x_proj", "dt_proj", "out_proj"].map(|n| format!("{p}{n}")))
+            }
         }
     }
     if model.lm_head.is_some() {
@@ -132,35 +147,69 @@ pub fn target_keys<B: Backend>(model: &MambaLM<B>) -> Vec<String> {
     keys
 }
 
-/// The module keys `targets` selects; every name must match something.
-pub fn select_targets<B: Backend>(model: &MambaLM<B>, targets: &LoraTargets) -> Result<Vec<String>, LoraError> {
+/// The module keys `targets` selects. As in PEFT, names that match nothing in this model are
+/// allowed (a Mamba1 `x_proj` in a list used on a Mamba2) as long as something matches; see
+/// [`unmatched_targets`].
+pub fn select_targets<B: Backend>(
+    model: &MambaLM<B>,
+    targets: &LoraTargets,
+) -> Result<Vec<String>, LoraError> {
     let keys = target_keys(model);
+    let names: Vec<&str> = keys
+        .iter()
+        .filter_map(|k| k.rsplit('.').next())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     match targets {
-        LoraTargets::Names(names) => {
-            let mut out = Vec::new();
-            for n in names {
-                if n == "lm_head" && model.lm_head.is_none() {
-                    return Err(LoraError::TiedHead);
-                }
-                let hits: Vec<&String> = keys.iter().filter(|k| *k == n || k.ends_with(&format!(".{n}"))).collect();
-                if hits.is_empty() {
-                    let names: Vec<&str> = keys.iter().filter_map(|k| k.rsplit('.').next()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-                    return Err(LoraError::UnmatchedTarget(n.clone(), names.join(", ")));
-                }
-                out.extend(hits.into_iter().cloned());
+        LoraTargets::Names(wanted) => {
+            if wanted.iter().any(|n| n == "lm_head") && model.lm_head.is_none() && wanted.len() == 1
+            {
+                return Err(LoraError::TiedHead);
             }
-            out.sort_by_key(|k| keys.iter().position(|x| x == k));
-            out.dedup();
+            let out: Vec<String> = keys
+                .iter()
+                .filter(|k| {
+                    wanted
+                        .iter()
+                        .any(|n| *k == n || k.ends_with(&format!(".{n}")))
+                })
+                .cloned()
+                .collect();
+            if out.is_empty() {
+                return Err(LoraError::UnmatchedTarget(
+                    wanted.join(", "),
+                    names.join(", "),
+                ));
+            }
             Ok(out)
         }
         LoraTargets::Regex(re) => {
-            let rx = regex_lite::Regex::new(&format!("^(?:{re})$")).map_err(|e| LoraError::BadRegex(re.clone(), e.to_string()))?;
+            let rx = regex_lite::Regex::new(&format!("^(?:{re})$"))
+                .map_err(|e| LoraError::BadRegex(re.clone(), e.to_string()))?;
             let out: Vec<String> = keys.iter().filter(|k| rx.is_match(k)).cloned().collect();
             if out.is_empty() {
                 return Err(LoraError::UnmatchedTarget(re.clone(), keys.join(", ")));
             }
             Ok(out)
         }
+    }
+}
+
+/// Target names that match no module of this model (`lm_head` of a tied model included).
+pub fn unmatched_targets<B: Backend>(model: &MambaLM<B>, targets: &LoraTargets) -> Vec<String> {
+    let keys = target_keys(model);
+    match targets {
+        LoraTargets::Names(wanted) => wanted
+            .iter()
+            .filter(|n| {
+                !keys
+                    .iter()
+                    .any(|k| k == *n || k.ends_with(&format!(".{n}")))
+            })
+            .cloned()
+            .collect(),
+        LoraTargets::Regex(_) => Vec::new(),
     }
 }
 
@@ -184,7 +233,11 @@ fn linear_mut<'a, B: Backend>(model: &'a mut MambaLM<B>, key: &str) -> Option<&'
 
 /// Attach fresh adapters to the selected modules and freeze every base parameter (no gradient,
 /// hence no optimizer state). Returns the model and the adapted module keys.
-pub fn apply_lora<B: Backend>(model: MambaLM<B>, cfg: &LoraConfig, device: &B::Device) -> Result<(MambaLM<B>, Vec<String>), LoraError> {
+pub fn apply_lora<B: Backend>(
+    model: MambaLM<B>,
+    cfg: &LoraConfig,
+    device: &B::Device,
+) -> Result<(MambaLM<B>, Vec<String>), LoraError> {
     if cfg.r == 0 {
         return Err(LoraError::ZeroRank);
     }
@@ -205,9 +258,15 @@ pub fn apply_lora<B: Backend>(model: MambaLM<B>, cfg: &LoraConfig, device: &B::D
 }
 
 /// Visit the adapters under their module keys.
-pub fn adapters<B: Backend>(model: &MambaLM<B>) -> (Vec<(String, &LoraLinear<B>)>, Option<&LoraEmbedding<B>>) {
+pub fn adapters<B: Backend>(
+    model: &MambaLM<B>,
+) -> (Vec<(String, &LoraLinear<B>)>, Option<&LoraEmbedding<B>>) {
     let mut out = Vec::new();
-    fn push<'m, B: Backend>(out: &mut Vec<(String, &'m LoraLinear<B>)>, key: String, l: &'m Linear<B>) {
+    fn push<'m, B: Backend>(
+        out: &mut Vec<(String, &'m LoraLinear<B>)>,
+        key: String,
+        l: &'m Linear<B>,
+    ) {
         if let Some(a) = &l.lora {
             out.push((key, a));
         }
@@ -234,7 +293,13 @@ pub fn adapters<B: Backend>(model: &MambaLM<B>) -> (Vec<(String, &LoraLinear<B>)
 }
 
 /// Set an adapter's tensors (loading a saved adapter). `key` as in [`target_keys`].
-pub fn set_adapter<B: Backend>(model: &mut MambaLM<B>, key: &str, a: Tensor<B, 2>, b: Tensor<B, 2>, scaling: f64) -> bool {
+pub fn set_adapter<B: Backend>(
+    model: &mut MambaLM<B>,
+    key: &str,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    scaling: f64,
+) -> bool {
     if key == "backbone.embeddings" {
         model.embeddings.lora = Some(LoraEmbedding {
             a: Param::from_tensor(a),

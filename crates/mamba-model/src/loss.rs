@@ -1,7 +1,7 @@
 //! Causal-LM loss as transformers computes it.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Int, Tensor, backend::Backend};
+use burn::tensor::{backend::Backend, Int, Tensor};
 
 /// Label value that is not counted.
 pub const IGNORE_INDEX: i64 = -100;

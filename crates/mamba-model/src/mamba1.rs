@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softplus};
-use burn::tensor::{Distribution, Tensor, backend::Backend};
+use burn::tensor::{backend::Backend, Distribution, Tensor};
 use mamba_kernels::{ConvInput, MambaBackend, SelectiveScanInput};
 
 use crate::config::Mamba1Config;
@@ -74,7 +74,9 @@ impl<B: Backend> Mamba1Mixer<B> {
             c.time_step_floor,
             device,
         )));
-        let a: Vec<f32> = (0..i).flat_map(|_| (1..=n).map(|s| (s as f32).ln())).collect();
+        let a: Vec<f32> = (0..i)
+            .flat_map(|_| (1..=n).map(|s| (s as f32).ln()))
+            .collect();
         let bound = 1.0 / (dims.conv_kernel as f64).sqrt();
         let mut out_proj = Linear::init(i, dims.hidden, c.use_bias, device);
         if c.rescale_prenorm_residual {
@@ -93,7 +95,9 @@ impl<B: Backend> Mamba1Mixer<B> {
                 .then(|| Param::from_tensor(Tensor::zeros([i], device))),
             x_proj: Linear::init(i, dims.dt_rank + 2 * n, false, device),
             dt_proj,
-            a_log: Param::from_tensor(Tensor::<B, 1>::from_floats(a.as_slice(), device).reshape([i, n])),
+            a_log: Param::from_tensor(
+                Tensor::<B, 1>::from_floats(a.as_slice(), device).reshape([i, n]),
+            ),
             d: Param::from_tensor(Tensor::ones([i], device)),
             out_proj,
             dims,

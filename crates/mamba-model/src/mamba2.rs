@@ -2,11 +2,11 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
-use burn::tensor::{Distribution, Tensor, backend::Backend};
+use burn::tensor::{backend::Backend, Distribution, Tensor};
 use mamba_kernels::{ConvInput, MambaBackend, SsdInput, SsdStepInput};
 
 use crate::config::{Mamba2Config, NormMode};
-use crate::nn::{Linear, rms_normalize};
+use crate::nn::{rms_normalize, Linear};
 
 /// Shapes of a Mamba2 mixer, fixed at construction.
 #[derive(Debug, Clone, Copy)]
@@ -96,7 +96,13 @@ impl<B: Backend> Mamba2Mixer<B> {
             device,
         );
         let a: Vec<f32> = (1..=dims.heads).map(|h| (h as f32).ln()).collect();
-        let dt_bias = init_dt_bias::<B>(dims.heads, c.time_step_min, c.time_step_max, c.time_step_floor, device);
+        let dt_bias = init_dt_bias::<B>(
+            dims.heads,
+            c.time_step_min,
+            c.time_step_max,
+            c.time_step_floor,
+            device,
+        );
         Self {
             in_proj,
             conv1d_weight: Param::from_tensor(conv1d_weight),
@@ -115,9 +121,17 @@ impl<B: Backend> Mamba2Mixer<B> {
 
 /// `dt_bias = dt + log(-expm1(-dt))` (inverse softplus) with `dt` log-uniform in `[min, max]`,
 /// floored at `floor`.
-pub fn init_dt_bias<B: Backend>(n: usize, min: f64, max: f64, floor: f64, device: &B::Device) -> Tensor<B, 1> {
+pub fn init_dt_bias<B: Backend>(
+    n: usize,
+    min: f64,
+    max: f64,
+    floor: f64,
+    device: &B::Device,
+) -> Tensor<B, 1> {
     let u = Tensor::<B, 1>::random([n], Distribution::Uniform(0.0, 1.0), device);
-    let dt = (u * (max.ln() - min.ln()) + min.ln()).exp().clamp_min(floor);
+    let dt = (u * (max.ln() - min.ln()) + min.ln())
+        .exp()
+        .clamp_min(floor);
     // inverse softplus: dt + log(1 - exp(-dt))
     dt.clone() + (-(dt.neg().exp()) + 1.0).log()
 }
@@ -126,7 +140,9 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
     fn split_proj(&self, proj: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
         let d = &self.dims;
         let z = proj.clone().narrow(2, 2 * d.d_mlp, d.intermediate); // [b, l, I]
-        let xbc = proj.clone().narrow(2, 2 * d.d_mlp + d.intermediate, d.conv_dim()); // [b, l, conv_dim]
+        let xbc = proj
+            .clone()
+            .narrow(2, 2 * d.d_mlp + d.intermediate, d.conv_dim()); // [b, l, conv_dim]
         let dt = proj.narrow(2, 2 * d.d_mlp + d.intermediate + d.conv_dim(), d.heads); // [b, l, H]
         (z, xbc, dt)
     }
@@ -163,9 +179,17 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
         });
         let xbc = apply_mask(conv.y, mask); // [b, l, conv_dim]
         let gn = d.groups * d.state;
-        let xs = xbc.clone().narrow(2, 0, d.intermediate).reshape([batch, seq, d.heads, d.head_dim]);
-        let bm = xbc.clone().narrow(2, d.intermediate, gn).reshape([batch, seq, d.groups, d.state]);
-        let cm = xbc.narrow(2, d.intermediate + gn, gn).reshape([batch, seq, d.groups, d.state]);
+        let xs = xbc
+            .clone()
+            .narrow(2, 0, d.intermediate)
+            .reshape([batch, seq, d.heads, d.head_dim]);
+        let bm = xbc
+            .clone()
+            .narrow(2, d.intermediate, gn)
+            .reshape([batch, seq, d.groups, d.state]);
+        let cm = xbc
+            .narrow(2, d.intermediate + gn, gn)
+            .reshape([batch, seq, d.groups, d.state]);
         let ssd = B::ssd_chunk_scan(SsdInput {
             x: xs,
             dt,
@@ -202,9 +226,17 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
             true,
         ); // [b, conv_dim]
         let gn = d.groups * d.state;
-        let xs = xbc.clone().narrow(1, 0, d.intermediate).reshape([batch, d.heads, d.head_dim]);
-        let bm = xbc.clone().narrow(1, d.intermediate, gn).reshape([batch, d.groups, d.state]);
-        let cm = xbc.narrow(1, d.intermediate + gn, gn).reshape([batch, d.groups, d.state]);
+        let xs = xbc
+            .clone()
+            .narrow(1, 0, d.intermediate)
+            .reshape([batch, d.heads, d.head_dim]);
+        let bm = xbc
+            .clone()
+            .narrow(1, d.intermediate, gn)
+            .reshape([batch, d.groups, d.state]);
+        let cm = xbc
+            .narrow(1, d.intermediate + gn, gn)
+            .reshape([batch, d.groups, d.state]);
         let (y, ssm) = B::ssd_step(SsdStepInput {
             x: xs,
             dt: dt.reshape([batch, d.heads]),

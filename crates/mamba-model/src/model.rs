@@ -1,7 +1,7 @@
 //! The causal LM: embeddings → pre-norm residual blocks → norm_f → LM head (tied or not).
 
 use burn::module::Module;
-use burn::tensor::{Int, Tensor, backend::Backend};
+use burn::tensor::{backend::Backend, Int, Tensor};
 use mamba_kernels::MambaBackend;
 
 use crate::cache::{LayerState, ModelCache};
@@ -134,7 +134,8 @@ impl<B: Backend> MambaLM<B> {
             embeddings: Embedding::init(vocab, hidden, 0.02, device),
             layers,
             norm_f: RmsNorm::init(hidden, eps, device),
-            lm_head: (!config.tie_word_embeddings()).then(|| Linear::init(hidden, vocab, false, device)),
+            lm_head: (!config.tie_word_embeddings())
+                .then(|| Linear::init(hidden, vocab, false, device)),
             config: config.clone(),
         })
     }
@@ -143,7 +144,9 @@ impl<B: Backend> MambaLM<B> {
     pub fn lm_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => burn::tensor::module::linear(hidden, self.embeddings.weight.val().transpose(), None),
+            None => {
+                burn::tensor::module::linear(hidden, self.embeddings.weight.val().transpose(), None)
+            }
         }
     }
 }
@@ -176,11 +179,15 @@ impl<B: MambaBackend> MambaLM<B> {
             h
         };
         let logits = self.lm_logits(h);
-        let loss = args.labels.map(|labels| causal_lm_loss(logits.clone(), labels));
+        let loss = args
+            .labels
+            .map(|labels| causal_lm_loss(logits.clone(), labels));
         ForwardOutput {
             logits,
             loss,
-            cache: args.return_cache.then_some(ModelCache { layers: states_out }),
+            cache: args
+                .return_cache
+                .then_some(ModelCache { layers: states_out }),
         }
     }
 
@@ -203,10 +210,17 @@ impl<B: MambaBackend> MambaLM<B> {
     }
 
     /// One-token step in O(1): `ids` `[batch]` → logits `[batch, vocab]` and the updated cache.
-    pub fn step(&self, ids: Tensor<B, 1, Int>, cache: ModelCache<B>) -> (Tensor<B, 2>, ModelCache<B>) {
+    pub fn step(
+        &self,
+        ids: Tensor<B, 1, Int>,
+        cache: ModelCache<B>,
+    ) -> (Tensor<B, 2>, ModelCache<B>) {
         let [batch] = ids.dims();
         let hidden = self.config.hidden_size();
-        let mut x = self.embeddings.forward(ids.reshape([batch, 1])).reshape([batch, hidden]);
+        let mut x = self
+            .embeddings
+            .forward(ids.reshape([batch, 1]))
+            .reshape([batch, hidden]);
         let mut layers = Vec::with_capacity(self.layers.len());
         for (layer, state) in self.layers.iter().zip(cache.layers) {
             let (y, s) = layer.step(x, state);

@@ -1,7 +1,7 @@
 //! Small building blocks with PyTorch's parameter layouts, so that checkpoints map one to one.
 
 use burn::module::{Module, Param};
-use burn::tensor::{Distribution, Int, Tensor, backend::Backend};
+use burn::tensor::{backend::Backend, Distribution, Int, Tensor};
 
 use crate::lora::{LoraEmbedding, LoraLinear};
 

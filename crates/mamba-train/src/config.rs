@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -197,7 +197,9 @@ pub struct DeviceSection {
 
 impl Default for DeviceSection {
     fn default() -> Self {
-        Self { name: default_device() }
+        Self {
+            name: default_device(),
+        }
     }
 }
 
@@ -239,7 +241,8 @@ fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
 impl RunConfig {
     /// Read `path`, apply the overrides, check every value.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading run config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading run config {}", path.display()))?;
         Self::parse(&text, overrides).with_context(|| format!("run config {}", path.display()))
     }
 
@@ -248,10 +251,11 @@ impl RunConfig {
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
-        let cfg: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
-            let path = e.path().to_string();
-            anyhow::anyhow!("`{path}`: {}", e.into_inner())
-        })?;
+        let cfg: RunConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
+                let path = e.path().to_string();
+                anyhow::anyhow!("`{path}`: {}", e.into_inner())
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -263,7 +267,10 @@ impl RunConfig {
             _ => {}
         }
         if !matches!(self.model.norm.as_str(), "grouped" | "hf") {
-            bail!("`model.norm`: expected \"grouped\" or \"hf\", got {:?}", self.model.norm);
+            bail!(
+                "`model.norm`: expected \"grouped\" or \"hf\", got {:?}",
+                self.model.norm
+            );
         }
         match (&self.data.field, &self.data.template) {
             (Some(_), Some(_)) => bail!("`data`: give either `field` or `template`, not both"),
@@ -271,13 +278,22 @@ impl RunConfig {
             _ => {}
         }
         if !(0.0..1.0).contains(&self.data.validation_fraction) {
-            bail!("`data.validation_fraction`: expected a value in [0, 1), got {}", self.data.validation_fraction);
+            bail!(
+                "`data.validation_fraction`: expected a value in [0, 1), got {}",
+                self.data.validation_fraction
+            );
         }
         if self.data.seq_len < 2 {
-            bail!("`data.seq_len`: must be at least 2 (one token to predict the next), got {}", self.data.seq_len);
+            bail!(
+                "`data.seq_len`: must be at least 2 (one token to predict the next), got {}",
+                self.data.seq_len
+            );
         }
         if !matches!(self.data.layout.as_str(), "pack" | "pad") {
-            bail!("`data.layout`: expected \"pack\" or \"pad\", got {:?}", self.data.layout);
+            bail!(
+                "`data.layout`: expected \"pack\" or \"pad\", got {:?}",
+                self.data.layout
+            );
         }
         let t = &self.train;
         if t.steps == 0 || t.batch_size == 0 || t.grad_accum == 0 {
@@ -287,7 +303,10 @@ impl RunConfig {
             bail!("`train.lr`: must be a positive number, got {}", t.lr);
         }
         if !(0.0..=1.0).contains(&t.min_lr_ratio) {
-            bail!("`train.min_lr_ratio`: expected a value in [0, 1], got {}", t.min_lr_ratio);
+            bail!(
+                "`train.min_lr_ratio`: expected a value in [0, 1], got {}",
+                t.min_lr_ratio
+            );
         }
         if self.lora.enabled {
             if self.lora.r == 0 {
@@ -298,9 +317,15 @@ impl RunConfig {
             }
         }
         if !matches!(self.output.dtype.as_str(), "f32" | "f16" | "bf16") {
-            bail!("`output.dtype`: expected \"f32\", \"f16\" or \"bf16\", got {:?}", self.output.dtype);
+            bail!(
+                "`output.dtype`: expected \"f32\", \"f16\" or \"bf16\", got {:?}",
+                self.output.dtype
+            );
         }
-        self.device.name.parse::<crate::DeviceSpec>().map_err(|e| anyhow::anyhow!("`device.name`: {e}"))?;
+        self.device
+            .name
+            .parse::<crate::DeviceSpec>()
+            .map_err(|e| anyhow::anyhow!("`device.name`: {e}"))?;
         Ok(())
     }
 
@@ -333,15 +358,32 @@ dir = "runs/x"
 
     #[test]
     fn overrides_and_unknown_keys() {
-        let c = RunConfig::parse(BASE, &["train.lr=0.01".into(), "lora.target_modules=[\"x_proj\"]".into(), "data.field=author".into()]).unwrap();
+        let c = RunConfig::parse(
+            BASE,
+            &[
+                "train.lr=0.01".into(),
+                "lora.target_modules=[\"x_proj\"]".into(),
+                "data.field=author".into(),
+            ],
+        )
+        .unwrap();
         assert_eq!(c.train.lr, 0.01);
         assert_eq!(c.lora.target_modules, vec!["x_proj"]);
         assert_eq!(c.data.field.as_deref(), Some("author"));
-        let e = format!("{:#}", RunConfig::parse(&format!("{BASE}\n[train]\nlearning_rate = 1.0\n"), &[]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            RunConfig::parse(&format!("{BASE}\n[train]\nlearning_rate = 1.0\n"), &[]).unwrap_err()
+        );
         assert!(e.contains("train") && e.contains("learning_rate"), "{e}");
-        let e = format!("{:#}", RunConfig::parse(BASE, &["train.steps=\"many\"".into()]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            RunConfig::parse(BASE, &["train.steps=\"many\"".into()]).unwrap_err()
+        );
         assert!(e.contains("`train.steps`"), "{e}");
-        let e = format!("{:#}", RunConfig::parse(BASE, &["data.seq_len=1".into()]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            RunConfig::parse(BASE, &["data.seq_len=1".into()]).unwrap_err()
+        );
         assert!(e.contains("`data.seq_len`"), "{e}");
     }
 

@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail, ensure};
-use mamba_data::{Layout, Row, TextSpec, Tokenizer, make_rows, read_texts, split_indices};
+use anyhow::{bail, ensure, Context, Result};
+use mamba_data::{make_rows, read_texts, split_indices, Layout, Row, TextSpec, Tokenizer};
 use mamba_model::ModelConfig;
 
 use crate::config::{DataSection, TokenizerSection};
@@ -30,7 +30,12 @@ pub fn resolve_data_file(data: &DataSection) -> Result<PathBuf> {
         return Ok(p.to_path_buf());
     }
     if p.is_dir() {
-        let f = data.file.as_deref().with_context(|| format!("`data.source` {} is a directory: set `data.file`", p.display()))?;
+        let f = data.file.as_deref().with_context(|| {
+            format!(
+                "`data.source` {} is a directory: set `data.file`",
+                p.display()
+            )
+        })?;
         return Ok(p.join(f));
     }
     if looks_like_hub_id(&data.source) {
@@ -39,7 +44,10 @@ pub fn resolve_data_file(data: &DataSection) -> Result<PathBuf> {
         })?;
         return Ok(mamba_hf::hub::resolve_dataset_file(&data.source, file)?);
     }
-    bail!("`data.source`: {} does not exist (and is not a hub dataset id owner/name)", data.source)
+    bail!(
+        "`data.source`: {} does not exist (and is not a hub dataset id owner/name)",
+        data.source
+    )
 }
 
 /// The `tokenizer.json` to use: `tokenizer.source` (file, directory or hub id), else the model
@@ -52,11 +60,16 @@ pub fn resolve_tokenizer(tok: &TokenizerSection, model_dir: Option<&Path>) -> Re
                 Ok(p.to_path_buf())
             } else if p.is_dir() {
                 let f = p.join("tokenizer.json");
-                ensure!(f.is_file(), "`tokenizer.source`: no tokenizer.json in {}", p.display());
+                ensure!(
+                    f.is_file(),
+                    "`tokenizer.source`: no tokenizer.json in {}",
+                    p.display()
+                );
                 Ok(f)
             } else if looks_like_hub_id(s) {
                 let dir = mamba_hf::resolve_model_dir(s).or_else(|_| {
-                    mamba_hf::hub::resolve_repo_file(s, "tokenizer.json").map(|f| f.parent().unwrap_or(Path::new(".")).to_path_buf())
+                    mamba_hf::hub::resolve_repo_file(s, "tokenizer.json")
+                        .map(|f| f.parent().unwrap_or(Path::new(".")).to_path_buf())
                 })?;
                 let f = dir.join("tokenizer.json");
                 ensure!(f.is_file(), "`tokenizer.source`: {s} has no tokenizer.json");
@@ -68,14 +81,24 @@ pub fn resolve_tokenizer(tok: &TokenizerSection, model_dir: Option<&Path>) -> Re
         None => {
             let dir = model_dir.context("`tokenizer.source` is required when the model is initialised from a config (`model.init`)")?;
             let f = dir.join("tokenizer.json");
-            ensure!(f.is_file(), "no tokenizer.json in the model directory {}; set `tokenizer.source`", dir.display());
+            ensure!(
+                f.is_file(),
+                "no tokenizer.json in the model directory {}; set `tokenizer.source`",
+                dir.display()
+            );
             Ok(f)
         }
     }
 }
 
 /// Read, tokenize (EOS appended), split and cut the dataset.
-pub fn prepare(data: &DataSection, tok: &TokenizerSection, model: &ModelConfig, model_dir: Option<&Path>, seed: u64) -> Result<Prepared> {
+pub fn prepare(
+    data: &DataSection,
+    tok: &TokenizerSection,
+    model: &ModelConfig,
+    model_dir: Option<&Path>,
+    seed: u64,
+) -> Result<Prepared> {
     let file = resolve_data_file(data)?;
     let spec = match (&data.field, &data.template) {
         (Some(f), None) => TextSpec::Field(f.clone()),
@@ -86,14 +109,27 @@ pub fn prepare(data: &DataSection, tok: &TokenizerSection, model: &ModelConfig, 
     if let Some(n) = data.max_examples {
         texts.truncate(n);
     }
-    ensure!(!texts.is_empty(), "{}: the dataset is empty", file.display());
+    ensure!(
+        !texts.is_empty(),
+        "{}: the dataset is empty",
+        file.display()
+    );
     let tokenizer_path = resolve_tokenizer(tok, model_dir)?;
     let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
     let vocab = model.vocab_size();
-    let eos = tok.eos_id.or(model.eos_token_id()).context("no EOS id: set `tokenizer.eos_id` (the model config has no eos_token_id)")?;
-    ensure!((eos as usize) < vocab, "`tokenizer.eos_id` {eos} is outside the model's vocab_size {vocab}");
+    let eos = tok
+        .eos_id
+        .or(model.eos_token_id())
+        .context("no EOS id: set `tokenizer.eos_id` (the model config has no eos_token_id)")?;
+    ensure!(
+        (eos as usize) < vocab,
+        "`tokenizer.eos_id` {eos} is outside the model's vocab_size {vocab}"
+    );
     let pad = tok.pad_id.unwrap_or(eos);
-    ensure!((pad as usize) < vocab, "`tokenizer.pad_id` {pad} is outside the model's vocab_size {vocab}");
+    ensure!(
+        (pad as usize) < vocab,
+        "`tokenizer.pad_id` {pad} is outside the model's vocab_size {vocab}"
+    );
     let mut examples = Vec::with_capacity(texts.len());
     for (i, t) in texts.iter().enumerate() {
         let mut ids = tokenizer.encode(t)?;
@@ -107,11 +143,22 @@ pub fn prepare(data: &DataSection, tok: &TokenizerSection, model: &ModelConfig, 
         examples.push(ids);
     }
     let (train_idx, val_idx) = split_indices(examples.len(), data.validation_fraction, seed);
-    let layout = if data.layout == "pad" { Layout::Pad } else { Layout::Pack };
-    let pick = |idx: &[usize]| -> Vec<Vec<u32>> { idx.iter().map(|&i| examples[i].clone()).collect() };
+    let layout = if data.layout == "pad" {
+        Layout::Pad
+    } else {
+        Layout::Pack
+    };
+    let pick =
+        |idx: &[usize]| -> Vec<Vec<u32>> { idx.iter().map(|&i| examples[i].clone()).collect() };
     let train = make_rows(&pick(&train_idx), data.seq_len, layout, pad);
     let validation = make_rows(&pick(&val_idx), data.seq_len, layout, pad);
-    ensure!(!train.is_empty(), "{}: no training rows of length {} could be made from {} examples", file.display(), data.seq_len, train_idx.len());
+    ensure!(
+        !train.is_empty(),
+        "{}: no training rows of length {} could be made from {} examples",
+        file.display(),
+        data.seq_len,
+        train_idx.len()
+    );
     ensure!(
         data.validation_fraction == 0.0 || !validation.is_empty(),
         "{}: the validation split ({} examples) gives no rows",

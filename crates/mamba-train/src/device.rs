@@ -5,7 +5,7 @@
 
 use std::str::FromStr;
 
-use anyhow::{Result, bail};
+use anyhow::{bail, Result};
 use mamba_kernels::MambaBackend;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +26,9 @@ impl FromStr for DeviceSpec {
             "cuda" => Ok(Self::Cuda(0)),
             other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(i)) => Ok(Self::Cuda(i)),
-                _ => Err(format!("unknown device `{other}`: expected auto, cuda, cuda:N, wgpu or cpu")),
+                _ => Err(format!(
+                    "unknown device `{other}`: expected auto, cuda, cuda:N, wgpu or cpu"
+                )),
             },
         }
     }
@@ -48,7 +50,9 @@ pub type CudaBackend = burn::backend::Cuda<f32, i32>;
 #[cfg(feature = "cuda")]
 fn cuda_available(index: usize) -> bool {
     use burn::tensor::Tensor;
-    if !std::path::Path::new("/dev/nvidiactl").exists() && std::env::var_os("CUDA_VISIBLE_DEVICES").is_none() {
+    if !std::path::Path::new("/dev/nvidiactl").exists()
+        && std::env::var_os("CUDA_VISIBLE_DEVICES").is_none()
+    {
         return false;
     }
     let hook = std::panic::take_hook();
@@ -117,7 +121,10 @@ pub fn run_on<J: BackendJob>(spec: DeviceSpec, job: J) -> Result<J::Output> {
                 if !cuda_available(i) {
                     bail!("device cuda:{i}: no usable CUDA device (driver missing, or index out of range)");
                 }
-                return job.run::<CudaBackend>(burn::backend::cuda::CudaDevice::new(i), &format!("cuda:{i}"));
+                return job.run::<CudaBackend>(
+                    burn::backend::cuda::CudaDevice::new(i),
+                    &format!("cuda:{i}"),
+                );
             }
             #[cfg(not(feature = "cuda"))]
             {

@@ -1,6 +1,6 @@
 //! Loss and perplexity over token-id sequences.
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{bail, ensure, Context, Result};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use mamba_model::{ForwardArgs, MambaBackend, MambaLM};
 use serde::Serialize;
@@ -17,11 +17,16 @@ pub struct EvalReport {
 
 /// Read a JSON file holding a list of equal-length token-id lists.
 pub fn read_token_ids(path: &std::path::Path) -> Result<Vec<Vec<u32>>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let rows: Vec<Vec<u32>> = serde_json::from_str(&text).with_context(|| {
         format!("{}: expected a JSON list of lists of non-negative token ids, e.g. [[1, 2, 3], [4, 5, 6]]", path.display())
     })?;
-    ensure!(!rows.is_empty(), "{}: the list of sequences is empty", path.display());
+    ensure!(
+        !rows.is_empty(),
+        "{}: the list of sequences is empty",
+        path.display()
+    );
     let len = rows[0].len();
     for (i, r) in rows.iter().enumerate() {
         ensure!(
@@ -31,7 +36,11 @@ pub fn read_token_ids(path: &std::path::Path) -> Result<Vec<Vec<u32>>> {
             r.len()
         );
     }
-    ensure!(len >= 2, "{}: sequences need at least 2 tokens to predict one, got {len}", path.display());
+    ensure!(
+        len >= 2,
+        "{}: sequences need at least 2 tokens to predict one, got {len}",
+        path.display()
+    );
     Ok(rows)
 }
 
@@ -52,7 +61,12 @@ pub fn ids_tensor<B: MambaBackend>(rows: &[Vec<u32>], device: &B::Device) -> Ten
 }
 
 /// Loss over all sequences (labels = inputs, every next token counted), in batches.
-pub fn evaluate_ids<B: MambaBackend>(model: &MambaLM<B>, rows: &[Vec<u32>], batch_size: usize, device: &B::Device) -> Result<EvalReport> {
+pub fn evaluate_ids<B: MambaBackend>(
+    model: &MambaLM<B>,
+    rows: &[Vec<u32>],
+    batch_size: usize,
+    device: &B::Device,
+) -> Result<EvalReport> {
     let mut nll = 0.0f64;
     let mut tokens = 0usize;
     for chunk in rows.chunks(batch_size.max(1)) {
@@ -66,7 +80,11 @@ pub fn evaluate_ids<B: MambaBackend>(model: &MambaLM<B>, rows: &[Vec<u32>], batc
         );
         let loss: f64 = out.loss.expect("labels given").into_scalar().elem();
         let counted = chunk.len() * (chunk[0].len() - 1);
-        ensure!(loss.is_finite(), "the loss is not finite ({loss}) for a batch of {} sequences", chunk.len());
+        ensure!(
+            loss.is_finite(),
+            "the loss is not finite ({loss}) for a batch of {} sequences",
+            chunk.len()
+        );
         nll += loss * counted as f64;
         tokens += counted;
     }

@@ -8,4 +8,4 @@ pub mod evaluate;
 pub mod plot;
 pub mod train;
 
-pub use device::{BackendJob, DeviceSpec, run_on};
+pub use device::{run_on, BackendJob, DeviceSpec};

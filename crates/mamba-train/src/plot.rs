@@ -8,9 +8,23 @@ use plotters::prelude::*;
 /// A TTF for the labels: `MAMBA_BURN_FONT`, else a common system font. Without one the plot is
 /// drawn without text.
 fn font() -> Option<Vec<u8>> {
-    let mut candidates: Vec<std::path::PathBuf> = std::env::var_os("MAMBA_BURN_FONT").map(Into::into).into_iter().collect();
-    for dir in ["/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype", "/usr/share/fonts/TTF", "/Library/Fonts", "C:\\Windows\\Fonts"] {
-        for name in ["DejaVuSans.ttf", "Arial.ttf", "arial.ttf", "LiberationSans-Regular.ttf"] {
+    let mut candidates: Vec<std::path::PathBuf> = std::env::var_os("MAMBA_BURN_FONT")
+        .map(Into::into)
+        .into_iter()
+        .collect();
+    for dir in [
+        "/usr/share/fonts/truetype/dejavu",
+        "/usr/share/fonts/truetype",
+        "/usr/share/fonts/TTF",
+        "/Library/Fonts",
+        "C:\\Windows\\Fonts",
+    ] {
+        for name in [
+            "DejaVuSans.ttf",
+            "Arial.ttf",
+            "arial.ttf",
+            "LiberationSans-Regular.ttf",
+        ] {
             candidates.push(Path::new(dir).join(name));
         }
     }
@@ -18,12 +32,17 @@ fn font() -> Option<Vec<u8>> {
 }
 
 pub fn plot_metrics(metrics: &Path, png: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(metrics).with_context(|| format!("reading {}", metrics.display()))?;
+    let text = std::fs::read_to_string(metrics)
+        .with_context(|| format!("reading {}", metrics.display()))?;
     let mut train = Vec::new();
     let mut val = Vec::new();
     for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        let Some(step) = v["step"].as_f64() else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(step) = v["step"].as_f64() else {
+            continue;
+        };
         if let Some(l) = v["loss"].as_f64() {
             train.push((step, l));
         }
@@ -55,16 +74,25 @@ pub fn plot_metrics(metrics: &Path, png: &Path) -> Result<()> {
         let root = BitMapBackend::new(&tmp, (900, 500)).into_drawing_area();
         root.fill(&WHITE)?;
         let mut builder = ChartBuilder::on(&root);
-        builder.margin(15).x_label_area_size(35).y_label_area_size(55);
+        builder
+            .margin(15)
+            .x_label_area_size(35)
+            .y_label_area_size(55);
         if with_text {
-            builder.caption("loss (train: blue, validation: red); perplexity = exp(loss)", ("sans-serif", 18));
+            builder.caption(
+                "loss (train: blue, validation: red); perplexity = exp(loss)",
+                ("sans-serif", 18),
+            );
         }
         let mut chart = builder.build_cartesian_2d(0f64..x1, (y0 - pad)..(y1 + pad))?;
         let mut mesh = chart.configure_mesh();
         if with_text {
             mesh.x_desc("step").y_desc("loss");
         } else {
-            mesh.disable_x_mesh().disable_y_mesh().x_labels(0).y_labels(0);
+            mesh.disable_x_mesh()
+                .disable_y_mesh()
+                .x_labels(0)
+                .y_labels(0);
         }
         mesh.draw()?;
         chart.draw_series(LineSeries::new(train.iter().copied(), BLUE.stroke_width(2)))?;

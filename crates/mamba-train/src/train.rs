@@ -12,23 +12,25 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{bail, ensure, Context, Result};
+use burn::backend::autodiff::checkpoint::strategy::{
+    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+};
 use burn::backend::Autodiff;
-use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use mamba_data::{Batch, Row, batch_stream, collate};
-use mamba_hf::{SaveDtype, load_config, load_model_dir, resolve_model_dir, save_model};
-use mamba_model::lora::{LoraConfig, LoraTargets, apply_lora, merge};
+use mamba_data::{batch_stream, collate, Batch, Row};
+use mamba_hf::{load_config, load_model_dir, resolve_model_dir, save_model, SaveDtype};
+use mamba_model::lora::{apply_lora, merge, LoraConfig, LoraTargets};
 use mamba_model::{ForwardArgs, MambaBackend, MambaLM, Mixer, NormMode};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::RunConfig;
-use crate::data::{Prepared, prepare};
+use crate::data::{prepare, Prepared};
 
 type Rec = NamedMpkFileRecorder<FullPrecisionSettings>;
 
@@ -78,15 +80,21 @@ pub fn lora_config(cfg: &RunConfig) -> LoraConfig {
 }
 
 /// The base model the run starts from, and its directory when it came from one.
-pub fn base_model<B: Backend>(cfg: &RunConfig, device: &B::Device) -> Result<(MambaLM<B>, Option<PathBuf>)> {
+pub fn base_model<B: Backend>(
+    cfg: &RunConfig,
+    device: &B::Device,
+) -> Result<(MambaLM<B>, Option<PathBuf>)> {
     let norm = norm_of(cfg);
     if let Some(src) = &cfg.model.source {
         let dir = resolve_model_dir(src).with_context(|| format!("`model.source` {src}"))?;
-        let model = load_model_dir(&dir, norm, device).with_context(|| format!("loading {}", dir.display()))?;
+        let model = load_model_dir(&dir, norm, device)
+            .with_context(|| format!("loading {}", dir.display()))?;
         Ok((model, Some(dir)))
     } else {
         let path = cfg.model.init.as_ref().expect("validated: source or init");
-        let config = load_config(path).with_context(|| format!("`model.init` {}", path.display()))?.with_norm(norm);
+        let config = load_config(path)
+            .with_context(|| format!("`model.init` {}", path.display()))?
+            .with_norm(norm);
         B::seed(device, cfg.train.seed);
         Ok((MambaLM::init(&config, device)?, None))
     }
@@ -191,19 +199,34 @@ impl<B: Backend> ModuleVisitor<B> for Counter {
 
 /// (total, trainable) parameter counts.
 pub fn count_params<B: Backend>(model: &MambaLM<B>) -> (usize, usize) {
-    let mut c = Counter { total: 0, trainable: 0 };
+    let mut c = Counter {
+        total: 0,
+        trainable: 0,
+    };
     model.visit(&mut c);
     (c.total, c.trainable)
 }
 
-fn batch_tensors<B: Backend>(b: &Batch, device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+fn batch_tensors<B: Backend>(
+    b: &Batch,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
     let ids = Tensor::from_data(TensorData::new(b.ids.clone(), [b.batch, b.seq_len]), device);
-    let labels = Tensor::from_data(TensorData::new(b.labels.clone(), [b.batch, b.seq_len]), device);
+    let labels = Tensor::from_data(
+        TensorData::new(b.labels.clone(), [b.batch, b.seq_len]),
+        device,
+    );
     (ids, labels)
 }
 
 /// Mean loss over rows (token-weighted), in batches; `max_batches` 0 means all.
-pub fn evaluate_rows<B: MambaBackend>(model: &MambaLM<B>, rows: &[Row], batch_size: usize, max_batches: usize, device: &B::Device) -> Result<(f64, usize)> {
+pub fn evaluate_rows<B: MambaBackend>(
+    model: &MambaLM<B>,
+    rows: &[Row],
+    batch_size: usize,
+    max_batches: usize,
+    device: &B::Device,
+) -> Result<(f64, usize)> {
     let mut nll = 0.0;
     let mut tokens = 0usize;
     for (i, chunk) in rows.chunks(batch_size.max(1)).enumerate() {
@@ -217,7 +240,13 @@ pub fn evaluate_rows<B: MambaBackend>(model: &MambaLM<B>, rows: &[Row], batch_si
         }
         let (ids, labels) = batch_tensors::<B>(&b, device);
         let loss: f64 = model
-            .forward_with(ids, ForwardArgs { labels: Some(labels), ..Default::default() })
+            .forward_with(
+                ids,
+                ForwardArgs {
+                    labels: Some(labels),
+                    ..Default::default()
+                },
+            )
             .loss
             .expect("labels given")
             .into_scalar()
@@ -243,7 +272,10 @@ pub fn list_checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let step = name.strip_prefix("step-")?.parse().ok()?;
-            e.path().join("state.json").is_file().then_some((step, e.path()))
+            e.path()
+                .join("state.json")
+                .is_file()
+                .then_some((step, e.path()))
         })
         .collect();
     v.sort();
@@ -270,12 +302,21 @@ impl Metrics {
             let text = std::fs::read_to_string(&path)?;
             let kept: String = text
                 .lines()
-                .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= keep_until))
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= keep_until)
+                })
                 .map(|l| format!("{l}\n"))
                 .collect();
             write_file_atomic(&path, kept.as_bytes())?;
         }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         Ok(Self { path, file })
     }
 
@@ -294,7 +335,11 @@ pub fn train<B: MambaBackend>(cfg: &RunConfig, device: B::Device, resume: bool) 
     }
 }
 
-fn train_with<B: MambaBackend, C: CheckpointStrategy>(cfg: &RunConfig, device: B::Device, resume: bool) -> Result<Summary> {
+fn train_with<B: MambaBackend, C: CheckpointStrategy>(
+    cfg: &RunConfig,
+    device: B::Device,
+    resume: bool,
+) -> Result<Summary> {
     type_check::<Autodiff<B, C>>();
     run::<Autodiff<B, C>>(cfg, device, resume)
 }
@@ -320,10 +365,19 @@ where
             existing.last().map(|c| c.0).unwrap_or(0)
         );
     }
-    write_file_atomic(&out.join("run_config.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
+    write_file_atomic(
+        &out.join("run_config.toml"),
+        toml::to_string_pretty(cfg)?.as_bytes(),
+    )?;
 
     let (model, model_dir) = base_model::<A>(cfg, &device)?;
-    let data: Prepared = prepare(&cfg.data, &cfg.tokenizer, &model.config, model_dir.as_deref(), cfg.train.seed)?;
+    let data: Prepared = prepare(
+        &cfg.data,
+        &cfg.tokenizer,
+        &model.config,
+        model_dir.as_deref(),
+        cfg.train.seed,
+    )?;
     eprintln!(
         "data: {} examples from {} → {} train rows, {} validation rows of {} tokens",
         data.examples,
@@ -336,8 +390,27 @@ where
     let lora = cfg.lora.enabled.then(|| lora_config(cfg));
     let mut model = match &lora {
         Some(l) => {
+            let unmatched = mamba_model::lora::unmatched_targets(&model, &l.targets);
+            if !unmatched.is_empty() {
+                eprintln!(
+                    "lora: no module of this {} model is named {}; skipped",
+                    model.config.model_type(),
+                    unmatched.join(", ")
+                );
+            }
             let (m, keys) = apply_lora(model, l, &device)?;
-            eprintln!("lora: r={} alpha={} on {} modules ({})", l.r, l.alpha, keys.len(), summarize_keys(&keys));
+            if keys.iter().any(|k| k.ends_with(".out_proj")) {
+                eprintln!(
+                    "lora: note: PEFT 0.21 refuses adapters on Mamba `out_proj` (mamba_ssm's fused kernel would bypass them); the merged export carries them"
+                );
+            }
+            eprintln!(
+                "lora: r={} alpha={} on {} modules ({})",
+                l.r,
+                l.alpha,
+                keys.len(),
+                summarize_keys(&keys)
+            );
             m
         }
         None => model,
@@ -366,12 +439,16 @@ where
                 .load(dir.join("optimizer").into(), &device)
                 .with_context(|| format!("loading optimizer state from {}", dir.display()))?;
             optim = optim.load_record(rec);
-            let state: TrainState = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
+            let state: TrainState =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
             start = state.step;
             initial_val_loss = state.initial_val_loss;
             eprintln!("resumed from {} (step {step})", dir.display());
         } else {
-            eprintln!("--resume: no checkpoint in {}, starting from scratch", checkpoints_dir(&out).display());
+            eprintln!(
+                "--resume: no checkpoint in {}, starting from scratch",
+                checkpoints_dir(&out).display()
+            );
         }
     }
     let mut metrics = Metrics::open(&out, start)?;
@@ -380,32 +457,57 @@ where
     let val_bs = t.batch_size;
 
     if start == 0 && !data.validation.is_empty() {
-        let (loss, _) = evaluate_rows(&model.valid(), &data.validation, val_bs, t.eval_batches, &device)?;
+        let (loss, _) = evaluate_rows(
+            &model.valid(),
+            &data.validation,
+            val_bs,
+            t.eval_batches,
+            &device,
+        )?;
         initial_val_loss = Some(loss);
         metrics.write(json!({"step": 0, "val_loss": loss, "val_perplexity": loss.exp()}))?;
         eprintln!("step 0: val_loss {loss:.4} ppl {:.2}", loss.exp());
     }
 
-    let stream = batch_stream(data.train.clone(), t.batch_size, t.seed, start * t.grad_accum as u64);
+    let stream = batch_stream(
+        data.train.clone(),
+        t.batch_size,
+        t.seed,
+        start * t.grad_accum as u64,
+    );
     let started = Instant::now();
     let mut tokens_seen = 0usize;
     let mut window_loss = 0.0;
     let mut window_n = 0usize;
     let mut last_val = None;
     for step in start..t.steps {
-        A::seed(&device, t.seed.wrapping_add(step).wrapping_mul(0x2545_F491_4F6C_DD1D));
+        A::seed(
+            &device,
+            t.seed
+                .wrapping_add(step)
+                .wrapping_mul(0x2545_F491_4F6C_DD1D),
+        );
         let mut accum = GradientsAccumulator::<MambaLM<A>>::new();
         let mut step_loss = 0.0;
         for _ in 0..t.grad_accum {
             let (_, batch) = stream.recv().context("the batch thread stopped")?;
             let (ids, labels) = batch_tensors::<A>(&batch, &device);
             let loss = model
-                .forward_with(ids, ForwardArgs { labels: Some(labels), ..Default::default() })
+                .forward_with(
+                    ids,
+                    ForwardArgs {
+                        labels: Some(labels),
+                        ..Default::default()
+                    },
+                )
                 .loss
                 .expect("labels given");
             let value: f64 = loss.clone().into_scalar().elem();
             if !value.is_finite() {
-                let last = list_checkpoints(&out).last().map(|c| c.1.display().to_string()).unwrap_or_else(|| "none written yet".into());
+                let last = list_checkpoints(&out)
+                    .last()
+                    .map(|c| c.1.display().to_string())
+                    .unwrap_or_else(|| "none written yet".into());
                 bail!("the loss is {value} at step {}: stopping (last checkpoint: {last}, left intact). Lower train.lr or check the data.", step + 1);
             }
             step_loss += value / t.grad_accum as f64;
@@ -415,13 +517,27 @@ where
         }
         let mut grads = accum.grads();
         // Average the micro-batches, then clip by the global norm.
-        let mut sq = SquaredNorm::<A> { grads: &grads, total: None };
+        let mut sq = SquaredNorm::<A> {
+            grads: &grads,
+            total: None,
+        };
         model.visit(&mut sq);
-        let norm = sq.total.map(|t| t.into_scalar().elem::<f64>().sqrt()).unwrap_or(0.0) / t.grad_accum as f64;
-        let clip = if t.max_grad_norm > 0.0 && norm > t.max_grad_norm { t.max_grad_norm / (norm + 1e-6) } else { 1.0 };
+        let norm = sq
+            .total
+            .map(|t| t.into_scalar().elem::<f64>().sqrt())
+            .unwrap_or(0.0)
+            / t.grad_accum as f64;
+        let clip = if t.max_grad_norm > 0.0 && norm > t.max_grad_norm {
+            t.max_grad_norm / (norm + 1e-6)
+        } else {
+            1.0
+        };
         let factor = clip / t.grad_accum as f64;
         if factor != 1.0 {
-            model.visit(&mut Scale { grads: &mut grads, factor });
+            model.visit(&mut Scale {
+                grads: &mut grads,
+                factor,
+            });
         }
         let lr = cfg.lr_at(step);
         if t.weight_decay > 0.0 {
@@ -447,25 +563,45 @@ where
         }
         let eval_now = (t.eval_every > 0 && done % t.eval_every == 0) || done == t.steps;
         if eval_now && !data.validation.is_empty() {
-            let (loss, _) = evaluate_rows(&model.valid(), &data.validation, val_bs, t.eval_batches, &device)?;
+            let (loss, _) = evaluate_rows(
+                &model.valid(),
+                &data.validation,
+                val_bs,
+                t.eval_batches,
+                &device,
+            )?;
             last_val = Some(loss);
             metrics.write(json!({"step": done, "val_loss": loss, "val_perplexity": loss.exp()}))?;
             eprintln!("step {done}: val_loss {loss:.4} ppl {:.2}", loss.exp());
         }
         if t.checkpoint_every > 0 && (done % t.checkpoint_every == 0 || done == t.steps) {
-            save_checkpoint(&out, done, &model, &optim, &recorder, initial_val_loss, t.keep_checkpoints)?;
+            save_checkpoint(
+                &out,
+                done,
+                &model,
+                &optim,
+                &recorder,
+                initial_val_loss,
+                t.keep_checkpoints,
+            )?;
         }
     }
     let tokens_per_s = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
     drop(metrics);
-    crate::plot::plot_metrics(&out.join("metrics.jsonl"), &out.join("loss.png")).context("drawing loss.png")?;
+    crate::plot::plot_metrics(&out.join("metrics.jsonl"), &out.join("loss.png"))
+        .context("drawing loss.png")?;
 
     // Exports.
     let inner = model.valid();
     let dtype = save_dtype(cfg);
-    let base_name = cfg.model.source.clone().unwrap_or_else(|| out.join("base").display().to_string());
+    let base_name = cfg
+        .model
+        .source
+        .clone()
+        .unwrap_or_else(|| out.join("base").display().to_string());
     let copy_tokenizer = |dir: &Path| -> Result<()> {
-        std::fs::copy(&data.tokenizer, dir.join("tokenizer.json")).with_context(|| format!("copying the tokenizer into {}", dir.display()))?;
+        std::fs::copy(&data.tokenizer, dir.join("tokenizer.json"))
+            .with_context(|| format!("copying the tokenizer into {}", dir.display()))?;
         Ok(())
     };
     match &lora {
@@ -497,7 +633,10 @@ where
         tokens_per_s,
         output: out.clone(),
     };
-    write_file_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    write_file_atomic(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
     Ok(summary)
 }
 
@@ -523,13 +662,22 @@ fn save_checkpoint<A: AutodiffBackend + MambaBackend, O: Optimizer<MambaLM<A>, A
     let tmp = root.join(format!(".tmp-step-{step:08}"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    model.clone().save_file(tmp.join("model"), recorder).context("saving the model record")?;
-    recorder.record(optim.to_record(), tmp.join("optimizer")).context("saving the optimizer record")?;
-    let state = TrainState { step, initial_val_loss };
+    model
+        .clone()
+        .save_file(tmp.join("model"), recorder)
+        .context("saving the model record")?;
+    recorder
+        .record(optim.to_record(), tmp.join("optimizer"))
+        .context("saving the optimizer record")?;
+    let state = TrainState {
+        step,
+        initial_val_loss,
+    };
     std::fs::write(tmp.join("state.json"), serde_json::to_string(&state)?)?;
     let dst = root.join(format!("step-{step:08}"));
     let _ = std::fs::remove_dir_all(&dst);
-    std::fs::rename(&tmp, &dst).with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
+    std::fs::rename(&tmp, &dst)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
     let all = list_checkpoints(out);
     if all.len() > keep.max(1) {
         for (_, old) in &all[..all.len() - keep.max(1)] {

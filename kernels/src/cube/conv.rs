@@ -15,8 +15,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Shape, Tensor as BTensor, TensorPrimitive};
 use burn_cubecl::{
-    CubeBackend, CubeRuntime, FloatElement, IntElement, element::BoolElement,
-    ops::numeric::empty_device_contiguous_dtype,
+    element::BoolElement, ops::numeric::empty_device_contiguous_dtype, CubeBackend, CubeRuntime,
+    FloatElement, IntElement,
 };
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 

@@ -3,16 +3,18 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use mamba_model::{MambaBackend, NormMode};
 use mamba_train::config::{DataSection, TokenizerSection};
-use mamba_train::evaluate::{EvalReport, check_ids, evaluate_ids, read_token_ids};
+use mamba_train::evaluate::{check_ids, evaluate_ids, read_token_ids, EvalReport};
 use mamba_train::train::evaluate_rows;
-use mamba_train::{BackendJob, DeviceSpec, run_on};
+use mamba_train::{run_on, BackendJob, DeviceSpec};
 
 #[derive(Parser, Debug)]
-#[command(about = "Loss and perplexity of a Mamba/Mamba2 model (optionally with a LoRA adapter) on token ids or a dataset")]
+#[command(
+    about = "Loss and perplexity of a Mamba/Mamba2 model (optionally with a LoRA adapter) on token ids or a dataset"
+)]
 struct Args {
     /// Model directory or Hugging Face hub id (read from the local cache when offline).
     #[arg(long)]
@@ -73,8 +75,10 @@ impl BackendJob for Job {
     type Output = EvalReport;
     fn run<B: MambaBackend>(self, device: B::Device, _name: &str) -> Result<EvalReport> {
         let a = self.0;
-        let dir = mamba_hf::resolve_model_dir(&a.model).with_context(|| format!("model {}", a.model))?;
-        let mut model = mamba_hf::load_model_dir::<B>(&dir, a.norm, &device).with_context(|| format!("loading model {}", a.model))?;
+        let dir =
+            mamba_hf::resolve_model_dir(&a.model).with_context(|| format!("model {}", a.model))?;
+        let mut model = mamba_hf::load_model_dir::<B>(&dir, a.norm, &device)
+            .with_context(|| format!("loading model {}", a.model))?;
         if let Some(adapter) = &a.adapter {
             model = mamba_hf::peft::load_adapter(model, adapter, &device)
                 .with_context(|| format!("loading adapter {}", adapter.display()))?
@@ -82,7 +86,11 @@ impl BackendJob for Job {
         }
         if let Some(path) = &a.token_ids {
             let rows = read_token_ids(path)?;
-            check_ids(&rows, model.config.vocab_size(), &path.display().to_string())?;
+            check_ids(
+                &rows,
+                model.config.vocab_size(),
+                &path.display().to_string(),
+            )?;
             return evaluate_ids(&model, &rows, a.batch_size, &device);
         }
         let Some(source) = a.data.clone() else {
@@ -106,11 +114,19 @@ impl BackendJob for Job {
         let rows = match a.split.as_str() {
             "validation" => prepared.validation,
             "train" => prepared.train,
-            "all" => prepared.train.into_iter().chain(prepared.validation).collect(),
+            "all" => prepared
+                .train
+                .into_iter()
+                .chain(prepared.validation)
+                .collect(),
             other => bail!("--split: expected validation, train or all, got {other:?}"),
         };
         if rows.is_empty() {
-            bail!("the {} split is empty (--validation-fraction {})", a.split, a.validation_fraction);
+            bail!(
+                "the {} split is empty (--validation-fraction {})",
+                a.split,
+                a.validation_fraction
+            );
         }
         let (loss, tokens) = evaluate_rows(&model, &rows, a.batch_size, 0, &device)?;
         Ok(EvalReport {
@@ -128,7 +144,10 @@ fn main() -> Result<()> {
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("loss {:.6}  perplexity {:.4}  tokens {}", report.loss, report.perplexity, report.tokens);
+        println!(
+            "loss {:.6}  perplexity {:.4}  tokens {}",
+            report.loss, report.perplexity, report.tokens
+        );
     }
     Ok(())
 }

@@ -1,11 +1,11 @@
 //! `generate --model <dir|hub-id> --prompt-ids 1,2,3 --max-new-tokens N --greedy [--device D] --json`
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use mamba_model::generate::greedy;
 use mamba_model::{MambaBackend, NormMode};
 use mamba_train::evaluate::check_ids;
-use mamba_train::{BackendJob, DeviceSpec, run_on};
+use mamba_train::{run_on, BackendJob, DeviceSpec};
 
 #[derive(Parser, Debug)]
 #[command(about = "Greedy continuation of token ids with a Mamba/Mamba2 model")]
@@ -41,10 +41,26 @@ impl BackendJob for Job {
     type Output = Vec<u32>;
     fn run<B: MambaBackend>(self, device: B::Device, _name: &str) -> Result<Vec<u32>> {
         let a = self.0;
-        let model = mamba_hf::load_model::<B>(&a.model, a.norm, &device).with_context(|| format!("loading model {}", a.model))?;
-        check_ids(std::slice::from_ref(&a.prompt_ids), model.config.vocab_size(), "--prompt-ids")?;
-        let eos = if a.ignore_eos { None } else { model.config.eos_token_id() };
-        Ok(greedy(&model, &a.prompt_ids, a.max_new_tokens, eos, !a.no_cache, &device))
+        let model = mamba_hf::load_model::<B>(&a.model, a.norm, &device)
+            .with_context(|| format!("loading model {}", a.model))?;
+        check_ids(
+            std::slice::from_ref(&a.prompt_ids),
+            model.config.vocab_size(),
+            "--prompt-ids",
+        )?;
+        let eos = if a.ignore_eos {
+            None
+        } else {
+            model.config.eos_token_id()
+        };
+        Ok(greedy(
+            &model,
+            &a.prompt_ids,
+            a.max_new_tokens,
+            eos,
+            !a.no_cache,
+            &device,
+        ))
     }
 }
 
@@ -58,7 +74,13 @@ fn main() -> Result<()> {
     if json {
         println!("{}", serde_json::json!({ "ids": ids }));
     } else {
-        println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+        println!(
+            "{}",
+            ids.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
     }
     Ok(())
 }

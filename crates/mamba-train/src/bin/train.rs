@@ -6,8 +6,8 @@ use anyhow::Result;
 use clap::Parser;
 use mamba_model::MambaBackend;
 use mamba_train::config::RunConfig;
-use mamba_train::train::{Summary, train};
-use mamba_train::{BackendJob, DeviceSpec, run_on};
+use mamba_train::train::{train, Summary};
+use mamba_train::{run_on, BackendJob, DeviceSpec};
 
 #[derive(Parser, Debug)]
 #[command(about = "Fine-tune (LoRA or full) or train a Mamba/Mamba2 model from a TOML run config")]
@@ -47,7 +47,13 @@ fn main() -> Result<()> {
         Some(d) => d,
         None => cfg.device.name.parse().map_err(anyhow::Error::msg)?,
     };
-    let summary = run_on(device, Job { cfg, resume: args.resume })?;
+    let summary = run_on(
+        device,
+        Job {
+            cfg,
+            resume: args.resume,
+        },
+    )?;
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }
