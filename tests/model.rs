@@ -98,7 +98,7 @@ fn step_matches_full_forward() {
     for (name, config) in configs() {
         let m = model(&config);
         let seq = random_ids(19, 2);
-        let full = m.forward(ids(&[seq.clone()])); // [1, 19, V]
+        let full = m.forward(ids(std::slice::from_ref(&seq))); // [1, 19, V]
         let prefix = 5;
         let (logits, mut cache) = m.prefill(ids(&[seq[..prefix].to_vec()]));
         let want = values(full.clone().narrow(1, prefix - 1, 1));
@@ -226,7 +226,7 @@ fn left_padding_with_mask_matches_unpadded() {
     for (name, config) in configs() {
         let m = model(&config);
         let row = random_ids(11, 6);
-        let alone = m.forward(ids(&[row.clone()]));
+        let alone = m.forward(ids(std::slice::from_ref(&row)));
         let mut padded = vec![0i64; 4];
         padded.extend(&row);
         let other = random_ids(15, 7);

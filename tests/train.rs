@@ -113,24 +113,46 @@ fn quickstart_then_lora_on_its_export() {
         assert!(qs.join(f).is_file(), "missing {f}");
     }
 
-    // 2. LoRA on that export: validation loss falls, only adapters train.
+    // 2. Full fine-tuning of that export on a new format: validation loss falls.
+    let full = tmp.path().join("full");
+    let mut sets = small(&full);
+    sets.extend([
+        "model.init=".to_string(),
+        format!("model.source=\"{}\"", qs.join("model").display()),
+        "data.field=".into(),
+        "data.template=\"{quote} — {author}\"".into(),
+        "train.steps=10".into(),
+        "train.lr=3e-3".into(),
+    ]);
+    let s = ok(train("configs/quickstart.toml", &sets, &[])
+        .output()
+        .unwrap());
+    let (before, after) = (
+        s["initial_val_loss"].as_f64().unwrap(),
+        s["final_val_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        after < before - 0.05,
+        "full fine-tuning: validation loss {before} → {after}"
+    );
+    assert_eq!(s["trainable_params"], s["total_params"]);
+    assert!(full.join("model/model.safetensors").is_file());
+
+    // 3. LoRA on that export: validation loss falls, only adapters train.
     let lora = tmp.path().join("lora");
     let mut sets = small(&lora);
-    sets.extend(
-        [
-            "model.init=".into(),
-            format!("model.source=\"{}\"", qs.join("model").display()),
-            "lora.enabled=true".into(),
-            "lora.r=4".into(),
-            "lora.alpha=8".into(),
-            // A new format to learn on the same split: quotes with their authors.
-            "data.field=".into(),
-            "data.template=\"{quote} — {author}\"".into(),
-            "lora.target_modules=[\"in_proj\", \"out_proj\", \"embeddings\"]".into(),
-            "train.steps=20".into(),
-        ]
-        .into_iter(),
-    );
+    sets.extend([
+        "model.init=".into(),
+        format!("model.source=\"{}\"", qs.join("model").display()),
+        "lora.enabled=true".into(),
+        "lora.r=4".into(),
+        "lora.alpha=8".into(),
+        // A new format to learn on the same split: quotes with their authors.
+        "data.field=".into(),
+        "data.template=\"{quote} — {author}\"".into(),
+        "lora.target_modules=[\"in_proj\", \"out_proj\", \"embeddings\"]".into(),
+        "train.steps=20".into(),
+    ]);
     let s = ok(train("configs/quickstart.toml", &sets, &[])
         .output()
         .unwrap());
@@ -177,7 +199,7 @@ fn quickstart_then_lora_on_its_export() {
     );
     assert_eq!(keys.len(), 2 + 2 * 2 * 2, "{keys:?}");
 
-    // 3. Base + adapter and the merged export evaluate to the same loss (the full validation
+    // 4. Base + adapter and the merged export evaluate to the same loss (the full validation
     //    split, through the eval binary), better than the base.
     let with_adapter = eval_loss(&qs.join("model"), Some(&lora.join("adapter")));
     let merged = eval_loss(&lora.join("merged"), None);
@@ -276,14 +298,12 @@ fn every_lora_target_trains_and_merges_exactly() {
         let tied = model.lm_head.is_none();
         let merged = merge(model);
         assert!(adapters(&merged).0.is_empty() && adapters(&merged).1.is_none());
-        assert_eq!(
+        assert!(
             merged.lm_head.is_some(),
-            true,
             "{case}: a merged embedding adapter unties the head"
         );
-        assert_eq!(
-            merged.config.tie_word_embeddings(),
-            false,
+        assert!(
+            !merged.config.tie_word_embeddings(),
             "{case} (tied before: {tied})"
         );
         let err = rel_err(&values(merged.forward(ids)), &with);
@@ -301,7 +321,7 @@ fn perturb_adapters(mut model: MambaLM<Cpu>) -> MambaLM<Cpu> {
             &Default::default(),
         ))
     };
-    let mut visit = |l: &mut mamba_burn::model::nn::Linear<Cpu>| {
+    let visit = |l: &mut mamba_burn::model::nn::Linear<Cpu>| {
         if let Some(a) = l.lora.as_mut() {
             a.b = noisy(&a.b);
         }
@@ -550,4 +570,41 @@ fn lora_targets_follow_peft_matching() {
     )
     .unwrap();
     assert_eq!(keys.len(), 2);
+}
+
+/// A hub dataset id resolves through the standard cache layout (offline).
+#[test]
+fn hub_dataset_id_from_local_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let repo = tmp.path().join("hf/hub/datasets--Abirate--english_quotes");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::copy(
+        shared().join("datasets/english_quotes/quotes.jsonl"),
+        snap.join("quotes.jsonl"),
+    )
+    .unwrap();
+    let out = tmp.path().join("run");
+    let mut sets = small(&out);
+    sets.extend([
+        "data.source=\"Abirate/english_quotes\"".to_string(),
+        "data.file=\"quotes.jsonl\"".into(),
+        "train.steps=2".into(),
+        "data.max_examples=60".into(),
+    ]);
+    let mut cmd = train("configs/quickstart.toml", &sets, &[]);
+    cmd.env("HF_HOME", tmp.path().join("hf"))
+        .env_remove("HF_HUB_CACHE");
+    let s = ok(cmd.output().unwrap());
+    assert_eq!(s["steps"], 2);
+
+    // Without `data.file` the error says what to set.
+    let mut sets = small(&out);
+    sets.push("data.source=\"Abirate/english_quotes\"".into());
+    let mut cmd = train("configs/quickstart.toml", &sets, &[]);
+    cmd.env("HF_HOME", tmp.path().join("hf"));
+    fails_with(&mut cmd, "set `data.file`");
 }

@@ -296,7 +296,7 @@ fn mamba_ssm_config(path: &Path, obj: Map<String, Value>) -> Result<ModelConfig,
             let expand = get_usize(ssm, "expand").unwrap_or(2);
             let head_dim = get_usize(ssm, "headdim").unwrap_or(64);
             let intermediate = expand * d_model;
-            if head_dim == 0 || intermediate % head_dim != 0 {
+            if head_dim == 0 || !intermediate.is_multiple_of(head_dim) {
                 return Err(field_err(
                     path,
                     "ssm_cfg.headdim",
@@ -403,7 +403,7 @@ fn codestral_params(path: &Path, obj: Map<String, Value>) -> Result<ModelConfig,
     let multiple = get_usize(&obj, "pad_vocab_size_multiple").unwrap_or(1);
     let head_dim = get_usize(&obj, "head_dim").unwrap_or(64);
     let expand = get_usize(&obj, "expand").unwrap_or(2);
-    if head_dim == 0 || (expand * dim) % head_dim != 0 {
+    if head_dim == 0 || !(expand * dim).is_multiple_of(head_dim) {
         return Err(field_err(
             path,
             "dim",

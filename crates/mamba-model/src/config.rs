@@ -167,7 +167,7 @@ impl Mamba2Config {
                 ),
             ));
         }
-        if self.num_heads % self.n_groups != 0 {
+        if !self.num_heads.is_multiple_of(self.n_groups) {
             return Err(invalid(
                 "n_groups",
                 format!(

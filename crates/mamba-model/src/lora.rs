@@ -257,10 +257,14 @@ pub fn apply_lora<B: Backend>(
     Ok((model, keys))
 }
 
+/// The adapters of linear layers under their module keys, and the embedding adapter.
+pub type Adapters<'m, B> = (
+    Vec<(String, &'m LoraLinear<B>)>,
+    Option<&'m LoraEmbedding<B>>,
+);
+
 /// Visit the adapters under their module keys.
-pub fn adapters<B: Backend>(
-    model: &MambaLM<B>,
-) -> (Vec<(String, &LoraLinear<B>)>, Option<&LoraEmbedding<B>>) {
+pub fn adapters<B: Backend>(model: &MambaLM<B>) -> Adapters<'_, B> {
     let mut out = Vec::new();
     fn push<'m, B: Backend>(
         out: &mut Vec<(String, &'m LoraLinear<B>)>,

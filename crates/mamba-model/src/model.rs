@@ -11,6 +11,9 @@ use crate::mamba1::Mamba1Mixer;
 use crate::mamba2::Mamba2Mixer;
 use crate::nn::{Embedding, Linear, RmsNorm};
 
+// The variants differ in size (Mamba1 has two more projections); boxing one would put every
+// layer's mixer behind a pointer for no gain, there being one per layer.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Mixer<B: Backend> {
     Mamba1(Mamba1Mixer<B>),
@@ -189,6 +192,20 @@ impl<B: MambaBackend> MambaLM<B> {
                 .return_cache
                 .then_some(ModelCache { layers: states_out }),
         }
+    }
+
+    /// Mean next-token cross-entropy of `ids` against `labels` (`-100` ignored, shifted inside),
+    /// `[1]`.
+    pub fn loss(&self, ids: Tensor<B, 2, Int>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        self.forward_with(
+            ids,
+            ForwardArgs {
+                labels: Some(labels),
+                ..Default::default()
+            },
+        )
+        .loss
+        .expect("labels were given")
     }
 
     /// Prefill: logits of the last position `[batch, vocab]` and the cache.

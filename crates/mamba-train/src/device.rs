@@ -121,10 +121,10 @@ pub fn run_on<J: BackendJob>(spec: DeviceSpec, job: J) -> Result<J::Output> {
                 if !cuda_available(i) {
                     bail!("device cuda:{i}: no usable CUDA device (driver missing, or index out of range)");
                 }
-                return job.run::<CudaBackend>(
+                job.run::<CudaBackend>(
                     burn::backend::cuda::CudaDevice::new(i),
                     &format!("cuda:{i}"),
-                );
+                )
             }
             #[cfg(not(feature = "cuda"))]
             {

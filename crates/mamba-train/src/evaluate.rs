@@ -2,7 +2,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use mamba_model::{ForwardArgs, MambaBackend, MambaLM};
+use mamba_model::{MambaBackend, MambaLM};
 use serde::Serialize;
 
 /// What `eval --json` prints.
@@ -71,14 +71,7 @@ pub fn evaluate_ids<B: MambaBackend>(
     let mut tokens = 0usize;
     for chunk in rows.chunks(batch_size.max(1)) {
         let ids = ids_tensor::<B>(chunk, device);
-        let out = model.forward_with(
-            ids.clone(),
-            ForwardArgs {
-                labels: Some(ids),
-                ..Default::default()
-            },
-        );
-        let loss: f64 = out.loss.expect("labels given").into_scalar().elem();
+        let loss: f64 = model.loss(ids.clone(), ids).into_scalar().elem();
         let counted = chunk.len() * (chunk[0].len() - 1);
         ensure!(
             loss.is_finite(),

@@ -25,7 +25,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use mamba_data::{batch_stream, collate, Batch, Row};
 use mamba_hf::{load_config, load_model_dir, resolve_model_dir, save_model, SaveDtype};
 use mamba_model::lora::{apply_lora, merge, LoraConfig, LoraTargets};
-use mamba_model::{ForwardArgs, MambaBackend, MambaLM, Mixer, NormMode};
+use mamba_model::{MambaBackend, MambaLM, Mixer, NormMode};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -239,18 +239,7 @@ pub fn evaluate_rows<B: MambaBackend>(
             continue;
         }
         let (ids, labels) = batch_tensors::<B>(&b, device);
-        let loss: f64 = model
-            .forward_with(
-                ids,
-                ForwardArgs {
-                    labels: Some(labels),
-                    ..Default::default()
-                },
-            )
-            .loss
-            .expect("labels given")
-            .into_scalar()
-            .elem();
+        let loss: f64 = model.loss(ids, labels).into_scalar().elem();
         ensure!(loss.is_finite(), "validation loss is {loss}");
         nll += loss * b.tokens as f64;
         tokens += b.tokens;
@@ -436,7 +425,7 @@ where
                 model = mamba_model::lora::freeze_base(model);
             }
             let rec = recorder
-                .load(dir.join("optimizer").into(), &device)
+                .load(dir.join("optimizer"), &device)
                 .with_context(|| format!("loading optimizer state from {}", dir.display()))?;
             optim = optim.load_record(rec);
             let state: TrainState =
@@ -492,16 +481,7 @@ where
         for _ in 0..t.grad_accum {
             let (_, batch) = stream.recv().context("the batch thread stopped")?;
             let (ids, labels) = batch_tensors::<A>(&batch, &device);
-            let loss = model
-                .forward_with(
-                    ids,
-                    ForwardArgs {
-                        labels: Some(labels),
-                        ..Default::default()
-                    },
-                )
-                .loss
-                .expect("labels given");
+            let loss = model.loss(ids, labels);
             let value: f64 = loss.clone().into_scalar().elem();
             if !value.is_finite() {
                 let last = list_checkpoints(&out)
