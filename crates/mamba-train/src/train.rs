@@ -387,6 +387,8 @@ where
                     unmatched.join(", ")
                 );
             }
+            // Adapter init draws from the backend RNG: seed it so runs repeat.
+            A::seed(&device, cfg.train.seed);
             let (m, keys) = apply_lora(model, l, &device)?;
             if keys.iter().any(|k| k.ends_with(".out_proj")) {
                 eprintln!(
