@@ -87,6 +87,8 @@ fn hardware_wgpu() -> Option<burn::backend::wgpu::WgpuDevice> {
 
 /// Run `job` on the backend `spec` names. `auto` takes CUDA, then a hardware wgpu adapter, then
 /// the CPU, and says which it took on stderr.
+// Built without any backend feature, `job` is only passed along (and every arm fails).
+#[allow(clippy::only_used_in_recursion)]
 pub fn run_on<J: BackendJob>(spec: DeviceSpec, job: J) -> Result<J::Output> {
     match spec {
         DeviceSpec::Auto => {

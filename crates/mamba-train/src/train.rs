@@ -447,7 +447,8 @@ where
     let t = &cfg.train;
     let val_bs = t.batch_size;
 
-    if start == 0 && !data.validation.is_empty() {
+    // Validation loss, logged and written to metrics.jsonl.
+    let validate = |model: &MambaLM<A>, step: u64, metrics: &mut Metrics| -> Result<f64> {
         let (loss, _) = evaluate_rows(
             &model.valid(),
             &data.validation,
@@ -455,9 +456,12 @@ where
             t.eval_batches,
             &device,
         )?;
-        initial_val_loss = Some(loss);
-        metrics.write(json!({"step": 0, "val_loss": loss, "val_perplexity": loss.exp()}))?;
-        eprintln!("step 0: val_loss {loss:.4} ppl {:.2}", loss.exp());
+        metrics.write(json!({"step": step, "val_loss": loss, "val_perplexity": loss.exp()}))?;
+        eprintln!("step {step}: val_loss {loss:.4} ppl {:.2}", loss.exp());
+        Ok(loss)
+    };
+    if start == 0 && !data.validation.is_empty() {
+        initial_val_loss = Some(validate(&model, 0, &mut metrics)?);
     }
 
     let stream = batch_stream(
@@ -545,16 +549,7 @@ where
         }
         let eval_now = (t.eval_every > 0 && done % t.eval_every == 0) || done == t.steps;
         if eval_now && !data.validation.is_empty() {
-            let (loss, _) = evaluate_rows(
-                &model.valid(),
-                &data.validation,
-                val_bs,
-                t.eval_batches,
-                &device,
-            )?;
-            last_val = Some(loss);
-            metrics.write(json!({"step": done, "val_loss": loss, "val_perplexity": loss.exp()}))?;
-            eprintln!("step {done}: val_loss {loss:.4} ppl {:.2}", loss.exp());
+            last_val = Some(validate(&model, done, &mut metrics)?);
         }
         if t.checkpoint_every > 0 && (done % t.checkpoint_every == 0 || done == t.steps) {
             save_checkpoint(
