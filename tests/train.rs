@@ -65,6 +65,21 @@ fn ok(out: Output) -> Value {
         .unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
+/// Run the quickstart config with `sets`; the validation loss must fall by more than `margin`.
+/// Returns the run's summary.
+fn train_lowers_val_loss(sets: &[String], margin: f64, what: &str) -> Value {
+    let s = ok(train("configs/quickstart.toml", sets, &[])
+        .output()
+        .unwrap());
+    let before = s["initial_val_loss"].as_f64().unwrap();
+    let after = s["final_val_loss"].as_f64().unwrap();
+    assert!(
+        after < before - margin,
+        "{what}: validation loss {before} → {after}"
+    );
+    s
+}
+
 fn eval_loss(model: &Path, adapter: Option<&Path>) -> f64 {
     let data = shared().join("datasets/english_quotes/quotes.jsonl");
     let mut cmd = Command::new(EVAL);
@@ -91,17 +106,7 @@ fn quickstart_then_lora_on_its_export() {
     let tmp = tempfile::tempdir().unwrap();
     // 1. A small Mamba2 from scratch: validation loss falls.
     let qs = tmp.path().join("quickstart");
-    let s = ok(train("configs/quickstart.toml", &small(&qs), &[])
-        .output()
-        .unwrap());
-    let (before, after) = (
-        s["initial_val_loss"].as_f64().unwrap(),
-        s["final_val_loss"].as_f64().unwrap(),
-    );
-    assert!(
-        after < before - 0.3,
-        "from scratch: validation loss {before} → {after}"
-    );
+    train_lowers_val_loss(&small(&qs), 0.3, "from scratch");
     for f in [
         "model/config.json",
         "model/model.safetensors",
@@ -124,17 +129,7 @@ fn quickstart_then_lora_on_its_export() {
         "train.steps=10".into(),
         "train.lr=3e-3".into(),
     ]);
-    let s = ok(train("configs/quickstart.toml", &sets, &[])
-        .output()
-        .unwrap());
-    let (before, after) = (
-        s["initial_val_loss"].as_f64().unwrap(),
-        s["final_val_loss"].as_f64().unwrap(),
-    );
-    assert!(
-        after < before - 0.05,
-        "full fine-tuning: validation loss {before} → {after}"
-    );
+    let s = train_lowers_val_loss(&sets, 0.05, "full fine-tuning");
     assert_eq!(s["trainable_params"], s["total_params"]);
     assert!(full.join("model/model.safetensors").is_file());
 
@@ -153,17 +148,7 @@ fn quickstart_then_lora_on_its_export() {
         "lora.target_modules=[\"in_proj\", \"out_proj\", \"embeddings\"]".into(),
         "train.steps=20".into(),
     ]);
-    let s = ok(train("configs/quickstart.toml", &sets, &[])
-        .output()
-        .unwrap());
-    let (before, after) = (
-        s["initial_val_loss"].as_f64().unwrap(),
-        s["final_val_loss"].as_f64().unwrap(),
-    );
-    assert!(
-        after < before - 0.05,
-        "LoRA: validation loss {before} → {after}"
-    );
+    let s = train_lowers_val_loss(&sets, 0.05, "LoRA");
     assert!(s["trainable_params"].as_u64().unwrap() < s["total_params"].as_u64().unwrap() / 5);
 
     // PEFT files.
