@@ -11,11 +11,13 @@
 
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::Autodiff;
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use burn::tensor::{backend::Backend, Tensor};
 
 pub mod reference;
 
-/// Which implementation of the hot ops the model uses.
+/// Which implementation of the hot ops the model uses (`--ops auto|reference|kernels`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OpsMode {
     /// The backend's best: kernels where the backend has them, the reference otherwise.
@@ -23,6 +25,71 @@ pub enum OpsMode {
     Auto,
     /// Always the plain tensor-op reference (for comparison and debugging).
     Reference,
+    /// The kernels; choosing a backend without them is an error (see [`check_ops_mode`]).
+    Kernels,
+}
+
+impl std::str::FromStr for OpsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "reference" | "ref" => Ok(Self::Reference),
+            "kernels" | "kernel" => Ok(Self::Kernels),
+            other => Err(format!(
+                "unknown ops mode `{other}`: expected auto, reference or kernels"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for OpsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Reference => "reference",
+            Self::Kernels => "kernels",
+        })
+    }
+}
+
+/// The ops are static functions of the backend type, so the switch between kernels and the
+/// reference is process-wide: set once at start-up (or around a comparison), read at every op.
+static OPS_MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Selects the implementation of the hot ops for the whole process.
+pub fn set_ops_mode(mode: OpsMode) {
+    let v = match mode {
+        OpsMode::Auto => 0,
+        OpsMode::Reference => 1,
+        OpsMode::Kernels => 2,
+    };
+    OPS_MODE.store(v, Ordering::Relaxed);
+}
+
+/// The implementation selected by [`set_ops_mode`] (`Auto` unless set).
+pub fn ops_mode() -> OpsMode {
+    match OPS_MODE.load(Ordering::Relaxed) {
+        1 => OpsMode::Reference,
+        2 => OpsMode::Kernels,
+        _ => OpsMode::Auto,
+    }
+}
+
+/// Whether backend `B` runs its kernels under the current [`ops_mode`].
+pub fn kernels_active<B: MambaBackend>() -> bool {
+    B::has_kernels() && ops_mode() != OpsMode::Reference
+}
+
+/// Checks that `mode` can be honoured on backend `B` (`kernels` needs a backend with kernels);
+/// `backend` names it in the error.
+pub fn check_ops_mode<B: MambaBackend>(mode: OpsMode, backend: &str) -> Result<(), String> {
+    if mode == OpsMode::Kernels && !B::has_kernels() {
+        return Err(format!(
+            "--ops kernels: the {backend} backend has no kernels (use --device cuda or wgpu, or --ops reference)"
+        ));
+    }
+    Ok(())
 }
 
 /// Inputs of the SSD chunked scan (Mamba2).
@@ -59,6 +126,22 @@ pub struct SsdOutput<B: Backend> {
     pub y: Tensor<B, 4>,
     /// `[batch, heads, head_dim, state]`: the state after the last position.
     pub final_state: Tensor<B, 4>,
+}
+
+/// Gradients of a loss through [`MambaBackend::ssd_chunk_scan`] (see
+/// [`MambaBackend::ssd_chunk_scan_backward`]); shapes as in [`SsdInput`].
+#[derive(Debug, Clone)]
+pub struct SsdGrads<B: Backend> {
+    pub x: Tensor<B, 4>,
+    /// With respect to the raw `dt` (before `dt_bias` and softplus).
+    pub dt: Tensor<B, 3>,
+    pub a: Tensor<B, 1>,
+    pub b: Tensor<B, 4>,
+    pub c: Tensor<B, 4>,
+    pub d: Tensor<B, 1>,
+    pub dt_bias: Tensor<B, 1>,
+    /// `Some` exactly when the input had an initial state.
+    pub initial_state: Option<Tensor<B, 4>>,
 }
 
 /// One-token SSD update.
@@ -156,10 +239,27 @@ pub struct SelectiveScanOutput<B: Backend> {
     pub final_state: Tensor<B, 3>,
 }
 
+/// Gradients of a loss through [`MambaBackend::selective_scan`]; shapes as in
+/// [`SelectiveScanInput`]. Optional inputs get `Some` exactly when they were given.
+#[derive(Debug, Clone)]
+pub struct SelectiveScanGrads<B: Backend> {
+    pub u: Tensor<B, 3>,
+    /// With respect to the raw `delta` (before `delta_bias` and softplus).
+    pub delta: Tensor<B, 3>,
+    pub a: Tensor<B, 2>,
+    pub b: Tensor<B, 3>,
+    pub c: Tensor<B, 3>,
+    pub d: Tensor<B, 1>,
+    pub z: Option<Tensor<B, 3>>,
+    pub delta_bias: Option<Tensor<B, 1>>,
+    pub initial_state: Option<Tensor<B, 3>>,
+}
+
 /// The backend extension carrying Mamba's hot ops. Every method defaults to the reference
 /// implementation in plain tensor ops.
 pub trait MambaBackend: Backend {
-    /// Whether this backend overrides the ops with kernels (reported by `--ops auto`).
+    /// Whether this backend overrides the ops with kernels. Kernel impls also honour
+    /// [`ops_mode`]: under `OpsMode::Reference` they run the reference.
     fn has_kernels() -> bool {
         false
     }
@@ -192,6 +292,17 @@ pub trait MambaBackend: Backend {
         reference::ssd_chunk_scan(input)
     }
 
+    /// Backward of [`ssd_chunk_scan`](MambaBackend::ssd_chunk_scan): given the forward's input,
+    /// the gradient `dy` of its output and (optionally) `d_final` of its final state, the
+    /// gradients of every input. Used by `Autodiff<B>` when kernels are active.
+    fn ssd_chunk_scan_backward(
+        input: SsdInput<Self>,
+        dy: Tensor<Self, 4>,
+        d_final: Option<Tensor<Self, 4>>,
+    ) -> SsdGrads<Self> {
+        reference::ssd_chunk_scan_backward(input, dy, d_final)
+    }
+
     /// One-token SSD update. Returns `y` `[batch, heads, head_dim]` and the new state.
     fn ssd_step(input: SsdStepInput<Self>) -> (Tensor<Self, 3>, Tensor<Self, 4>) {
         reference::ssd_step(input)
@@ -199,6 +310,16 @@ pub trait MambaBackend: Backend {
 
     fn selective_scan(input: SelectiveScanInput<Self>) -> SelectiveScanOutput<Self> {
         reference::selective_scan(input)
+    }
+
+    /// Backward of [`selective_scan`](MambaBackend::selective_scan), as
+    /// [`ssd_chunk_scan_backward`](MambaBackend::ssd_chunk_scan_backward).
+    fn selective_scan_backward(
+        input: SelectiveScanInput<Self>,
+        dy: Tensor<Self, 3>,
+        d_final: Option<Tensor<Self, 3>>,
+    ) -> SelectiveScanGrads<Self> {
+        reference::selective_scan_backward(input, dy, d_final)
     }
 
     /// One-token selective-scan update. `u`, `dt` (after bias and softplus), `b`, `c` are
@@ -222,14 +343,69 @@ impl<B: MambaBackend, C: CheckpointStrategy> MambaBackend for Autodiff<B, C> {
         B::has_kernels()
     }
 
-    /// With kernels in `B`, a custom autodiff step runs `B`'s forward and backward ops;
+    /// With kernels active in `B`, a custom autodiff step runs `B`'s forward and backward ops;
     /// otherwise the reference ops are differentiated as they are.
     fn causal_conv1d(input: ConvInput<Self>) -> ConvOutput<Self> {
         #[cfg(feature = "cube")]
-        if B::has_kernels() {
+        if kernels_active::<B>() {
             return cube::autodiff::causal_conv1d::<B, C>(input);
         }
         reference::causal_conv1d(input)
+    }
+
+    fn ssd_chunk_scan(input: SsdInput<Self>) -> SsdOutput<Self> {
+        #[cfg(feature = "cube")]
+        if kernels_active::<B>() {
+            return cube::autodiff::ssd_chunk_scan::<B, C>(input);
+        }
+        reference::ssd_chunk_scan(input)
+    }
+
+    fn selective_scan(input: SelectiveScanInput<Self>) -> SelectiveScanOutput<Self> {
+        #[cfg(feature = "cube")]
+        if kernels_active::<B>() {
+            return cube::autodiff::selective_scan::<B, C>(input);
+        }
+        reference::selective_scan(input)
+    }
+
+    // Decode steps are inference-only: without tracked inputs the inner kernels do the work.
+    fn causal_conv1d_step(
+        x: Tensor<Self, 2>,
+        state: Tensor<Self, 3>,
+        weight: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+        silu: bool,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        #[cfg(feature = "cube")]
+        if kernels_active::<B>() {
+            return cube::autodiff::causal_conv1d_step::<B, C>(x, state, weight, bias, silu);
+        }
+        reference::causal_conv1d_step(x, state, weight, bias, silu)
+    }
+
+    fn ssd_step(input: SsdStepInput<Self>) -> (Tensor<Self, 3>, Tensor<Self, 4>) {
+        #[cfg(feature = "cube")]
+        if kernels_active::<B>() {
+            return cube::autodiff::ssd_step::<B, C>(input);
+        }
+        reference::ssd_step(input)
+    }
+
+    fn selective_step(
+        u: Tensor<Self, 2>,
+        dt: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        c: Tensor<Self, 2>,
+        d: Tensor<Self, 1>,
+        state: Tensor<Self, 3>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        #[cfg(feature = "cube")]
+        if kernels_active::<B>() {
+            return cube::autodiff::selective_step::<B, C>(u, dt, a, b, c, d, state);
+        }
+        reference::selective_step(u, dt, a, b, c, d, state)
     }
 }
 
@@ -260,15 +436,87 @@ where
     }
 
     fn causal_conv1d(input: ConvInput<Self>) -> ConvOutput<Self> {
+        if !kernels_active::<Self>() {
+            return reference::causal_conv1d(input);
+        }
         cube::conv::causal_conv1d(input)
     }
 
     fn causal_conv1d_backward(input: ConvInput<Self>, dy: Tensor<Self, 3>) -> ConvGrads<Self> {
+        if !kernels_active::<Self>() {
+            return reference::causal_conv1d_backward(input, dy);
+        }
         cube::conv::causal_conv1d_backward(input, dy)
     }
 
-    /// Forward only: `Autodiff<CubeBackend>` keeps differentiating the reference.
+    fn causal_conv1d_step(
+        x: Tensor<Self, 2>,
+        state: Tensor<Self, 3>,
+        weight: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+        silu: bool,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        if !kernels_active::<Self>() {
+            return reference::causal_conv1d_step(x, state, weight, bias, silu);
+        }
+        cube::step::causal_conv1d_step(x, state, weight, bias, silu)
+    }
+
     fn ssd_chunk_scan(input: SsdInput<Self>) -> SsdOutput<Self> {
+        if !kernels_active::<Self>() {
+            return reference::ssd_chunk_scan(input);
+        }
         cube::ssd::ssd_chunk_scan(input)
+    }
+
+    fn ssd_chunk_scan_backward(
+        input: SsdInput<Self>,
+        dy: Tensor<Self, 4>,
+        d_final: Option<Tensor<Self, 4>>,
+    ) -> SsdGrads<Self> {
+        if !kernels_active::<Self>() {
+            return reference::ssd_chunk_scan_backward(input, dy, d_final);
+        }
+        cube::ssd_bwd::ssd_chunk_scan_backward(input, dy, d_final)
+    }
+
+    fn ssd_step(input: SsdStepInput<Self>) -> (Tensor<Self, 3>, Tensor<Self, 4>) {
+        if !kernels_active::<Self>() {
+            return reference::ssd_step(input);
+        }
+        cube::step::ssd_step(input)
+    }
+
+    fn selective_scan(input: SelectiveScanInput<Self>) -> SelectiveScanOutput<Self> {
+        if !kernels_active::<Self>() {
+            return reference::selective_scan(input);
+        }
+        cube::selective::selective_scan(input)
+    }
+
+    fn selective_scan_backward(
+        input: SelectiveScanInput<Self>,
+        dy: Tensor<Self, 3>,
+        d_final: Option<Tensor<Self, 3>>,
+    ) -> SelectiveScanGrads<Self> {
+        if !kernels_active::<Self>() {
+            return reference::selective_scan_backward(input, dy, d_final);
+        }
+        cube::selective::selective_scan_backward(input, dy, d_final)
+    }
+
+    fn selective_step(
+        u: Tensor<Self, 2>,
+        dt: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        c: Tensor<Self, 2>,
+        d: Tensor<Self, 1>,
+        state: Tensor<Self, 3>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        if !kernels_active::<Self>() {
+            return reference::selective_step(u, dt, a, b, c, d, state);
+        }
+        cube::step::selective_step(u, dt, a, b, c, d, state)
     }
 }

@@ -9,8 +9,8 @@ use burn::tensor::activation::{silu, softplus};
 use burn::tensor::{backend::Backend, Bool, Tensor};
 
 use crate::{
-    ConvGrads, ConvInput, ConvOutput, SelectiveScanInput, SelectiveScanOutput, SsdInput, SsdOutput,
-    SsdStepInput,
+    ConvGrads, ConvInput, ConvOutput, SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput,
+    SsdGrads, SsdInput, SsdOutput, SsdStepInput,
 };
 
 /// `dt = clamp(softplus(dt + bias), limit)`; the clamp is skipped for `(0, inf)` (softplus is
@@ -425,4 +425,107 @@ pub fn selective_step<B: Backend>(
         .sum_dim(2)
         .reshape([batch, channels]);
     (y + u * d.unsqueeze_dim::<2>(0), state)
+}
+
+type Ad<B> = burn::backend::Autodiff<B>;
+
+fn tracked<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<Ad<B>, D> {
+    Tensor::from_inner(t).require_grad()
+}
+
+fn grad_of<B: Backend, const D: usize>(
+    t: &Tensor<Ad<B>, D>,
+    grads: &<Ad<B> as burn::tensor::backend::AutodiffBackend>::Gradients,
+) -> Tensor<B, D> {
+    t.grad(grads)
+        .unwrap_or_else(|| Tensor::zeros(t.dims(), &t.device().clone()))
+}
+
+/// Reference backward of [`ssd_chunk_scan`]: differentiates the reference forward with
+/// `Autodiff<B>` and returns the gradients of `sum(y · dy) + sum(final_state · d_final)`.
+pub fn ssd_chunk_scan_backward<B: Backend>(
+    input: SsdInput<B>,
+    dy: Tensor<B, 4>,
+    d_final: Option<Tensor<B, 4>>,
+) -> SsdGrads<B> {
+    let x = tracked(input.x);
+    let dt = tracked(input.dt);
+    let a = tracked(input.a);
+    let b = tracked(input.b);
+    let c = tracked(input.c);
+    let d = tracked(input.d);
+    let dt_bias = tracked(input.dt_bias);
+    let init = input.initial_state.map(tracked);
+    let out = ssd_chunk_scan(SsdInput {
+        x: x.clone(),
+        dt: dt.clone(),
+        a: a.clone(),
+        b: b.clone(),
+        c: c.clone(),
+        d: d.clone(),
+        dt_bias: dt_bias.clone(),
+        dt_limit: input.dt_limit,
+        initial_state: init.clone(),
+        chunk_size: input.chunk_size,
+    });
+    let mut loss = (out.y * Tensor::from_inner(dy)).sum();
+    if let Some(df) = d_final {
+        loss = loss + (out.final_state * Tensor::from_inner(df)).sum();
+    }
+    let grads = loss.backward();
+    SsdGrads {
+        x: grad_of(&x, &grads),
+        dt: grad_of(&dt, &grads),
+        a: grad_of(&a, &grads),
+        b: grad_of(&b, &grads),
+        c: grad_of(&c, &grads),
+        d: grad_of(&d, &grads),
+        dt_bias: grad_of(&dt_bias, &grads),
+        initial_state: init.map(|s| grad_of(&s, &grads)),
+    }
+}
+
+/// Reference backward of [`selective_scan`], as [`ssd_chunk_scan_backward`].
+pub fn selective_scan_backward<B: Backend>(
+    input: SelectiveScanInput<B>,
+    dy: Tensor<B, 3>,
+    d_final: Option<Tensor<B, 3>>,
+) -> SelectiveScanGrads<B> {
+    let u = tracked(input.u);
+    let delta = tracked(input.delta);
+    let a = tracked(input.a);
+    let b = tracked(input.b);
+    let c = tracked(input.c);
+    let d = tracked(input.d);
+    let z = input.z.map(tracked);
+    let delta_bias = input.delta_bias.map(tracked);
+    let init = input.initial_state.map(tracked);
+    let out = selective_scan(SelectiveScanInput {
+        u: u.clone(),
+        delta: delta.clone(),
+        a: a.clone(),
+        b: b.clone(),
+        c: c.clone(),
+        d: d.clone(),
+        z: z.clone(),
+        delta_bias: delta_bias.clone(),
+        delta_softplus: input.delta_softplus,
+        initial_state: init.clone(),
+    });
+    let mut loss = (out.y * Tensor::from_inner(dy)).sum();
+    if let Some(df) = d_final {
+        loss = loss + (out.final_state * Tensor::from_inner(df)).sum();
+    }
+    let grads = loss.backward();
+    SelectiveScanGrads {
+        u: grad_of(&u, &grads),
+        delta: grad_of(&delta, &grads),
+        a: grad_of(&a, &grads),
+        b: grad_of(&b, &grads),
+        c: grad_of(&c, &grads),
+        d: grad_of(&d, &grads),
+        z: z.map(|t| grad_of(&t, &grads)),
+        delta_bias: delta_bias.map(|t| grad_of(&t, &grads)),
+        initial_state: init.map(|s| grad_of(&s, &grads)),
+    }
 }

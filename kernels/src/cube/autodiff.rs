@@ -13,7 +13,10 @@ use burn::backend::Autodiff;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use crate::{ConvGrads, ConvInput, ConvOutput, MambaBackend};
+use crate::{
+    ConvGrads, ConvInput, ConvOutput, MambaBackend, SelectiveScanGrads, SelectiveScanInput,
+    SelectiveScanOutput, SsdGrads, SsdInput, SsdOutput, SsdStepInput,
+};
 
 type Ad<B, C> = Autodiff<B, C>;
 
@@ -170,4 +173,355 @@ pub fn causal_conv1d<B: MambaBackend, C: CheckpointStrategy>(
         y: Tensor::from_primitive(TensorPrimitive::Float(y)),
         final_state,
     }
+}
+
+fn is_tracked<B: MambaBackend, const D: usize>(
+    t: &Tensor<Ad<B, impl CheckpointStrategy>, D>,
+) -> bool {
+    !t.clone()
+        .into_primitive()
+        .tensor()
+        .node
+        .requirement
+        .is_none()
+}
+
+fn register<B: MambaBackend, const D: usize>(
+    grads: &mut Gradients,
+    node: Option<burn::backend::autodiff::NodeId>,
+    g: Option<Tensor<B, D>>,
+) {
+    if let (Some(id), Some(g)) = (node, g) {
+        grads.register::<B>(id, g.into_primitive().tensor());
+    }
+}
+
+/// Everything the SSD backward needs of its forward: the inner inputs and the static arguments.
+#[derive(Debug, Clone)]
+struct SsdSaved<B: MambaBackend> {
+    input: SsdInput<B>,
+}
+
+/// Backward step of the SSD scan. Its one output is `y` and the final state packed side by side
+/// per batch row (`[batch, seq·heads·head_dim + heads·head_dim·state]`), so that a single graph
+/// node carries both; parents are `[x, dt, a, b, c, d, dt_bias, initial_state]`.
+#[derive(Debug)]
+struct SsdBackward;
+
+impl<B: MambaBackend> Backward<B, 8> for SsdBackward {
+    type State = SsdSaved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 8>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [nx, ndt, na, nb, nc, nd, nbias, ns] = ops.parents.map(|n| n.map(|n| n.id));
+        let packed: Tensor<B, 2> = inner(grads.consume::<B>(&ops.node));
+        let input = ops.state.input;
+        let [batch, seqlen, heads, head_dim] = input.x.dims();
+        let dstate = input.b.dims()[3];
+        let ny = seqlen * heads * head_dim;
+        let dy = packed
+            .clone()
+            .narrow(1, 0, ny)
+            .reshape([batch, seqlen, heads, head_dim]);
+        let d_final = packed
+            .narrow(1, ny, heads * head_dim * dstate)
+            .reshape([batch, heads, head_dim, dstate]);
+        let SsdGrads {
+            x,
+            dt,
+            a,
+            b,
+            c,
+            d,
+            dt_bias,
+            initial_state,
+        } = B::ssd_chunk_scan_backward(input, dy, Some(d_final));
+        register(grads, nx, Some(x));
+        register(grads, ndt, Some(dt));
+        register(grads, na, Some(a));
+        register(grads, nb, Some(b));
+        register(grads, nc, Some(c));
+        register(grads, nd, Some(d));
+        register(grads, nbias, Some(dt_bias));
+        register(grads, ns, initial_state);
+    }
+}
+
+/// The SSD scan on `Autodiff<B>` with the inner backend's forward and backward ops.
+pub fn ssd_chunk_scan<B: MambaBackend, C: CheckpointStrategy>(
+    input: SsdInput<Ad<B, C>>,
+) -> SsdOutput<Ad<B, C>> {
+    let [batch, seqlen, heads, head_dim] = input.x.dims();
+    let dstate = input.b.dims()[3];
+    let device = input.x.device();
+    let has_init = input.initial_state.is_some();
+    let init = input
+        .initial_state
+        .clone()
+        .unwrap_or_else(|| Tensor::zeros([batch, heads, head_dim, dstate], &device));
+    let x = input.x.into_primitive().tensor();
+    let dt = input.dt.into_primitive().tensor();
+    let a = input.a.into_primitive().tensor();
+    let b = input.b.into_primitive().tensor();
+    let c = input.c.into_primitive().tensor();
+    let d = input.d.into_primitive().tensor();
+    let bias = input.dt_bias.into_primitive().tensor();
+    let s = init.into_primitive().tensor();
+    let inner_input = SsdInput::<B> {
+        x: inner(x.primitive.clone()),
+        dt: inner(dt.primitive.clone()),
+        a: inner(a.primitive.clone()),
+        b: inner(b.primitive.clone()),
+        c: inner(c.primitive.clone()),
+        d: inner(d.primitive.clone()),
+        dt_bias: inner(bias.primitive.clone()),
+        dt_limit: input.dt_limit,
+        initial_state: has_init.then(|| inner(s.primitive.clone())),
+        chunk_size: input.chunk_size,
+    };
+    let forward = |input: SsdInput<B>| {
+        let out = B::ssd_chunk_scan(input);
+        Tensor::cat(
+            vec![
+                out.y.reshape([batch, seqlen * heads * head_dim]),
+                out.final_state.reshape([batch, heads * head_dim * dstate]),
+            ],
+            1,
+        )
+        .into_primitive()
+        .tensor()
+    };
+    let nodes = [
+        x.node, dt.node, a.node, b.node, c.node, d.node, bias.node, s.node,
+    ];
+    let packed = match SsdBackward.prepare::<C>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let saved = SsdSaved {
+                input: inner_input.clone(),
+            };
+            prep.finish(saved, forward(inner_input))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(inner_input)),
+    };
+    let packed: Tensor<Ad<B, C>, 2> = Tensor::from_primitive(TensorPrimitive::Float(packed));
+    let ny = seqlen * heads * head_dim;
+    SsdOutput {
+        y: packed
+            .clone()
+            .narrow(1, 0, ny)
+            .reshape([batch, seqlen, heads, head_dim]),
+        final_state: packed
+            .narrow(1, ny, heads * head_dim * dstate)
+            .reshape([batch, heads, head_dim, dstate]),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ScanSaved<B: MambaBackend> {
+    input: SelectiveScanInput<B>,
+}
+
+/// Backward step of the selective scan, packed as the SSD's (`y` then the final state);
+/// parents are `[u, delta, a, b, c, d, z, delta_bias, initial_state]`.
+#[derive(Debug)]
+struct ScanBackward;
+
+impl<B: MambaBackend> Backward<B, 9> for ScanBackward {
+    type State = ScanSaved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 9>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [nu, ndelta, na, nb, nc, nd, nz, nbias, ns] = ops.parents.map(|n| n.map(|n| n.id));
+        let packed: Tensor<B, 2> = inner(grads.consume::<B>(&ops.node));
+        let input = ops.state.input;
+        let [batch, seqlen, channels] = input.u.dims();
+        let dstate = input.a.dims()[1];
+        let ny = seqlen * channels;
+        let dy = packed
+            .clone()
+            .narrow(1, 0, ny)
+            .reshape([batch, seqlen, channels]);
+        let d_final = packed
+            .narrow(1, ny, channels * dstate)
+            .reshape([batch, channels, dstate]);
+        let g: SelectiveScanGrads<B> = B::selective_scan_backward(input, dy, Some(d_final));
+        register(grads, nu, Some(g.u));
+        register(grads, ndelta, Some(g.delta));
+        register(grads, na, Some(g.a));
+        register(grads, nb, Some(g.b));
+        register(grads, nc, Some(g.c));
+        register(grads, nd, Some(g.d));
+        register(grads, nz, g.z);
+        register(grads, nbias, g.delta_bias);
+        register(grads, ns, g.initial_state);
+    }
+}
+
+/// The selective scan on `Autodiff<B>` with the inner backend's forward and backward ops.
+pub fn selective_scan<B: MambaBackend, C: CheckpointStrategy>(
+    input: SelectiveScanInput<Ad<B, C>>,
+) -> SelectiveScanOutput<Ad<B, C>> {
+    let [batch, seqlen, channels] = input.u.dims();
+    let dstate = input.a.dims()[1];
+    let device = input.u.device();
+    let (has_z, has_bias, has_init) = (
+        input.z.is_some(),
+        input.delta_bias.is_some(),
+        input.initial_state.is_some(),
+    );
+    // Untracked placeholders keep the parent list fixed at nine.
+    let z = input
+        .z
+        .unwrap_or_else(|| Tensor::zeros([batch, seqlen, channels], &device));
+    let bias = input
+        .delta_bias
+        .unwrap_or_else(|| Tensor::zeros([channels], &device));
+    let init = input
+        .initial_state
+        .unwrap_or_else(|| Tensor::zeros([batch, channels, dstate], &device));
+    let u = input.u.into_primitive().tensor();
+    let delta = input.delta.into_primitive().tensor();
+    let a = input.a.into_primitive().tensor();
+    let b = input.b.into_primitive().tensor();
+    let c = input.c.into_primitive().tensor();
+    let d = input.d.into_primitive().tensor();
+    let z = z.into_primitive().tensor();
+    let bias = bias.into_primitive().tensor();
+    let s = init.into_primitive().tensor();
+    let inner_input = SelectiveScanInput::<B> {
+        u: inner(u.primitive.clone()),
+        delta: inner(delta.primitive.clone()),
+        a: inner(a.primitive.clone()),
+        b: inner(b.primitive.clone()),
+        c: inner(c.primitive.clone()),
+        d: inner(d.primitive.clone()),
+        z: has_z.then(|| inner(z.primitive.clone())),
+        delta_bias: has_bias.then(|| inner(bias.primitive.clone())),
+        delta_softplus: input.delta_softplus,
+        initial_state: has_init.then(|| inner(s.primitive.clone())),
+    };
+    let forward = |input: SelectiveScanInput<B>| {
+        let out = B::selective_scan(input);
+        Tensor::cat(
+            vec![
+                out.y.reshape([batch, seqlen * channels]),
+                out.final_state.reshape([batch, channels * dstate]),
+            ],
+            1,
+        )
+        .into_primitive()
+        .tensor()
+    };
+    let nodes = [
+        u.node, delta.node, a.node, b.node, c.node, d.node, z.node, bias.node, s.node,
+    ];
+    let packed = match ScanBackward.prepare::<C>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let saved = ScanSaved {
+                input: inner_input.clone(),
+            };
+            prep.finish(saved, forward(inner_input))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(inner_input)),
+    };
+    let packed: Tensor<Ad<B, C>, 2> = Tensor::from_primitive(TensorPrimitive::Float(packed));
+    let ny = seqlen * channels;
+    SelectiveScanOutput {
+        y: packed
+            .clone()
+            .narrow(1, 0, ny)
+            .reshape([batch, seqlen, channels]),
+        final_state: packed
+            .narrow(1, ny, channels * dstate)
+            .reshape([batch, channels, dstate]),
+    }
+}
+
+// Decode steps. They are inference ops: when no input is tracked the inner backend's kernels run
+// and the results come back untracked; a tracked input (a caller differentiating through
+// generation) gets the differentiable reference.
+
+/// One-token conv update on `Autodiff<B>`.
+pub fn causal_conv1d_step<B: MambaBackend, C: CheckpointStrategy>(
+    x: Tensor<Ad<B, C>, 2>,
+    state: Tensor<Ad<B, C>, 3>,
+    weight: Tensor<Ad<B, C>, 2>,
+    bias: Option<Tensor<Ad<B, C>, 1>>,
+    silu: bool,
+) -> (Tensor<Ad<B, C>, 2>, Tensor<Ad<B, C>, 3>) {
+    if is_tracked(&x)
+        || is_tracked(&state)
+        || is_tracked(&weight)
+        || bias.as_ref().is_some_and(is_tracked)
+    {
+        return crate::reference::causal_conv1d_step(x, state, weight, bias, silu);
+    }
+    let (y, s) = B::causal_conv1d_step(
+        x.inner(),
+        state.inner(),
+        weight.inner(),
+        bias.map(Tensor::inner),
+        silu,
+    );
+    (Tensor::from_inner(y), Tensor::from_inner(s))
+}
+
+/// One-token SSD update on `Autodiff<B>`.
+pub fn ssd_step<B: MambaBackend, C: CheckpointStrategy>(
+    input: SsdStepInput<Ad<B, C>>,
+) -> (Tensor<Ad<B, C>, 3>, Tensor<Ad<B, C>, 4>) {
+    let tracked = is_tracked(&input.x)
+        || is_tracked(&input.dt)
+        || is_tracked(&input.a)
+        || is_tracked(&input.b)
+        || is_tracked(&input.c)
+        || is_tracked(&input.d)
+        || is_tracked(&input.dt_bias)
+        || is_tracked(&input.state);
+    if tracked {
+        return crate::reference::ssd_step(input);
+    }
+    let (y, s) = B::ssd_step(SsdStepInput {
+        x: input.x.inner(),
+        dt: input.dt.inner(),
+        a: input.a.inner(),
+        b: input.b.inner(),
+        c: input.c.inner(),
+        d: input.d.inner(),
+        dt_bias: input.dt_bias.inner(),
+        dt_limit: input.dt_limit,
+        state: input.state.inner(),
+    });
+    (Tensor::from_inner(y), Tensor::from_inner(s))
+}
+
+/// One-token selective-scan update on `Autodiff<B>`.
+#[allow(clippy::too_many_arguments)]
+pub fn selective_step<B: MambaBackend, C: CheckpointStrategy>(
+    u: Tensor<Ad<B, C>, 2>,
+    dt: Tensor<Ad<B, C>, 2>,
+    a: Tensor<Ad<B, C>, 2>,
+    b: Tensor<Ad<B, C>, 2>,
+    c: Tensor<Ad<B, C>, 2>,
+    d: Tensor<Ad<B, C>, 1>,
+    state: Tensor<Ad<B, C>, 3>,
+) -> (Tensor<Ad<B, C>, 2>, Tensor<Ad<B, C>, 3>) {
+    let tracked = is_tracked(&u)
+        || is_tracked(&dt)
+        || is_tracked(&a)
+        || is_tracked(&b)
+        || is_tracked(&c)
+        || is_tracked(&d)
+        || is_tracked(&state);
+    if tracked {
+        return crate::reference::selective_step(u, dt, a, b, c, d, state);
+    }
+    let (y, s) = B::selective_step(
+        u.inner(),
+        dt.inner(),
+        a.inner(),
+        b.inner(),
+        c.inner(),
+        d.inner(),
+        state.inner(),
+    );
+    (Tensor::from_inner(y), Tensor::from_inner(s))
 }

@@ -2,4 +2,7 @@
 
 pub mod autodiff;
 pub mod conv;
+pub mod selective;
 pub mod ssd;
+pub mod ssd_bwd;
+pub mod step;
