@@ -10,7 +10,7 @@
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor, TensorData};
-use mamba_burn::kernels::{reference, ConvGrads, ConvInput, MambaBackend, SsdInput};
+use mamba_burn::kernels::{reference, ConvGrads, ConvInput, MambaBackend, SsdGrads, SsdInput};
 
 type Cpu = NdArray<f32>;
 type Gpu = Wgpu<f32, i32, u32>;
@@ -463,6 +463,12 @@ fn ssd_cases() -> Vec<SsdCase> {
             seq: 5,
             ..base
         },
+        // a clamp that bites on both sides
+        SsdCase {
+            dt_limit: (0.4, 1.0),
+            init: true,
+            ..base
+        },
         // several chunks of an odd size, odd dims
         SsdCase {
             batch: 3,
@@ -495,5 +501,128 @@ fn ssd_forward_matches_reference() {
             want.final_state,
         );
         eprintln!("{case:?}: y {e_y:.2e}, final_state {e_s:.2e}");
+    }
+}
+
+/// `(name, tensor)` pairs flattened to rank 4 for comparison.
+type Named<B> = Vec<(&'static str, Tensor<B, 4>)>;
+
+fn ssd_grads_named<B: Backend>(g: SsdGrads<B>) -> Named<B> {
+    let mut v = vec![
+        ("dx", g.x),
+        ("ddt", g.dt.unsqueeze()),
+        ("dA", g.a.unsqueeze()),
+        ("dB", g.b),
+        ("dC", g.c),
+        ("dD", g.d.unsqueeze()),
+        ("ddt_bias", g.dt_bias.unsqueeze()),
+    ];
+    if let Some(s) = g.initial_state {
+        v.push(("dinit", s));
+    }
+    v
+}
+
+fn compare_named<B1: Backend, B2: Backend>(what: String, got: Named<B1>, want: Named<B2>) {
+    assert_eq!(got.len(), want.len(), "{what}: number of tensors");
+    let mut line = format!("{what}:");
+    for ((name, g), (wname, w)) in got.into_iter().zip(want) {
+        assert_eq!(name, wname);
+        let err = check(&format!("{what} {name}"), g, w);
+        line += &format!(" {name} {err:.2e}");
+    }
+    eprintln!("{line}");
+}
+
+/// The kernel backward op against the reference backward (autodiff of the reference), with and
+/// without an upstream gradient for the final state.
+#[test]
+fn ssd_backward_op_matches_reference() {
+    let gpu = Default::default();
+    let cpu = Default::default();
+    for (k, case) in ssd_cases().into_iter().enumerate() {
+        let data = SsdData::new(&case);
+        let [bs, l, h, p, n] = [case.batch, case.seq, case.heads, case.head_dim, case.state];
+        let dy = random(&[bs, l, h, p], 1.0);
+        let df = (k % 2 == 0).then(|| random(&[bs, h, p, n], 1.0));
+        let want = reference::ssd_chunk_scan_backward(
+            data.input::<Cpu>(&case, &cpu),
+            Tensor::from_data(dy.clone(), &cpu),
+            df.clone().map(|t| Tensor::from_data(t, &cpu)),
+        );
+        poison(bs * l * h * p);
+        let got = Gpu::ssd_chunk_scan_backward(
+            data.input::<Gpu>(&case, &gpu),
+            Tensor::from_data(dy, &gpu),
+            df.map(|t| Tensor::from_data(t, &gpu)),
+        );
+        compare_named(
+            format!("{case:?}"),
+            ssd_grads_named(got),
+            ssd_grads_named(want),
+        );
+    }
+}
+
+/// Outputs and input gradients of a loss through the SSD scan on `Autodiff<B>`.
+fn ssd_autodiff<B: AutodiffBackend + MambaBackend>(
+    data: &SsdData,
+    case: &SsdCase,
+    r: &TensorData,
+    r2: &TensorData,
+    device: &B::Device,
+) -> Named<B::InnerBackend> {
+    let i = data.input::<B>(case, device);
+    let i = SsdInput {
+        x: i.x.require_grad(),
+        dt: i.dt.require_grad(),
+        a: i.a.require_grad(),
+        b: i.b.require_grad(),
+        c: i.c.require_grad(),
+        d: i.d.require_grad(),
+        dt_bias: i.dt_bias.require_grad(),
+        initial_state: i.initial_state.map(|s| s.require_grad()),
+        ..i
+    };
+    let out = B::ssd_chunk_scan(i.clone());
+    let loss = (out.y.clone() * Tensor::from_data(r.clone(), device)).sum()
+        + (out.final_state.clone() * Tensor::from_data(r2.clone(), device)).sum();
+    let grads = loss.backward();
+    let g = |t: &Tensor<B, 4>| t.grad(&grads).expect("a gradient");
+    let mut v = vec![
+        ("y", out.y.inner()),
+        ("final_state", out.final_state.inner()),
+        ("dx", g(&i.x)),
+        ("ddt", i.dt.grad(&grads).expect("ddt").unsqueeze()),
+        ("dA", i.a.grad(&grads).expect("dA").unsqueeze()),
+        ("dB", g(&i.b)),
+        ("dC", g(&i.c)),
+        ("dD", i.d.grad(&grads).expect("dD").unsqueeze()),
+        (
+            "ddt_bias",
+            i.dt_bias.grad(&grads).expect("ddt_bias").unsqueeze(),
+        ),
+    ];
+    if let Some(s) = &i.initial_state {
+        v.push(("dinit", g(s)));
+    }
+    v
+}
+
+/// End to end through `Autodiff<Wgpu>` (the custom autodiff node running the kernels both
+/// ways) against `Autodiff<NdArray>` differentiating the reference.
+#[test]
+fn ssd_autodiff_matches_reference() {
+    let gpu = Default::default();
+    let cpu = Default::default();
+    for case in ssd_cases() {
+        let data = SsdData::new(&case);
+        let [bs, l, h, p, n] = [case.batch, case.seq, case.heads, case.head_dim, case.state];
+        let r = random(&[bs, l, h, p], 1.0);
+        let r2 = random(&[bs, h, p, n], 1.0);
+        let want = ssd_autodiff::<Autodiff<Cpu>>(&data, &case, &r, &r2, &cpu);
+        poison(bs * l * h * p);
+        let got = ssd_autodiff::<Autodiff<Gpu>>(&data, &case, &r, &r2, &gpu);
+        compare_named(format!("{case:?}"), got, want);
     }
 }

@@ -15,8 +15,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor as BTensor, TensorPrimitive};
 use burn_cubecl::{
-    element::BoolElement, ops::numeric::empty_device_contiguous_dtype, CubeBackend, CubeRuntime,
-    FloatElement, IntElement,
+    element::BoolElement, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor,
+    CubeBackend, CubeRuntime, FloatElement, IntElement,
 };
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
@@ -290,34 +290,43 @@ fn ssd_chunk_scan_kernel<F: Float>(
     y[b * y.stride(0) + t * y.stride(1) + h * y.stride(2) + p * y.stride(3)] = F::cast_from(acc);
 }
 
-fn prim<B: Backend, const D: usize>(t: BTensor<B, D>) -> FloatTensor<B> {
+pub(crate) fn prim<B: Backend, const D: usize>(t: BTensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
-fn wrap<B: Backend, const D: usize>(t: FloatTensor<B>) -> BTensor<B, D> {
+pub(crate) fn wrap<B: Backend, const D: usize>(t: FloatTensor<B>) -> BTensor<B, D> {
     BTensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 /// Launch configuration for `n` independent threads.
-fn elemwise<R: CubeRuntime>(client: &ComputeClient<R>, n: usize) -> (CubeCount, CubeDim) {
+pub(crate) fn elemwise<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    n: usize,
+) -> (CubeCount, CubeDim) {
     let cube_dim = CubeDim::new(client, n);
     (calculate_cube_count_elemwise(client, n, cube_dim), cube_dim)
 }
 
-/// Kernel forward of [`crate::MambaBackend::ssd_chunk_scan`]. Falls back to the reference when
-/// the inputs do not share one float dtype or the heads are not a multiple of the groups.
-pub fn ssd_chunk_scan<R, F, I, BT>(
-    input: SsdInput<CubeBackend<R, F, I, BT>>,
-) -> SsdOutput<CubeBackend<R, F, I, BT>>
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-{
-    let [batch, seqlen, heads, head_dim] = input.x.dims();
-    let [_, _, groups, dstate] = input.b.dims();
+/// A contiguous uninitialised tensor on the device of `like`.
+pub(crate) fn empty_like_device<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    shape: Vec<usize>,
+    dtype: DType,
+) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(shape),
+        dtype,
+    )
+}
+
+/// Whether the kernels can take `input` (one float dtype throughout, heads a multiple of the
+/// groups); otherwise callers fall back to the reference.
+pub(crate) fn kernels_apply<B: Backend>(input: &SsdInput<B>) -> bool {
     let dtype = input.x.dtype();
+    let [_, _, heads, _] = input.x.dims();
+    let groups = input.b.dims()[2];
     let same = [
         input.dt.dtype(),
         input.a.dtype(),
@@ -332,41 +341,79 @@ where
             .initial_state
             .as_ref()
             .is_none_or(|s| s.dtype() == dtype);
-    if !same || groups == 0 || heads % groups != 0 || input.chunk_size == 0 {
-        return crate::reference::ssd_chunk_scan(input);
+    same && groups != 0 && heads % groups == 0 && input.chunk_size != 0
+}
+
+/// The SSD inputs as device primitives, the sequence cut into `nchunks` chunks of `q`.
+pub(crate) struct Prims<R: CubeRuntime> {
+    pub x: CubeTensor<R>,       // [batch, seq, heads, head_dim]
+    pub dt: CubeTensor<R>,      // [batch, seq, heads]
+    pub a: CubeTensor<R>,       // [heads]
+    pub bm: CubeTensor<R>,      // [batch, seq, groups, state]
+    pub cm: CubeTensor<R>,      // [batch, seq, groups, state]
+    pub d: CubeTensor<R>,       // [heads]
+    pub dt_bias: CubeTensor<R>, // [heads]
+    pub init: Option<CubeTensor<R>>,
+    pub dt_limit: (f64, f64),
+    pub q: usize,
+    pub nchunks: usize,
+    pub dtype: DType,
+}
+
+impl<R: CubeRuntime> Prims<R> {
+    pub fn new<F: FloatElement, I: IntElement, BT: BoolElement>(
+        input: SsdInput<CubeBackend<R, F, I, BT>>,
+    ) -> Self {
+        let seqlen = input.x.dims()[1];
+        let q = input.chunk_size;
+        Self {
+            dtype: input.x.dtype(),
+            x: prim(input.x),
+            dt: prim(input.dt),
+            a: prim(input.a),
+            bm: prim(input.b),
+            cm: prim(input.c),
+            d: prim(input.d),
+            dt_bias: prim(input.dt_bias),
+            init: input.initial_state.map(prim),
+            dt_limit: input.dt_limit,
+            q,
+            nchunks: seqlen.div_ceil(q).max(1),
+        }
     }
-    let SsdInput {
-        x,
-        dt,
-        a,
-        b,
-        c,
-        d,
-        dt_bias,
-        dt_limit,
-        initial_state,
-        chunk_size,
-    } = input;
-    let q = chunk_size;
-    let nchunks = seqlen.div_ceil(q).max(1);
-    let x = prim(x); // [batch, seq, heads, head_dim]
-    let dt = prim(dt); // [batch, seq, heads]
-    let a = prim(a); // [heads]
-    let bm = prim(b); // [batch, seq, groups, state]
-    let cm = prim(c); // [batch, seq, groups, state]
-    let d = prim(d); // [heads]
-    let dt_bias = prim(dt_bias); // [heads]
-    let init = initial_state.map(prim); // [batch, heads, head_dim, state]
-    let client = x.client.clone();
-    let device = x.device.clone();
-    let empty = |shape: Vec<usize>, dtype: DType| {
-        empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::from(shape), dtype)
-    };
+
+    pub fn dims(&self) -> [usize; 6] {
+        let s = &self.x.meta.shape;
+        let sb = &self.bm.meta.shape;
+        [s[0], s[1], s[2], s[3], sb[2], sb[3]]
+    }
+}
+
+/// What kernels 1-4 compute, shared by the forward's kernel 5 and by the backward.
+pub(crate) struct Parts<R: CubeRuntime> {
+    /// `[batch, heads, chunks, chunk]` f32: dt after softplus and clamp (0 past the end).
+    pub dt_c: CubeTensor<R>,
+    /// `[batch, heads, chunks, chunk]` f32: within-chunk cumsum of dt · A.
+    pub da_cs: CubeTensor<R>,
+    /// `[batch, chunks, heads, head_dim, state]` f32: the state entering each chunk.
+    pub prev: CubeTensor<R>,
+    /// `[batch, chunks, groups, chunk, chunk]` f32: C · Bᵀ within chunks (causal, zero outside).
+    pub cb: CubeTensor<R>,
+    /// `[batch, heads, head_dim, state]` in the input dtype.
+    pub final_state: CubeTensor<R>,
+}
+
+/// Kernels 1-4.
+pub(crate) fn parts<R: CubeRuntime>(p: &Prims<R>) -> Parts<R> {
+    let [batch, _seqlen, heads, head_dim, groups, dstate] = p.dims();
+    let (q, nchunks, dtype) = (p.q, p.nchunks, p.dtype);
+    let client = p.x.client.clone();
+    let empty = |shape: Vec<usize>, dtype: DType| empty_like_device(&p.x, shape, dtype);
 
     // 1. dt and the within-chunk cumsum of dt · A: [batch, heads, chunks, chunk]
     let dt_c = empty(vec![batch, heads, nchunks, q], DType::F32);
     let da_cs = empty(vec![batch, heads, nchunks, q], DType::F32);
-    let (lo, hi) = dt_limit;
+    let (lo, hi) = p.dt_limit;
     let n = batch * heads * nchunks;
     if n > 0 {
         let (count, dim) = elemwise(&client, n);
@@ -374,9 +421,9 @@ where
             &client,
             count,
             dim,
-            dt.into_tensor_arg(),
-            a.into_tensor_arg(),
-            dt_bias.into_tensor_arg(),
+            p.dt.clone().into_tensor_arg(),
+            p.a.clone().into_tensor_arg(),
+            p.dt_bias.clone().into_tensor_arg(),
             dt_c.clone().into_tensor_arg(),
             da_cs.clone().into_tensor_arg(),
             lo as f32,
@@ -396,8 +443,8 @@ where
             &client,
             count,
             dim,
-            x.clone().into_tensor_arg(),
-            bm.clone().into_tensor_arg(),
+            p.x.clone().into_tensor_arg(),
+            p.bm.clone().into_tensor_arg(),
             dt_c.clone().into_tensor_arg(),
             da_cs.clone().into_tensor_arg(),
             states.clone().into_tensor_arg(),
@@ -417,7 +464,7 @@ where
             dim,
             states.into_tensor_arg(),
             da_cs.clone().into_tensor_arg(),
-            init.map(|t| t.into_tensor_arg()).into(),
+            p.init.clone().map(|t| t.into_tensor_arg()).into(),
             prev.clone().into_tensor_arg(),
             final_state.clone().into_tensor_arg(),
             dtype.into(),
@@ -433,15 +480,49 @@ where
             &client,
             count,
             dim,
-            cm.clone().into_tensor_arg(),
-            bm.into_tensor_arg(),
+            p.cm.clone().into_tensor_arg(),
+            p.bm.clone().into_tensor_arg(),
             cb.clone().into_tensor_arg(),
             dtype.into(),
         );
     }
 
+    Parts {
+        dt_c,
+        da_cs,
+        prev,
+        cb,
+        final_state,
+    }
+}
+
+/// Kernel forward of [`crate::MambaBackend::ssd_chunk_scan`]. Falls back to the reference when
+/// the inputs do not share one float dtype or the heads are not a multiple of the groups.
+pub fn ssd_chunk_scan<R, F, I, BT>(
+    input: SsdInput<CubeBackend<R, F, I, BT>>,
+) -> SsdOutput<CubeBackend<R, F, I, BT>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    if !kernels_apply(&input) {
+        return crate::reference::ssd_chunk_scan(input);
+    }
+    let p = Prims::new(input);
+    let [batch, seqlen, heads, head_dim, _, _] = p.dims();
+    let client = p.x.client.clone();
+    let Parts {
+        dt_c,
+        da_cs,
+        prev,
+        cb,
+        final_state,
+    } = parts(&p);
+
     // 5. Outputs: [batch, seq, heads, head_dim]
-    let y = empty(vec![batch, seqlen, heads, head_dim], dtype);
+    let y = empty_like_device(&p.x, vec![batch, seqlen, heads, head_dim], p.dtype);
     let n = batch * seqlen * heads * head_dim;
     if n > 0 {
         let (count, dim) = elemwise(&client, n);
@@ -449,15 +530,15 @@ where
             &client,
             count,
             dim,
-            x.into_tensor_arg(),
-            cm.into_tensor_arg(),
-            d.into_tensor_arg(),
+            p.x.into_tensor_arg(),
+            p.cm.into_tensor_arg(),
+            p.d.into_tensor_arg(),
             dt_c.into_tensor_arg(),
             da_cs.into_tensor_arg(),
             prev.into_tensor_arg(),
             cb.into_tensor_arg(),
             y.clone().into_tensor_arg(),
-            dtype.into(),
+            p.dtype.into(),
         );
     }
 
