@@ -5,8 +5,12 @@
 //!    `dt · A`;
 //! 2. chunk state: each chunk's contribution to the state at its end;
 //! 3. state passing: the state entering each chunk (sequential over chunks) and the final state;
-//! 4. `C · Bᵀ` within each chunk, per group;
-//! 5. chunk scan: `y = C · h_prev · exp(cumsum) + (C Bᵀ ∘ decay) · (dt x) + D x`.
+//! 4. `C · Bᵀ` within each chunk, per group, and from it the per-head mixing matrix
+//!    `M = C Bᵀ ∘ decay ∘ dt`;
+//! 5. chunk scan: `y = C · h_prev · exp(cumsum) + M · x + D x`.
+//!
+//! Factors that inner loops would otherwise recompute (`exp(cs)`, the state weights, `M`) are
+//! computed once into small f32 buffers.
 //!
 //! The sequence is padded logically to a multiple of the chunk size: positions past the end get
 //! `dt = 0` (the identity on the state) and are never read. All intermediates are f32.
@@ -75,14 +79,83 @@ fn ssd_chunk_cumsum_kernel<F: Float>(
     }
 }
 
+/// Kernel 1b, one thread per `(b, h, chunk, q)`: the per-position factors the other kernels
+/// would otherwise recompute in their inner loops, `w_st = exp(L_c − cs_q) · dt_q` (weight of
+/// position `q` in its chunk's state) and `e_cs = exp(cs_q)`.
+#[cube(launch)]
+fn ssd_decay_kernel(
+    dt_c: &Tensor<f32>,     // [batch, heads, chunks, chunk]
+    da_cs: &Tensor<f32>,    // [batch, heads, chunks, chunk]
+    w_st: &mut Tensor<f32>, // [batch, heads, chunks, chunk]
+    e_cs: &mut Tensor<f32>, // [batch, heads, chunks, chunk]
+) {
+    let heads = dt_c.shape(1);
+    let nchunks = dt_c.shape(2);
+    let q_len = dt_c.shape(3);
+    if ABSOLUTE_POS >= dt_c.shape(0) * heads * nchunks * q_len {
+        terminate!();
+    }
+    let q = ABSOLUTE_POS % q_len;
+    let c = (ABSOLUTE_POS / q_len) % nchunks;
+    let h = (ABSOLUTE_POS / (q_len * nchunks)) % heads;
+    let b = ABSOLUTE_POS / (q_len * nchunks * heads);
+    let base = b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2);
+    let cs_q = da_cs[base + q * da_cs.stride(3)];
+    let last = da_cs[base + (q_len - 1) * da_cs.stride(3)];
+    let dt_q =
+        dt_c[b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2) + q * dt_c.stride(3)];
+    w_st[b * w_st.stride(0) + h * w_st.stride(1) + c * w_st.stride(2) + q * w_st.stride(3)] =
+        (last - cs_q).exp() * dt_q;
+    e_cs[b * e_cs.stride(0) + h * e_cs.stride(1) + c * e_cs.stride(2) + q * e_cs.stride(3)] =
+        cs_q.exp();
+}
+
+/// Kernel 4b, one thread per `(b, chunk, h, i, j)`: the within-chunk mixing matrix
+/// `M[i, j] = CB[i, j] exp(cs_i − cs_j) dt_j` for `j ≤ i < len`, zero elsewhere, so that the
+/// within-chunk output is `M · x` (and its input gradient `Mᵀ · dy`).
+#[cube(launch)]
+fn ssd_mix_kernel(
+    cb: &Tensor<f32>,    // [batch, chunks, groups, chunk, chunk]
+    dt_c: &Tensor<f32>,  // [batch, heads, chunks, chunk]
+    da_cs: &Tensor<f32>, // [batch, heads, chunks, chunk]
+    m: &mut Tensor<f32>, // [batch, chunks, heads, chunk, chunk]
+    seqlen: usize,
+) {
+    let nchunks = m.shape(1);
+    let heads = m.shape(2);
+    let q_len = m.shape(3);
+    let heads_per_group = heads / cb.shape(2);
+    if ABSOLUTE_POS >= m.shape(0) * nchunks * heads * q_len * q_len {
+        terminate!();
+    }
+    let j = ABSOLUTE_POS % q_len;
+    let i = (ABSOLUTE_POS / q_len) % q_len;
+    let h = (ABSOLUTE_POS / (q_len * q_len)) % heads;
+    let c = (ABSOLUTE_POS / (q_len * q_len * heads)) % nchunks;
+    let b = ABSOLUTE_POS / (q_len * q_len * heads * nchunks);
+    let g = h / heads_per_group;
+    let mut v = 0.0f32;
+    if j <= i && c * q_len + i < seqlen {
+        let base = b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2);
+        v = cb[b * cb.stride(0)
+            + c * cb.stride(1)
+            + g * cb.stride(2)
+            + i * cb.stride(3)
+            + j * cb.stride(4)]
+            * (da_cs[base + i * da_cs.stride(3)] - da_cs[base + j * da_cs.stride(3)]).exp()
+            * dt_c
+                [b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2) + j * dt_c.stride(3)];
+    }
+    m[b * m.stride(0) + c * m.stride(1) + h * m.stride(2) + i * m.stride(3) + j * m.stride(4)] = v;
+}
+
 /// Kernel 2: one thread per `(b, chunk, h, p, n)`:
-/// `states[b, c, h, p, n] = sum_q B[t, g, n] exp(cs[last] - cs[q]) dt[q] x[t, h, p]`.
+/// `states[b, c, h, p, n] = sum_q B[t, g, n] w_st[q] x[t, h, p]`.
 #[cube(launch)]
 fn ssd_chunk_state_kernel<F: Float>(
     x: &Tensor<F>,            // [batch, seq, heads, head_dim]
     bm: &Tensor<F>,           // [batch, seq, groups, state]
-    dt_c: &Tensor<f32>,       // [batch, heads, chunks, chunk]
-    da_cs: &Tensor<f32>,      // [batch, heads, chunks, chunk]
+    w_st: &Tensor<f32>,       // [batch, heads, chunks, chunk]
     states: &mut Tensor<f32>, // [batch, chunks, heads, head_dim, state]
     #[define(F)] _dtype: StorageType,
 ) {
@@ -91,7 +164,7 @@ fn ssd_chunk_state_kernel<F: Float>(
     let head_dim = states.shape(3);
     let dstate = states.shape(4);
     let seqlen = x.shape(1);
-    let q_len = dt_c.shape(3);
+    let q_len = w_st.shape(3);
     let heads_per_group = heads / bm.shape(2);
     if ABSOLUTE_POS >= states.shape(0) * nchunks * heads * head_dim * dstate {
         terminate!();
@@ -103,25 +176,19 @@ fn ssd_chunk_state_kernel<F: Float>(
     let b = ABSOLUTE_POS / (dstate * head_dim * heads * nchunks);
     let g = h / heads_per_group;
 
-    let cbase = b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2);
-    let last = da_cs[cbase + (q_len - 1) * da_cs.stride(3)];
+    let wbase = b * w_st.stride(0) + h * w_st.stride(1) + c * w_st.stride(2);
+    let bbase = b * bm.stride(0) + g * bm.stride(2) + n * bm.stride(3);
+    let xbase = b * x.stride(0) + h * x.stride(2) + p * x.stride(3);
     let mut acc = 0.0f32;
-    for q in 0..q_len {
+    let mut q_end = q_len;
+    if c * q_len + q_len > seqlen {
+        q_end = seqlen - c * q_len;
+    }
+    for q in 0..q_end {
         let t = c * q_len + q;
-        if t < seqlen {
-            let w = (last - da_cs[cbase + q * da_cs.stride(3)]).exp()
-                * dt_c[b * dt_c.stride(0)
-                    + h * dt_c.stride(1)
-                    + c * dt_c.stride(2)
-                    + q * dt_c.stride(3)];
-            let bv = f32::cast_from(
-                bm[b * bm.stride(0) + t * bm.stride(1) + g * bm.stride(2) + n * bm.stride(3)],
-            );
-            let xv = f32::cast_from(
-                x[b * x.stride(0) + t * x.stride(1) + h * x.stride(2) + p * x.stride(3)],
-            );
-            acc += bv * w * xv;
-        }
+        acc += f32::cast_from(bm[bbase + t * bm.stride(1)])
+            * w_st[wbase + q * w_st.stride(3)]
+            * f32::cast_from(x[xbase + t * x.stride(1)]);
     }
     states[b * states.stride(0)
         + c * states.stride(1)
@@ -228,24 +295,22 @@ fn ssd_bmm_kernel<F: Float>(
 }
 
 /// Kernel 5: one thread per output `(b, t, h, p)`:
-/// `y = exp(cs[q]) C[t] · prev[c, h, p] + sum_{j <= q} cb[q, j] exp(cs[q] - cs[j]) dt[j] x[j]
-/// + D x[t]`.
+/// `y = e_cs[q] C[t] · prev[c, h, p] + sum_{j <= q} M[q, j] x[j] + D x[t]`.
 #[cube(launch)]
 fn ssd_chunk_scan_kernel<F: Float>(
-    x: &Tensor<F>,       // [batch, seq, heads, head_dim]
-    cm: &Tensor<F>,      // [batch, seq, groups, state]
-    d: &Tensor<F>,       // [heads]
-    dt_c: &Tensor<f32>,  // [batch, heads, chunks, chunk]
-    da_cs: &Tensor<f32>, // [batch, heads, chunks, chunk]
-    prev: &Tensor<f32>,  // [batch, chunks, heads, head_dim, state]
-    cb: &Tensor<f32>,    // [batch, chunks, groups, chunk, chunk]
-    y: &mut Tensor<F>,   // [batch, seq, heads, head_dim]
+    x: &Tensor<F>,      // [batch, seq, heads, head_dim]
+    cm: &Tensor<F>,     // [batch, seq, groups, state]
+    d: &Tensor<F>,      // [heads]
+    e_cs: &Tensor<f32>, // [batch, heads, chunks, chunk]
+    prev: &Tensor<f32>, // [batch, chunks, heads, head_dim, state]
+    m: &Tensor<f32>,    // [batch, chunks, heads, chunk, chunk]
+    y: &mut Tensor<F>,  // [batch, seq, heads, head_dim]
     #[define(F)] _dtype: StorageType,
 ) {
     let seqlen = y.shape(1);
     let heads = y.shape(2);
     let head_dim = y.shape(3);
-    let q_len = dt_c.shape(3);
+    let q_len = e_cs.shape(3);
     let dstate = cm.shape(3);
     let heads_per_group = heads / cm.shape(2);
     if ABSOLUTE_POS >= y.shape(0) * seqlen * heads * head_dim {
@@ -259,9 +324,6 @@ fn ssd_chunk_scan_kernel<F: Float>(
     let c = t / q_len;
     let q = t % q_len;
 
-    let cbase = b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2);
-    let cs_q = da_cs[cbase + q * da_cs.stride(3)];
-
     // State from the previous chunks.
     let ct = b * cm.stride(0) + t * cm.stride(1) + g * cm.stride(2);
     let pbase = b * prev.stride(0) + c * prev.stride(1) + h * prev.stride(2) + p * prev.stride(3);
@@ -269,19 +331,14 @@ fn ssd_chunk_scan_kernel<F: Float>(
     for n in 0..dstate {
         off += f32::cast_from(cm[ct + n * cm.stride(3)]) * prev[pbase + n * prev.stride(4)];
     }
-    let mut acc = off * cs_q.exp();
+    let mut acc = off
+        * e_cs[b * e_cs.stride(0) + h * e_cs.stride(1) + c * e_cs.stride(2) + q * e_cs.stride(3)];
 
     // Within the chunk.
-    let cbrow = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2) + q * cb.stride(3);
-    let dbase = b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2);
+    let mrow = b * m.stride(0) + c * m.stride(1) + h * m.stride(2) + q * m.stride(3);
+    let xbase = b * x.stride(0) + (c * q_len) * x.stride(1) + h * x.stride(2) + p * x.stride(3);
     for j in 0..q + 1 {
-        let tj = c * q_len + j;
-        let w = cb[cbrow + j * cb.stride(4)]
-            * (cs_q - da_cs[cbase + j * da_cs.stride(3)]).exp()
-            * dt_c[dbase + j * dt_c.stride(3)];
-        acc += w * f32::cast_from(
-            x[b * x.stride(0) + tj * x.stride(1) + h * x.stride(2) + p * x.stride(3)],
-        );
+        acc += m[mrow + j * m.stride(4)] * f32::cast_from(x[xbase + j * x.stride(1)]);
     }
 
     let xt =
@@ -399,6 +456,10 @@ pub(crate) struct Parts<R: CubeRuntime> {
     pub prev: CubeTensor<R>,
     /// `[batch, chunks, groups, chunk, chunk]` f32: C · Bᵀ within chunks (causal, zero outside).
     pub cb: CubeTensor<R>,
+    /// `[batch, heads, chunks, chunk]` f32: `exp(cs_q)`.
+    pub e_cs: CubeTensor<R>,
+    /// `[batch, chunks, heads, chunk, chunk]` f32: `CB[i, j] exp(cs_i − cs_j) dt_j`, causal.
+    pub m: CubeTensor<R>,
     /// `[batch, heads, head_dim, state]` in the input dtype.
     pub final_state: CubeTensor<R>,
 }
@@ -434,6 +495,23 @@ pub(crate) fn parts<R: CubeRuntime>(p: &Prims<R>) -> Parts<R> {
         );
     }
 
+    // 1b. Per-position decay factors.
+    let w_st = empty(vec![batch, heads, nchunks, q], DType::F32);
+    let e_cs = empty(vec![batch, heads, nchunks, q], DType::F32);
+    let n = batch * heads * nchunks * q;
+    if n > 0 {
+        let (count, dim) = elemwise(&client, n);
+        ssd_decay_kernel::launch::<R>(
+            &client,
+            count,
+            dim,
+            dt_c.clone().into_tensor_arg(),
+            da_cs.clone().into_tensor_arg(),
+            w_st.clone().into_tensor_arg(),
+            e_cs.clone().into_tensor_arg(),
+        );
+    }
+
     // 2. Per-chunk states: [batch, chunks, heads, head_dim, state]
     let states = empty(vec![batch, nchunks, heads, head_dim, dstate], DType::F32);
     let n = batch * nchunks * heads * head_dim * dstate;
@@ -445,8 +523,7 @@ pub(crate) fn parts<R: CubeRuntime>(p: &Prims<R>) -> Parts<R> {
             dim,
             p.x.clone().into_tensor_arg(),
             p.bm.clone().into_tensor_arg(),
-            dt_c.clone().into_tensor_arg(),
-            da_cs.clone().into_tensor_arg(),
+            w_st.clone().into_tensor_arg(),
             states.clone().into_tensor_arg(),
             dtype.into(),
         );
@@ -487,11 +564,30 @@ pub(crate) fn parts<R: CubeRuntime>(p: &Prims<R>) -> Parts<R> {
         );
     }
 
+    // 4b. The within-chunk mixing matrix per head: [batch, chunks, heads, chunk, chunk]
+    let m = empty(vec![batch, nchunks, heads, q, q], DType::F32);
+    let n = batch * nchunks * heads * q * q;
+    if n > 0 {
+        let (count, dim) = elemwise(&client, n);
+        ssd_mix_kernel::launch::<R>(
+            &client,
+            count,
+            dim,
+            cb.clone().into_tensor_arg(),
+            dt_c.clone().into_tensor_arg(),
+            da_cs.clone().into_tensor_arg(),
+            m.clone().into_tensor_arg(),
+            p.x.meta.shape[1],
+        );
+    }
+
     Parts {
         dt_c,
         da_cs,
         prev,
         cb,
+        e_cs,
+        m,
         final_state,
     }
 }
@@ -514,11 +610,11 @@ where
     let [batch, seqlen, heads, head_dim, _, _] = p.dims();
     let client = p.x.client.clone();
     let Parts {
-        dt_c,
-        da_cs,
+        e_cs,
         prev,
-        cb,
+        m,
         final_state,
+        ..
     } = parts(&p);
 
     // 5. Outputs: [batch, seq, heads, head_dim]
@@ -533,10 +629,9 @@ where
             p.x.into_tensor_arg(),
             p.cm.into_tensor_arg(),
             p.d.into_tensor_arg(),
-            dt_c.into_tensor_arg(),
-            da_cs.into_tensor_arg(),
+            e_cs.into_tensor_arg(),
             prev.into_tensor_arg(),
-            cb.into_tensor_arg(),
+            m.into_tensor_arg(),
             y.clone().into_tensor_arg(),
             p.dtype.into(),
         );

@@ -10,6 +10,7 @@
 //!    decay;
 //! 3. `W[i, j] = exp(cs_i − cs_j) dy_i · x_j` (`j ≤ i`, per head): the within-chunk quadratic
 //!    form every other gradient reads;
+//!    and `Wg`, its dt-weighted sum over the heads of each group;
 //! 4. `dx`; 5. `dC`; 6. `dB` (summed over the heads of a group);
 //! 7. per position: `d dt` and `d cs` (the gradient of the cumulative sum of `dt · A`);
 //! 8. per chunk, sequential: the reverse cumsum of `d cs` into `d(dt · A)`, then `dt` through
@@ -19,7 +20,9 @@
 //! `dt · A`, `L_c` its value at the chunk's end. All intermediates are f32.
 
 use burn::tensor::{DType, Tensor as BTensor};
-use burn_cubecl::{element::BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_cubecl::{
+    element::BoolElement, tensor::CubeTensor, CubeBackend, CubeRuntime, FloatElement, IntElement,
+};
 use cubecl::prelude::*;
 
 use super::ssd::{elemwise, empty_like_device, kernels_apply, parts, prim, wrap, Parts, Prims};
@@ -31,7 +34,7 @@ use crate::{SsdGrads, SsdInput};
 fn ssd_bwd_dprev_kernel<F: Float>(
     dy: &Tensor<F>,        // [batch, seq, heads, head_dim]
     cm: &Tensor<F>,        // [batch, seq, groups, state]
-    da_cs: &Tensor<f32>,   // [batch, heads, chunks, chunk]
+    e_cs: &Tensor<f32>,    // [batch, heads, chunks, chunk]
     out: &mut Tensor<f32>, // [batch, chunks, heads, head_dim, state]
     #[define(F)] _dtype: StorageType,
 ) {
@@ -40,7 +43,7 @@ fn ssd_bwd_dprev_kernel<F: Float>(
     let head_dim = out.shape(3);
     let dstate = out.shape(4);
     let seqlen = dy.shape(1);
-    let q_len = da_cs.shape(3);
+    let q_len = e_cs.shape(3);
     let heads_per_group = heads / cm.shape(2);
     if ABSOLUTE_POS >= out.shape(0) * nchunks * heads * head_dim * dstate {
         terminate!();
@@ -52,20 +55,19 @@ fn ssd_bwd_dprev_kernel<F: Float>(
     let b = ABSOLUTE_POS / (dstate * head_dim * heads * nchunks);
     let g = h / heads_per_group;
 
-    let cbase = b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2);
+    let ebase = b * e_cs.stride(0) + h * e_cs.stride(1) + c * e_cs.stride(2);
+    let cbase = b * cm.stride(0) + g * cm.stride(2) + n * cm.stride(3);
+    let ybase = b * dy.stride(0) + h * dy.stride(2) + p * dy.stride(3);
+    let mut q_end = q_len;
+    if c * q_len + q_len > seqlen {
+        q_end = seqlen - c * q_len;
+    }
     let mut acc = 0.0f32;
-    for q in 0..q_len {
+    for q in 0..q_end {
         let t = c * q_len + q;
-        if t < seqlen {
-            let e = da_cs[cbase + q * da_cs.stride(3)].exp();
-            let cv = f32::cast_from(
-                cm[b * cm.stride(0) + t * cm.stride(1) + g * cm.stride(2) + n * cm.stride(3)],
-            );
-            let g_y = f32::cast_from(
-                dy[b * dy.stride(0) + t * dy.stride(1) + h * dy.stride(2) + p * dy.stride(3)],
-            );
-            acc += e * cv * g_y;
-        }
+        acc += e_cs[ebase + q * e_cs.stride(3)]
+            * f32::cast_from(cm[cbase + t * cm.stride(1)])
+            * f32::cast_from(dy[ybase + t * dy.stride(1)]);
     }
     out[b * out.stride(0)
         + c * out.stride(1)
@@ -181,8 +183,51 @@ fn ssd_bwd_w_kernel<F: Float>(
         acc;
 }
 
+/// Kernel 3b, one thread per `(b, c, g, i, j)`: `Wg[i, j] = Σ_{h ∈ g} W_h[i, j] dt_h[j]`, what
+/// the within-chunk parts of `dB` and `dC` read (summing the heads once here rather than in
+/// every `(t, n)` thread).
+#[cube(launch)]
+fn ssd_bwd_wsum_kernel(
+    w: &Tensor<f32>,      // [batch, chunks, heads, chunk, chunk]
+    dt_c: &Tensor<f32>,   // [batch, heads, chunks, chunk]
+    wg: &mut Tensor<f32>, // [batch, chunks, groups, chunk, chunk]
+) {
+    let nchunks = wg.shape(1);
+    let groups = wg.shape(2);
+    let q_len = wg.shape(3);
+    let heads_per_group = w.shape(2) / groups;
+    if ABSOLUTE_POS >= wg.shape(0) * nchunks * groups * q_len * q_len {
+        terminate!();
+    }
+    let j = ABSOLUTE_POS % q_len;
+    let i = (ABSOLUTE_POS / q_len) % q_len;
+    let g = (ABSOLUTE_POS / (q_len * q_len)) % groups;
+    let c = (ABSOLUTE_POS / (q_len * q_len * groups)) % nchunks;
+    let b = ABSOLUTE_POS / (q_len * q_len * groups * nchunks);
+    let mut acc = 0.0f32;
+    if j <= i {
+        for hh in 0..heads_per_group {
+            let h = g * heads_per_group + hh;
+            acc += w[b * w.stride(0)
+                + c * w.stride(1)
+                + h * w.stride(2)
+                + i * w.stride(3)
+                + j * w.stride(4)]
+                * dt_c[b * dt_c.stride(0)
+                    + h * dt_c.stride(1)
+                    + c * dt_c.stride(2)
+                    + j * dt_c.stride(3)];
+        }
+    }
+    wg[b * wg.stride(0)
+        + c * wg.stride(1)
+        + g * wg.stride(2)
+        + i * wg.stride(3)
+        + j * wg.stride(4)] = acc;
+}
+
 /// Kernel 4, one thread per `(b, t, h, p)`:
-/// `dx = D dy_t + Σ_{i ≥ q} CB[i, q] exp(cs_i − cs_q) dt_q dy_i
+/// `dx = D dy_t + Σ_{i ≥ q} M[i, q] dy_i
 /// + dt_q exp(L_c − cs_q) Σ_n B[t, n] dstates_c[p, n]`.
 #[cube(launch)]
 fn ssd_bwd_dx_kernel<F: Float>(
@@ -191,9 +236,14 @@ fn ssd_bwd_dx_kernel<F: Float>(
     d: &Tensor<F>,         // [heads]
     dt_c: &Tensor<f32>,    // [batch, heads, chunks, chunk]
     da_cs: &Tensor<f32>,   // [batch, heads, chunks, chunk]
-    cb: &Tensor<f32>,      // [batch, chunks, groups, chunk, chunk]
+    m: &Tensor<f32>,       // [batch, chunks, heads, chunk, chunk]
     dstates: &Tensor<f32>, // [batch, chunks, heads, head_dim, state]
+    x: &Tensor<F>,         // [batch, seq, heads, head_dim]
+    cm: &Tensor<F>,        // [batch, seq, groups, state]
+    prev: &Tensor<f32>,    // [batch, chunks, heads, head_dim, state]
     dx: &mut Tensor<F>,    // [batch, seq, heads, head_dim]
+    sx: &mut Tensor<f32>,  // [batch, seq, heads, head_dim]
+    oy: &mut Tensor<f32>,  // [batch, seq, heads, head_dim]
     #[define(F)] _dtype: StorageType,
 ) {
     let seqlen = dx.shape(1);
@@ -220,45 +270,53 @@ fn ssd_bwd_dx_kernel<F: Float>(
         dt_c[b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2) + q * dt_c.stride(3)];
     let ybase = b * dy.stride(0) + h * dy.stride(2) + p * dy.stride(3);
 
-    // Within the chunk: outputs at i ≥ q read x_q.
-    let cbcol = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2) + q * cb.stride(4);
+    // Within the chunk: outputs at i ≥ q read x_q, through M[i, q] (which holds dt_q).
+    let mcol = b * m.stride(0) + c * m.stride(1) + h * m.stride(2) + q * m.stride(4);
+    let mut i_end = q_len;
+    if c * q_len + q_len > seqlen {
+        i_end = seqlen - c * q_len;
+    }
     let mut intra = 0.0f32;
-    for i in q..q_len {
-        let ti = c * q_len + i;
-        if ti < seqlen {
-            intra += cb[cbcol + i * cb.stride(3)]
-                * (da_cs[cbase + i * da_cs.stride(3)] - cs_q).exp()
-                * f32::cast_from(dy[ybase + ti * dy.stride(1)]);
-        }
+    for i in q..i_end {
+        intra +=
+            m[mcol + i * m.stride(3)] * f32::cast_from(dy[ybase + (c * q_len + i) * dy.stride(1)]);
     }
 
-    // Through the chunk's state.
+    // Through the chunk's state; and, for kernel 7, `B_t · dstates_c[p]` and `C_t · prev_c[p]`.
     let bt = b * bm.stride(0) + t * bm.stride(1) + g * bm.stride(2);
+    let ct = b * cm.stride(0) + t * cm.stride(1) + g * cm.stride(2);
     let sbase = b * dstates.stride(0)
         + c * dstates.stride(1)
         + h * dstates.stride(2)
         + p * dstates.stride(3);
+    let pbase = b * prev.stride(0) + c * prev.stride(1) + h * prev.stride(2) + p * prev.stride(3);
     let mut st = 0.0f32;
+    let mut off = 0.0f32;
     for n in 0..dstate {
         st += f32::cast_from(bm[bt + n * bm.stride(3)]) * dstates[sbase + n * dstates.stride(4)];
+        off += f32::cast_from(cm[ct + n * cm.stride(3)]) * prev[pbase + n * prev.stride(4)];
     }
 
-    let acc = f32::cast_from(d[h * d.stride(0)]) * f32::cast_from(dy[ybase + t * dy.stride(1)])
-        + dt_q * (intra + (last - cs_q).exp() * st);
-    dx[b * dx.stride(0) + t * dx.stride(1) + h * dx.stride(2) + p * dx.stride(3)] =
-        F::cast_from(acc);
+    let dy_t = f32::cast_from(dy[ybase + t * dy.stride(1)]);
+    let e_l = (last - cs_q).exp();
+    let acc = f32::cast_from(d[h * d.stride(0)]) * dy_t + intra + dt_q * e_l * st;
+    let o = b * dx.stride(0) + t * dx.stride(1) + h * dx.stride(2) + p * dx.stride(3);
+    dx[o] = F::cast_from(acc);
+    let x_t =
+        f32::cast_from(x[b * x.stride(0) + t * x.stride(1) + h * x.stride(2) + p * x.stride(3)]);
+    sx[o] = x_t * st * e_l;
+    oy[o] = dy_t * off * cs_q.exp();
 }
 
-/// Kernel 5, one thread per `(b, t, g, n)`, summing the group's heads:
-/// `dC[t, n] = Σ_h exp(cs_q) Σ_p dy[t, h, p] prev_c[h, p, n] + Σ_h Σ_{j ≤ q} W_h[q, j] dt_j B[j, n]`.
+/// Kernel 5, one thread per `(b, t, g, n)`:
+/// `dC[t, n] = Σ_{h ∈ g} exp(cs_q) Σ_p dy[t, h, p] prev_c[h, p, n] + Σ_{j ≤ q} Wg[q, j] B[j, n]`.
 #[cube(launch)]
 fn ssd_bwd_dc_kernel<F: Float>(
     dy: &Tensor<F>,      // [batch, seq, heads, head_dim]
     bm: &Tensor<F>,      // [batch, seq, groups, state]
-    dt_c: &Tensor<f32>,  // [batch, heads, chunks, chunk]
     da_cs: &Tensor<f32>, // [batch, heads, chunks, chunk]
     prev: &Tensor<f32>,  // [batch, chunks, heads, head_dim, state]
-    w: &Tensor<f32>,     // [batch, chunks, heads, chunk, chunk]
+    wg: &Tensor<f32>,    // [batch, chunks, groups, chunk, chunk]
     dc: &mut Tensor<F>,  // [batch, seq, groups, state]
     #[define(F)] _dtype: StorageType,
 ) {
@@ -267,7 +325,7 @@ fn ssd_bwd_dc_kernel<F: Float>(
     let dstate = dc.shape(3);
     let heads = dy.shape(2);
     let head_dim = dy.shape(3);
-    let q_len = dt_c.shape(3);
+    let q_len = da_cs.shape(3);
     let heads_per_group = heads / groups;
     if ABSOLUTE_POS >= dc.shape(0) * seqlen * groups * dstate {
         terminate!();
@@ -279,12 +337,10 @@ fn ssd_bwd_dc_kernel<F: Float>(
     let c = t / q_len;
     let q = t % q_len;
 
+    // Through the state entering the chunk, head by head.
     let mut acc = 0.0f32;
     for hh in 0..heads_per_group {
         let h = g * heads_per_group + hh;
-        let cbase = b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2);
-        let dbase = b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2);
-        // Through the state entering the chunk.
         let ybase = b * dy.stride(0) + t * dy.stride(1) + h * dy.stride(2);
         let pbase =
             b * prev.stride(0) + c * prev.stride(1) + h * prev.stride(2) + n * prev.stride(4);
@@ -292,25 +348,26 @@ fn ssd_bwd_dc_kernel<F: Float>(
         for p in 0..head_dim {
             s += f32::cast_from(dy[ybase + p * dy.stride(3)]) * prev[pbase + p * prev.stride(3)];
         }
-        acc += da_cs[cbase + q * da_cs.stride(3)].exp() * s;
-        // Within the chunk.
-        let wrow = b * w.stride(0) + c * w.stride(1) + h * w.stride(2) + q * w.stride(3);
-        for j in 0..q + 1 {
-            let tj = c * q_len + j;
-            acc += w[wrow + j * w.stride(4)]
-                * dt_c[dbase + j * dt_c.stride(3)]
-                * f32::cast_from(
-                    bm[b * bm.stride(0) + tj * bm.stride(1) + g * bm.stride(2) + n * bm.stride(3)],
-                );
-        }
+        let cs_q = da_cs
+            [b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2) + q * da_cs.stride(3)];
+        acc += cs_q.exp() * s;
+    }
+    // Within the chunk.
+    let wrow = b * wg.stride(0) + c * wg.stride(1) + g * wg.stride(2) + q * wg.stride(3);
+    for j in 0..q + 1 {
+        let tj = c * q_len + j;
+        acc += wg[wrow + j * wg.stride(4)]
+            * f32::cast_from(
+                bm[b * bm.stride(0) + tj * bm.stride(1) + g * bm.stride(2) + n * bm.stride(3)],
+            );
     }
     dc[b * dc.stride(0) + t * dc.stride(1) + g * dc.stride(2) + n * dc.stride(3)] =
         F::cast_from(acc);
 }
 
-/// Kernel 6, one thread per `(b, t, g, n)`, summing the group's heads:
-/// `dB[t, n] = Σ_h dt_q exp(L_c − cs_q) Σ_p dstates_c[h, p, n] x[t, h, p]
-/// + Σ_h dt_q Σ_{i ≥ q} W_h[i, q] C[i, n]`.
+/// Kernel 6, one thread per `(b, t, g, n)`:
+/// `dB[t, n] = Σ_{h ∈ g} dt_q exp(L_c − cs_q) Σ_p dstates_c[h, p, n] x[t, h, p]
+/// + Σ_{i ≥ q} Wg[i, q] C[i, n]`.
 #[cube(launch)]
 fn ssd_bwd_db_kernel<F: Float>(
     x: &Tensor<F>,         // [batch, seq, heads, head_dim]
@@ -318,7 +375,7 @@ fn ssd_bwd_db_kernel<F: Float>(
     dt_c: &Tensor<f32>,    // [batch, heads, chunks, chunk]
     da_cs: &Tensor<f32>,   // [batch, heads, chunks, chunk]
     dstates: &Tensor<f32>, // [batch, chunks, heads, head_dim, state]
-    w: &Tensor<f32>,       // [batch, chunks, heads, chunk, chunk]
+    wg: &Tensor<f32>,      // [batch, chunks, groups, chunk, chunk]
     db: &mut Tensor<F>,    // [batch, seq, groups, state]
     #[define(F)] _dtype: StorageType,
 ) {
@@ -339,6 +396,7 @@ fn ssd_bwd_db_kernel<F: Float>(
     let c = t / q_len;
     let q = t % q_len;
 
+    // Through the chunk's state, head by head.
     let mut acc = 0.0f32;
     for hh in 0..heads_per_group {
         let h = g * heads_per_group + hh;
@@ -347,7 +405,6 @@ fn ssd_bwd_db_kernel<F: Float>(
         let last = da_cs[cbase + (q_len - 1) * da_cs.stride(3)];
         let dt_q =
             dt_c[b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2) + q * dt_c.stride(3)];
-        // Through the chunk's state.
         let xbase = b * x.stride(0) + t * x.stride(1) + h * x.stride(2);
         let sbase = b * dstates.stride(0)
             + c * dstates.stride(1)
@@ -358,22 +415,18 @@ fn ssd_bwd_db_kernel<F: Float>(
             s +=
                 f32::cast_from(x[xbase + p * x.stride(3)]) * dstates[sbase + p * dstates.stride(3)];
         }
-        let mut part = (last - cs_q).exp() * s;
-        // Within the chunk: outputs at i ≥ q.
-        let wcol = b * w.stride(0) + c * w.stride(1) + h * w.stride(2) + q * w.stride(4);
-        for i in q..q_len {
-            let ti = c * q_len + i;
-            if ti < seqlen {
-                part += w[wcol + i * w.stride(3)]
-                    * f32::cast_from(
-                        cm[b * cm.stride(0)
-                            + ti * cm.stride(1)
-                            + g * cm.stride(2)
-                            + n * cm.stride(3)],
-                    );
-            }
+        acc += dt_q * (last - cs_q).exp() * s;
+    }
+    // Within the chunk: outputs at i ≥ q.
+    let wcol = b * wg.stride(0) + c * wg.stride(1) + g * wg.stride(2) + q * wg.stride(4);
+    for i in q..q_len {
+        let ti = c * q_len + i;
+        if ti < seqlen {
+            acc += wg[wcol + i * wg.stride(3)]
+                * f32::cast_from(
+                    cm[b * cm.stride(0) + ti * cm.stride(1) + g * cm.stride(2) + n * cm.stride(3)],
+                );
         }
-        acc += dt_q * part;
     }
     db[b * db.stride(0) + t * db.stride(1) + g * db.stride(2) + n * db.stride(3)] =
         F::cast_from(acc);
@@ -381,31 +434,24 @@ fn ssd_bwd_db_kernel<F: Float>(
 
 /// Kernel 7, one thread per `(b, h, c, q)`: the gradients of `dt_q` (holding `cs` fixed) and of
 /// `cs_q`, and `N_q`, the part of `cs_q`'s gradient that also reaches `L_c` (through the chunk's
-/// state). Zero past the end of the sequence.
+/// state). `sx = exp(L_c − cs_q) x_t · dstates_c · B_t` and `oy = exp(cs_q) dy_t · prev_c · C_t`
+/// come from kernel 4, summed over `p`. Zero past the end of the sequence.
 #[cube(launch)]
-fn ssd_bwd_dcs_kernel<F: Float>(
-    x: &Tensor<F>,            // [batch, seq, heads, head_dim]
-    dy: &Tensor<F>,           // [batch, seq, heads, head_dim]
-    bm: &Tensor<F>,           // [batch, seq, groups, state]
-    cm: &Tensor<F>,           // [batch, seq, groups, state]
+fn ssd_bwd_dcs_kernel(
+    sx: &Tensor<f32>,         // [batch, seq, heads]
+    oy: &Tensor<f32>,         // [batch, seq, heads]
     dt_c: &Tensor<f32>,       // [batch, heads, chunks, chunk]
-    da_cs: &Tensor<f32>,      // [batch, heads, chunks, chunk]
-    prev: &Tensor<f32>,       // [batch, chunks, heads, head_dim, state]
-    dstates: &Tensor<f32>,    // [batch, chunks, heads, head_dim, state]
     cb: &Tensor<f32>,         // [batch, chunks, groups, chunk, chunk]
     w: &Tensor<f32>,          // [batch, chunks, heads, chunk, chunk]
     ddt: &mut Tensor<f32>,    // [batch, heads, chunks, chunk]
     dcs: &mut Tensor<f32>,    // [batch, heads, chunks, chunk]
     nq_out: &mut Tensor<f32>, // [batch, heads, chunks, chunk]
-    #[define(F)] _dtype: StorageType,
 ) {
     let heads = dt_c.shape(1);
     let nchunks = dt_c.shape(2);
     let q_len = dt_c.shape(3);
-    let seqlen = x.shape(1);
-    let head_dim = x.shape(3);
-    let dstate = bm.shape(3);
-    let heads_per_group = heads / bm.shape(2);
+    let seqlen = sx.shape(1);
+    let heads_per_group = heads / cb.shape(2);
     if ABSOLUTE_POS >= dt_c.shape(0) * heads * nchunks * q_len {
         terminate!();
     }
@@ -415,43 +461,17 @@ fn ssd_bwd_dcs_kernel<F: Float>(
     let b = ABSOLUTE_POS / (q_len * nchunks * heads);
     let g = h / heads_per_group;
     let t = c * q_len + q;
-    let o = b * ddt.stride(0) + h * ddt.stride(1) + c * ddt.stride(2) + q * ddt.stride(3);
 
     let mut g_dt = 0.0f32;
     let mut g_cs = 0.0f32;
     let mut nq = 0.0f32;
     if t < seqlen {
-        let cbase = b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2);
         let dbase = b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2);
-        let cs_q = da_cs[cbase + q * da_cs.stride(3)];
-        let last = da_cs[cbase + (q_len - 1) * da_cs.stride(3)];
         let dt_q = dt_c[dbase + q * dt_c.stride(3)];
-        let xbase = b * x.stride(0) + t * x.stride(1) + h * x.stride(2);
-        let ybase = b * dy.stride(0) + t * dy.stride(1) + h * dy.stride(2);
-        let bt = b * bm.stride(0) + t * bm.stride(1) + g * bm.stride(2);
-        let ct = b * cm.stride(0) + t * cm.stride(1) + g * cm.stride(2);
-        let sbase = b * dstates.stride(0) + c * dstates.stride(1) + h * dstates.stride(2);
-        let pbase = b * prev.stride(0) + c * prev.stride(1) + h * prev.stride(2);
-
-        // sx = x_t · dstates_c · B_t and oy = dy_t · prev_c · C_t
-        let mut sx = 0.0f32;
-        let mut oy = 0.0f32;
-        for p in 0..head_dim {
-            let mut sb = 0.0f32;
-            let mut pc = 0.0f32;
-            for n in 0..dstate {
-                sb += dstates[sbase + p * dstates.stride(3) + n * dstates.stride(4)]
-                    * f32::cast_from(bm[bt + n * bm.stride(3)]);
-                pc += prev[pbase + p * prev.stride(3) + n * prev.stride(4)]
-                    * f32::cast_from(cm[ct + n * cm.stride(3)]);
-            }
-            sx += f32::cast_from(x[xbase + p * x.stride(3)]) * sb;
-            oy += f32::cast_from(dy[ybase + p * dy.stride(3)]) * pc;
-        }
-        let e_l = (last - cs_q).exp();
-        g_dt = e_l * sx;
-        nq = dt_q * e_l * sx;
-        g_cs = cs_q.exp() * oy - nq;
+        let s = sx[b * sx.stride(0) + t * sx.stride(1) + h * sx.stride(2)];
+        g_dt = s;
+        nq = dt_q * s;
+        g_cs = oy[b * oy.stride(0) + t * oy.stride(1) + h * oy.stride(2)] - nq;
 
         let cbrow = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2);
         let wrow = b * w.stride(0) + c * w.stride(1) + h * w.stride(2);
@@ -469,6 +489,7 @@ fn ssd_bwd_dcs_kernel<F: Float>(
             g_cs -= m * dt_q;
         }
     }
+    let o = b * ddt.stride(0) + h * ddt.stride(1) + c * ddt.stride(2) + q * ddt.stride(3);
     ddt[o] = g_dt;
     dcs[b * dcs.stride(0) + h * dcs.stride(1) + c * dcs.stride(2) + q * dcs.stride(3)] = g_cs;
     nq_out[b * nq_out.stride(0)
@@ -590,7 +611,9 @@ where
         da_cs,
         prev,
         cb,
-        final_state: _,
+        e_cs,
+        m,
+        ..
     } = parts(&p);
     let dy_t = dy;
     let dy = prim(dy_t.clone());
@@ -608,7 +631,7 @@ where
             dim,
             dy.clone().into_tensor_arg(),
             p.cm.clone().into_tensor_arg(),
-            da_cs.clone().into_tensor_arg(),
+            e_cs.clone().into_tensor_arg(),
             dprev_loc.clone().into_tensor_arg(),
             dtype.into(),
         );
@@ -656,8 +679,10 @@ where
         );
     }
 
-    // 4. dx
+    // 4. dx, and the per-(t, h, p) terms of kernel 7.
     let dx = empty(vec![batch, seqlen, heads, head_dim], dtype);
+    let sx = empty(vec![batch, seqlen, heads, head_dim], DType::F32);
+    let oy = empty(vec![batch, seqlen, heads, head_dim], DType::F32);
     let n = batch * seqlen * heads * head_dim;
     if n > 0 {
         let (count, dim) = launch(n);
@@ -670,10 +695,37 @@ where
             p.d.clone().into_tensor_arg(),
             dt_c.clone().into_tensor_arg(),
             da_cs.clone().into_tensor_arg(),
-            cb.clone().into_tensor_arg(),
+            m.into_tensor_arg(),
             dstates.clone().into_tensor_arg(),
+            p.x.clone().into_tensor_arg(),
+            p.cm.clone().into_tensor_arg(),
+            prev.clone().into_tensor_arg(),
             dx.clone().into_tensor_arg(),
+            sx.clone().into_tensor_arg(),
+            oy.clone().into_tensor_arg(),
             dtype.into(),
+        );
+    }
+    // Σ_p: [batch, seq, heads]
+    let sum_p = |t| -> CubeTensor<R> {
+        let t: T<R, F, I, BT, 4> = wrap(t);
+        prim(t.sum_dim(3).reshape([batch, seqlen, heads]))
+    };
+    let sx = sum_p(sx);
+    let oy = sum_p(oy);
+
+    // 3b. W summed over each group's heads, weighted by dt at the column.
+    let wg = empty(vec![batch, nchunks, groups, q, q], DType::F32);
+    let n = batch * nchunks * groups * q * q;
+    if n > 0 {
+        let (count, dim) = launch(n);
+        ssd_bwd_wsum_kernel::launch::<R>(
+            &client,
+            count,
+            dim,
+            w.clone().into_tensor_arg(),
+            dt_c.clone().into_tensor_arg(),
+            wg.clone().into_tensor_arg(),
         );
     }
 
@@ -689,10 +741,9 @@ where
             dim,
             dy.clone().into_tensor_arg(),
             p.bm.clone().into_tensor_arg(),
-            dt_c.clone().into_tensor_arg(),
             da_cs.clone().into_tensor_arg(),
             prev.clone().into_tensor_arg(),
-            w.clone().into_tensor_arg(),
+            wg.clone().into_tensor_arg(),
             dc.clone().into_tensor_arg(),
             dtype.into(),
         );
@@ -705,7 +756,7 @@ where
             dt_c.clone().into_tensor_arg(),
             da_cs.clone().into_tensor_arg(),
             dstates.clone().into_tensor_arg(),
-            w.clone().into_tensor_arg(),
+            wg.into_tensor_arg(),
             db.clone().into_tensor_arg(),
             dtype.into(),
         );
@@ -723,20 +774,14 @@ where
             &client,
             count,
             dim,
-            p.x.clone().into_tensor_arg(),
-            dy.clone().into_tensor_arg(),
-            p.bm.clone().into_tensor_arg(),
-            p.cm.clone().into_tensor_arg(),
+            sx.into_tensor_arg(),
+            oy.into_tensor_arg(),
             dt_c.clone().into_tensor_arg(),
-            da_cs.clone().into_tensor_arg(),
-            prev.into_tensor_arg(),
-            dstates.into_tensor_arg(),
             cb.into_tensor_arg(),
             w.into_tensor_arg(),
             ddt.clone().into_tensor_arg(),
             dcs.clone().into_tensor_arg(),
             nq.clone().into_tensor_arg(),
-            dtype.into(),
         );
     }
 
