@@ -1,9 +1,12 @@
-//! The `eval` and `generate` binaries: their flags are a contract other tools call.
+//! The `eval`, `generate`, `train` and `bench` binaries: their flags are a contract other tools
+//! call. The wgpu runs use Mesa's lavapipe on machines without a GPU.
 
 mod common;
 
+use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
@@ -18,6 +21,52 @@ fn run(bin: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
     }
     cmd.output().expect("binary runs")
 }
+
+/// As [`run`], but a binary still running after `limit` is killed and fails the test (a hang, a
+/// deadlock say, must not stall CI).
+fn run_limited(bin: &str, args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(bin)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("HF_HUB_CACHE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = stderr.join().unwrap();
+            panic!(
+                "{bin} {args:?} still running after {limit:?}; killed. stderr:\n{}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// Limit of one `bench` run in the tests (lavapipe compiles every shader on first use).
+const BENCH_LIMIT: Duration = Duration::from_secs(900);
 
 fn json_of(out: &Output) -> Value {
     assert!(
@@ -35,6 +84,11 @@ fn json_of(out: &Output) -> Value {
 
 const EVAL: &str = env!("CARGO_BIN_EXE_eval");
 const GENERATE: &str = env!("CARGO_BIN_EXE_generate");
+const TRAIN: &str = env!("CARGO_BIN_EXE_train");
+const BENCH: &str = env!("CARGO_BIN_EXE_bench");
+
+/// Agreement asked of the kernels against the reference.
+const REL_TOL: f64 = 1e-4;
 
 fn token_file(dir: &Path, r: &Reference) -> std::path::PathBuf {
     let p = dir.join("ids.json");
@@ -217,4 +271,205 @@ fn bad_token_files_are_named() {
         &[],
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("pass --greedy"));
+}
+
+fn fails_with(out: &Output, want: &str) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "expected a failure naming {want:?}");
+    assert!(err.contains(want), "expected {want:?} in:\n{err}");
+    err
+}
+
+fn positive(v: &Value, what: &str) -> f64 {
+    let x = v
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what}: not a number: {v}"));
+    assert!(x > 0.0 && x.is_finite(), "{what}: {x}");
+    x
+}
+
+/// `eval --ops`: `kernels` on the CPU is an error naming the flag; on wgpu, kernels and reference
+/// give the same loss.
+#[test]
+fn eval_ops_switch() {
+    let tmp = tempfile::tempdir().unwrap();
+    for case in ["mamba2_g2_untied_bias_limit", "mamba1_tied"] {
+        let r = Reference::load(case);
+        let ids = token_file(tmp.path(), &r);
+        let loss = |device: &str, ops: &str| {
+            let args = [
+                "--model",
+                r.dir.to_str().unwrap(),
+                "--token-ids",
+                ids.to_str().unwrap(),
+                "--device",
+                device,
+                "--ops",
+                ops,
+                "--json",
+            ];
+            let out = run(EVAL, &args, &[]);
+            if device == "cpu" && ops == "kernels" {
+                fails_with(&out, "--ops");
+                return f64::NAN;
+            }
+            json_of(&out)["loss"].as_f64().unwrap()
+        };
+        loss("cpu", "kernels");
+        let reference = loss("wgpu", "reference");
+        let kernels = loss("wgpu", "kernels");
+        assert!(
+            ((kernels - reference) / reference).abs() <= REL_TOL,
+            "{case}: --ops kernels {kernels} vs --ops reference {reference}"
+        );
+        let auto = loss("cpu", "auto");
+        assert!(((auto - reference) / reference).abs() <= REL_TOL);
+    }
+    let out = run(EVAL, &["--model", "x", "--ops", "fast"], &[]);
+    fails_with(&out, "--ops");
+}
+
+/// `device.ops` in a run config: an unknown value, or `kernels` on the CPU, is an error naming
+/// the key (before any data is read).
+#[test]
+fn train_device_ops_is_checked() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let train = |sets: &[&str]| {
+        let mut cmd = Command::new(TRAIN);
+        cmd.current_dir(repo)
+            .args(["--config", "configs/quickstart.toml", "--device", "cpu"])
+            .env("HF_HUB_OFFLINE", "1");
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        cmd.output().expect("binary runs")
+    };
+    let err = fails_with(&train(&["device.ops=fast"]), "`device.ops`");
+    assert!(err.contains("fast") && err.contains("reference"), "{err}");
+    fails_with(&train(&["device.ops=kernels"]), "`device.ops`");
+}
+
+/// `bench kernels` at the small shapes on wgpu: every op, positive timings for both
+/// implementations, and the kernels within `REL_TOL` of the reference on every output and
+/// gradient.
+#[test]
+fn bench_kernels_small_on_wgpu() {
+    let out = run_limited(
+        BENCH,
+        &[
+            "kernels", "--device", "wgpu", "--shapes", "small", "--json", "--iters", "2",
+            "--warmup", "1",
+        ],
+        BENCH_LIMIT,
+    );
+    let v = json_of(&out);
+    assert_eq!(v["bench"], "kernels");
+    assert_eq!(v["device"], "wgpu");
+    assert!(v["timestamp"].is_string());
+    let results = v["results"].as_array().unwrap();
+    for op in ["ssd", "conv", "scan"] {
+        assert!(results.iter().any(|r| r["op"] == op), "no {op} result: {v}");
+    }
+    for r in results {
+        let what = format!("{} {}", r["op"], r["shape"]);
+        for side in ["kernels", "reference"] {
+            for t in ["fwd_ms", "fwd_bwd_ms"] {
+                positive(&r[side][t], &format!("{what} {side}.{t}"));
+            }
+        }
+        let err = r["max_rel_err"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{what}: max_rel_err {}", r["max_rel_err"]));
+        assert!(
+            err <= REL_TOL,
+            "{what}: max_rel_err {err:e} ({})",
+            r["worst_tensor"]
+        );
+        // Outputs and every input's gradient were compared.
+        let errs = r["rel_errs"].as_object().unwrap();
+        let want = match r["op"].as_str().unwrap() {
+            "ssd" => 2 + 7,
+            "conv" => 2 + 3,
+            _ => 2 + 8,
+        };
+        assert_eq!(errs.len(), want, "{what}: {errs:?}");
+        if r["op"] == "conv" {
+            let b = &r["bandwidth"];
+            positive(&b["copy_gbps"], &format!("{what} copy_gbps"));
+            positive(&r["kernels"]["fwd_gbps"], &format!("{what} fwd_gbps"));
+            positive(
+                &r["kernels"]["fwd_bwd_copy_fraction"],
+                &format!("{what} fwd_bwd_copy_fraction"),
+            );
+        }
+    }
+}
+
+/// On the CPU `bench kernels` measures the reference only.
+#[test]
+fn bench_kernels_cpu_is_reference_only() {
+    let out = run_limited(
+        BENCH,
+        &[
+            "kernels", "--device", "cpu", "--shapes", "small", "--json", "--iters", "2",
+            "--warmup", "1",
+        ],
+        BENCH_LIMIT,
+    );
+    let v = json_of(&out);
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2 + 2 + 2, "{v}");
+    for r in results {
+        assert!(r["kernels"].is_null(), "{r}");
+        assert!(r["max_rel_err"].is_null(), "{r}");
+        positive(&r["reference"]["fwd_ms"], "reference.fwd_ms");
+        positive(&r["reference"]["fwd_bwd_ms"], "reference.fwd_bwd_ms");
+    }
+}
+
+/// `bench model` on wgpu with tiny configs: the loss and every parameter gradient with the
+/// kernels match the reference.
+#[test]
+fn bench_model_kernels_match_reference_on_wgpu() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for config in [
+        repo.join("configs/models/mamba2-tiny.json"),
+        fixtures().join("mamba1_tied/config.json"),
+    ] {
+        let out = run_limited(
+            BENCH,
+            &[
+                "model",
+                "--device",
+                "wgpu",
+                "--config",
+                config.to_str().unwrap(),
+                "--batch",
+                "1",
+                "--seq",
+                "40",
+                "--iters",
+                "1",
+                "--warmup",
+                "0",
+                "--json",
+            ],
+            BENCH_LIMIT,
+        );
+        let v = json_of(&out);
+        let what = config.display();
+        positive(&v["kernels"]["fwd_bwd_ms"], "kernels.fwd_bwd_ms");
+        positive(&v["reference"]["fwd_bwd_ms"], "reference.fwd_bwd_ms");
+        let loss = v["loss_rel_err"].as_f64().unwrap();
+        let grad = v["max_grad_rel_err"].as_f64().unwrap();
+        assert!(loss <= REL_TOL, "{what}: loss rel err {loss:e}");
+        assert!(
+            grad <= REL_TOL,
+            "{what}: grad rel err {grad:e} ({})",
+            v["worst_param"]
+        );
+        // Every parameter has a gradient: embeddings, per layer norm + mixer, norm_f.
+        assert!(v["grads_compared"].as_u64().unwrap() >= 2 + 2 * 6, "{v}");
+        assert!(v["notes"].as_array().unwrap().is_empty(), "{v}");
+    }
 }

@@ -191,20 +191,38 @@ fn default_dtype() -> String {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceSection {
+    /// `auto`, `cuda`, `cuda:N`, `wgpu` or `cpu`.
     #[serde(default = "default_device")]
     pub name: String,
+    /// The hot ops: `auto` (kernels where the backend has them), `reference` (plain tensor ops)
+    /// or `kernels` (an error on a backend without them).
+    #[serde(default = "default_ops")]
+    pub ops: String,
 }
 
 impl Default for DeviceSection {
     fn default() -> Self {
         Self {
             name: default_device(),
+            ops: default_ops(),
         }
     }
 }
 
 fn default_device() -> String {
     "auto".into()
+}
+fn default_ops() -> String {
+    "auto".into()
+}
+
+impl DeviceSection {
+    /// `ops` parsed; an unknown value is an error naming `device.ops`.
+    pub fn ops_mode(&self) -> Result<mamba_kernels::OpsMode> {
+        self.ops
+            .parse()
+            .map_err(|e| anyhow::anyhow!("`device.ops`: {e}"))
+    }
 }
 
 /// Parse `--set section.key=value`: the value is read as TOML (`3`, `true`, `"x"`, `[1, 2]`) and,
@@ -326,6 +344,7 @@ impl RunConfig {
             .name
             .parse::<crate::DeviceSpec>()
             .map_err(|e| anyhow::anyhow!("`device.name`: {e}"))?;
+        self.device.ops_mode()?;
         Ok(())
     }
 
@@ -385,6 +404,16 @@ dir = "runs/x"
             RunConfig::parse(BASE, &["data.seq_len=1".into()]).unwrap_err()
         );
         assert!(e.contains("`data.seq_len`"), "{e}");
+        let c = RunConfig::parse(BASE, &["device.ops=reference".into()]).unwrap();
+        assert_eq!(
+            c.device.ops_mode().unwrap(),
+            mamba_kernels::OpsMode::Reference
+        );
+        let e = format!(
+            "{:#}",
+            RunConfig::parse(BASE, &["device.ops=fast".into()]).unwrap_err()
+        );
+        assert!(e.contains("`device.ops`") && e.contains("fast"), "{e}");
     }
 
     #[test]

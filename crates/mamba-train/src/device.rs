@@ -1,12 +1,13 @@
-//! `--device auto|cuda[:N]|wgpu|cpu`: picking a backend at run time.
+//! `--device auto|cuda[:N]|wgpu|cpu`: picking a backend at run time; `--ops
+//! auto|reference|kernels`: picking the implementation of the hot ops on it.
 //!
 //! Code that runs on "any backend" implements [`BackendJob`]; [`run_on`] instantiates it with
-//! the backend type the device string selects.
+//! the backend type the device string selects, and the job calls [`select_ops`] before any work.
 
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
-use mamba_kernels::MambaBackend;
+use mamba_kernels::{check_ops_mode, set_ops_mode, MambaBackend, OpsMode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -32,6 +33,15 @@ impl FromStr for DeviceSpec {
             },
         }
     }
+}
+
+/// Applies `--ops` inside a job on backend `B` (named `backend` in errors): checks that `B` can
+/// honour `mode` (`kernels` needs a backend with kernels, so not the CPU) and selects it for the
+/// whole process. Call it before any model work.
+pub fn select_ops<B: MambaBackend>(mode: OpsMode, backend: &str) -> Result<()> {
+    check_ops_mode::<B>(mode, backend).map_err(anyhow::Error::msg)?;
+    set_ops_mode(mode);
+    Ok(())
 }
 
 /// Work generic over the backend.

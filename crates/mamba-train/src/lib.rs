@@ -1,6 +1,7 @@
 //! Training, evaluation and benchmarking for mamba-burn, and the helpers the binaries share.
 //! The binaries in `src/bin` stay thin: argument parsing and a call into this crate.
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod device;
@@ -8,4 +9,5 @@ pub mod evaluate;
 pub mod plot;
 pub mod train;
 
-pub use device::{run_on, BackendJob, DeviceSpec};
+pub use device::{run_on, select_ops, BackendJob, DeviceSpec};
+pub use mamba_kernels::OpsMode;

@@ -1,4 +1,4 @@
-//! `eval --model <dir|hub-id> --token-ids <file.json> [--device D] --json`
+//! `eval --model <dir|hub-id> --token-ids <file.json> [--device D] [--ops O] --json`
 //! `eval --model <dir|hub-id> [--adapter <dir>] --data <source> [--split validation] --json`
 
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use mamba_model::{MambaBackend, NormMode};
 use mamba_train::config::{DataSection, TokenizerSection};
 use mamba_train::evaluate::{check_ids, evaluate_ids, read_token_ids, EvalReport};
 use mamba_train::train::evaluate_rows;
-use mamba_train::{run_on, BackendJob, DeviceSpec};
+use mamba_train::{run_on, select_ops, BackendJob, DeviceSpec, OpsMode};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -58,6 +58,10 @@ struct Args {
     /// auto, cuda, cuda:N, wgpu or cpu.
     #[arg(long, default_value = "auto")]
     device: DeviceSpec,
+    /// The hot ops: auto (kernels where the backend has them), reference (plain tensor ops) or
+    /// kernels (an error on the CPU).
+    #[arg(long, default_value = "auto")]
+    ops: OpsMode,
     /// Gated-norm behaviour of Mamba2: grouped (mamba_ssm) or hf (transformers).
     #[arg(long, default_value = "grouped")]
     norm: NormMode,
@@ -73,8 +77,9 @@ struct Job(Args);
 
 impl BackendJob for Job {
     type Output = EvalReport;
-    fn run<B: MambaBackend>(self, device: B::Device, _name: &str) -> Result<EvalReport> {
+    fn run<B: MambaBackend>(self, device: B::Device, name: &str) -> Result<EvalReport> {
         let a = self.0;
+        select_ops::<B>(a.ops, name)?;
         let dir =
             mamba_hf::resolve_model_dir(&a.model).with_context(|| format!("model {}", a.model))?;
         let mut model = mamba_hf::load_model_dir::<B>(&dir, a.norm, &device)

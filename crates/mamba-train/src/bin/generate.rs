@@ -1,11 +1,11 @@
-//! `generate --model <dir|hub-id> --prompt-ids 1,2,3 --max-new-tokens N --greedy [--device D] --json`
+//! `generate --model <dir|hub-id> --prompt-ids 1,2,3 --max-new-tokens N --greedy [--device D] [--ops O] --json`
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use mamba_model::generate::greedy;
 use mamba_model::{MambaBackend, NormMode};
 use mamba_train::evaluate::check_ids;
-use mamba_train::{run_on, BackendJob, DeviceSpec};
+use mamba_train::{run_on, select_ops, BackendJob, DeviceSpec, OpsMode};
 
 #[derive(Parser, Debug)]
 #[command(about = "Greedy continuation of token ids with a Mamba/Mamba2 model")]
@@ -29,6 +29,10 @@ struct Args {
     ignore_eos: bool,
     #[arg(long, default_value = "auto")]
     device: DeviceSpec,
+    /// The hot ops: auto (kernels where the backend has them), reference (plain tensor ops) or
+    /// kernels (an error on the CPU).
+    #[arg(long, default_value = "auto")]
+    ops: OpsMode,
     #[arg(long, default_value = "grouped")]
     norm: NormMode,
     #[arg(long)]
@@ -39,8 +43,9 @@ struct Job(Args);
 
 impl BackendJob for Job {
     type Output = Vec<u32>;
-    fn run<B: MambaBackend>(self, device: B::Device, _name: &str) -> Result<Vec<u32>> {
+    fn run<B: MambaBackend>(self, device: B::Device, name: &str) -> Result<Vec<u32>> {
         let a = self.0;
+        select_ops::<B>(a.ops, name)?;
         let model = mamba_hf::load_model::<B>(&a.model, a.norm, &device)
             .with_context(|| format!("loading model {}", a.model))?;
         check_ids(

@@ -1,13 +1,13 @@
-//! `train --config configs/lora.toml [--set section.key=value]... [--resume] [--device D]`
+//! `train --config configs/lora.toml [--set section.key=value]... [--resume] [--device D] [--ops O]`
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use mamba_model::MambaBackend;
 use mamba_train::config::RunConfig;
 use mamba_train::train::{train, Summary};
-use mamba_train::{run_on, BackendJob, DeviceSpec};
+use mamba_train::{run_on, select_ops, BackendJob, DeviceSpec, OpsMode};
 
 #[derive(Parser, Debug)]
 #[command(about = "Fine-tune (LoRA or full) or train a Mamba/Mamba2 model from a TOML run config")]
@@ -25,17 +25,22 @@ struct Args {
     /// Overrides `device.name`: auto, cuda, cuda:N, wgpu or cpu.
     #[arg(long)]
     device: Option<DeviceSpec>,
+    /// Overrides `device.ops`: auto, reference or kernels.
+    #[arg(long)]
+    ops: Option<OpsMode>,
 }
 
 struct Job {
     cfg: RunConfig,
+    ops: OpsMode,
     resume: bool,
 }
 
 impl BackendJob for Job {
     type Output = Summary;
     fn run<B: MambaBackend>(self, device: B::Device, name: &str) -> Result<Summary> {
-        eprintln!("training on {name}");
+        select_ops::<B>(self.ops, name).context("`device.ops`")?;
+        eprintln!("training on {name} (ops: {})", self.ops);
         train::<B>(&self.cfg, device, self.resume)
     }
 }
@@ -47,10 +52,15 @@ fn main() -> Result<()> {
         Some(d) => d,
         None => cfg.device.name.parse().map_err(anyhow::Error::msg)?,
     };
+    let ops = match args.ops {
+        Some(o) => o,
+        None => cfg.device.ops_mode()?,
+    };
     let summary = run_on(
         device,
         Job {
             cfg,
+            ops,
             resume: args.resume,
         },
     )?;

@@ -1,0 +1,146 @@
+//! `bench kernels --device D [--shapes bench|small] [--only ssd,conv,scan] [--json]`
+//! `bench model --device D [--config mamba2-130m|mamba1-130m|<config.json>] [--batch 2] [--seq 512] [--json]`
+//!
+//! The kernels against the reference ops: time and agreement of each hot op
+//! (`mamba_train::bench::kernels`) and of a whole model's loss and gradients
+//! (`mamba_train::bench::model`).
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use mamba_model::MambaBackend;
+use mamba_train::bench::{kernels, model};
+use mamba_train::{run_on, BackendJob, DeviceSpec};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark the Mamba kernels against the reference ops (time and agreement)")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Each op (SSD scan, causal conv1d, selective scan) at fixed shapes: median forward and
+    /// forward+backward time with the kernels and the reference, and their largest relative error
+    /// over the outputs and input gradients.
+    Kernels {
+        /// auto, cuda, cuda:N, wgpu or cpu (the CPU has no kernels: reference only).
+        #[arg(long, default_value = "auto")]
+        device: DeviceSpec,
+        /// bench (realistic sizes) or small (tiny odd shapes, seconds on lavapipe/CPU).
+        #[arg(long, default_value = "bench")]
+        shapes: kernels::ShapeSet,
+        /// Untimed runs before the timed ones.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed runs (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// SSD chunk size (default 256; 16 for the small shapes).
+        #[arg(long)]
+        chunk: Option<usize>,
+        /// Only these ops: ssd, conv, scan (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<kernels::Op>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A randomly initialised model: loss and every parameter gradient with the kernels against
+    /// the reference on the same weights and batch, and the forward+backward time of each.
+    Model {
+        #[arg(long, default_value = "auto")]
+        device: DeviceSpec,
+        /// mamba2-130m, mamba1-130m or a model config JSON.
+        #[arg(long, default_value = "mamba2-130m")]
+        config: String,
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        #[arg(long, default_value_t = 512)]
+        seq: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+struct KernelsJob(kernels::Options);
+
+impl BackendJob for KernelsJob {
+    type Output = kernels::Report;
+    fn run<B: MambaBackend>(self, device: B::Device, name: &str) -> Result<kernels::Report> {
+        Ok(kernels::run::<B>(&device, name, &self.0))
+    }
+}
+
+struct ModelJob(model::Options);
+
+impl BackendJob for ModelJob {
+    type Output = model::Report;
+    fn run<B: MambaBackend>(self, device: B::Device, name: &str) -> Result<model::Report> {
+        model::run::<B>(&device, name, &self.0)
+    }
+}
+
+fn main() -> Result<()> {
+    match Args::parse().command {
+        Command::Kernels {
+            device,
+            shapes,
+            warmup,
+            iters,
+            chunk,
+            only,
+            seed,
+            json,
+        } => {
+            let opts = kernels::Options {
+                shapes,
+                warmup,
+                iters,
+                chunk,
+                only,
+                seed,
+            };
+            let report = run_on(device, KernelsJob(opts))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", kernels::table(&report));
+            }
+        }
+        Command::Model {
+            device,
+            config,
+            batch,
+            seq,
+            warmup,
+            iters,
+            seed,
+            json,
+        } => {
+            let opts = model::Options {
+                config,
+                batch,
+                seq,
+                warmup,
+                iters,
+                seed,
+            };
+            let report = run_on(device, ModelJob(opts))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", model::table(&report));
+            }
+        }
+    }
+    Ok(())
+}
