@@ -344,7 +344,10 @@ impl<B: MambaBackend, C: CheckpointStrategy> MambaBackend for Autodiff<B, C> {
     }
 
     /// With kernels active in `B`, a custom autodiff step runs `B`'s forward and backward ops;
-    /// otherwise the reference ops are differentiated as they are.
+    /// otherwise the reference ops are differentiated as they are. Whether the kernels take an
+    /// input is decided here, at forward time: a backward step must not fall back to the
+    /// reference backward, which would start a second `backward()` inside the first one (burn's
+    /// autodiff graph lock makes that a deadlock).
     fn causal_conv1d(input: ConvInput<Self>) -> ConvOutput<Self> {
         #[cfg(feature = "cube")]
         if kernels_active::<B>() {
@@ -355,7 +358,7 @@ impl<B: MambaBackend, C: CheckpointStrategy> MambaBackend for Autodiff<B, C> {
 
     fn ssd_chunk_scan(input: SsdInput<Self>) -> SsdOutput<Self> {
         #[cfg(feature = "cube")]
-        if kernels_active::<B>() {
+        if kernels_active::<B>() && cube::ssd::kernels_apply(&input) {
             return cube::autodiff::ssd_chunk_scan::<B, C>(input);
         }
         reference::ssd_chunk_scan(input)
@@ -363,7 +366,7 @@ impl<B: MambaBackend, C: CheckpointStrategy> MambaBackend for Autodiff<B, C> {
 
     fn selective_scan(input: SelectiveScanInput<Self>) -> SelectiveScanOutput<Self> {
         #[cfg(feature = "cube")]
-        if kernels_active::<B>() {
+        if kernels_active::<B>() && cube::selective::supported(&input, &[]) {
             return cube::autodiff::selective_scan::<B, C>(input);
         }
         reference::selective_scan(input)

@@ -598,7 +598,7 @@ fn elemwise<R: CubeRuntime>(client: &ComputeClient<R>, n: usize) -> (CubeCount, 
 
 /// Whether the kernels take this input: one float dtype throughout (also `extra`, the upstream
 /// gradients), a nonempty problem and a state of at most [`MAX_STATE`].
-fn supported<B: Backend>(input: &SelectiveScanInput<B>, extra: &[DType]) -> bool {
+pub(crate) fn supported<B: Backend>(input: &SelectiveScanInput<B>, extra: &[DType]) -> bool {
     let [batch, seqlen, channels] = input.u.dims();
     let dstate = input.a.dims()[1];
     let dt = input.u.dtype();
