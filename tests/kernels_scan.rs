@@ -8,78 +8,18 @@
 //! (the allocator is poisoned with NaN first, so an element a kernel fails to write shows up); a
 //! NaN or an infinity anywhere fails.
 
-use burn::backend::{Autodiff, NdArray, Wgpu};
+use burn::backend::Autodiff;
 use burn::tensor::activation::{silu, softplus};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Distribution, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use mamba_burn::kernels::{
     reference, ConvInput, MambaBackend, SelectiveScanGrads, SelectiveScanInput, SsdInput,
     SsdStepInput,
 };
 
-type Cpu = NdArray<f32>;
-type Gpu = Wgpu<f32, i32, u32>;
-
-const REL_TOL: f64 = 1e-4;
-
-/// `‖got − want‖ / ‖want‖`, infinite when either side holds a non-finite value.
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "length mismatch");
-    if got.iter().chain(want).any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
-    num.sqrt() / den.sqrt().max(1e-30)
-}
-
-fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<f32>, Vec<usize>) {
-    let dims = t.dims().to_vec();
-    (
-        t.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
-        dims,
-    )
-}
-
-/// Compare whole tensors (shape and values); returns the relative error.
-fn check<B1: Backend, B2: Backend, const D: usize>(
-    what: &str,
-    got: Tensor<B1, D>,
-    want: Tensor<B2, D>,
-) -> f64 {
-    let (g, gd) = values(got);
-    let (w, wd) = values(want);
-    assert_eq!(gd, wd, "{what}: shape");
-    let err = rel_err(&g, &w);
-    assert!(
-        err <= REL_TOL,
-        "{what}: relative error {err:e} > {REL_TOL:e}"
-    );
-    err
-}
-
-/// Fill and free a buffer of `n` NaNs on the GPU, so that a later allocation of the same size
-/// likely reuses NaN memory: an output element a kernel forgets to write then shows as NaN.
-fn poison(n: usize) {
-    let device = Default::default();
-    let t = Tensor::<Gpu, 1>::full([n.max(1)], f32::NAN, &device);
-    let _ = t.clone().narrow(0, 0, 1).into_data();
-    drop(t);
-}
-
-fn random(shape: &[usize], scale: f32) -> TensorData {
-    let device = Default::default();
-    let t = Tensor::<Cpu, 1>::random(
-        [shape.iter().product::<usize>()],
-        Distribution::Normal(0.0, 1.0),
-        &device,
-    ) * scale;
-    TensorData::new(t.into_data().to_vec::<f32>().unwrap(), shape.to_vec())
-}
+#[path = "common/kernels.rs"]
+mod kcommon;
+use kcommon::{check, poison, random, Cpu, Gpu};
 
 /// `offset + |N(0, scale)|`: positive values (a `dt` used without softplus must be positive, or
 /// the state grows without bound).
@@ -433,20 +373,6 @@ fn selective_scan_backward_op_matches_reference() {
         }
         eprintln!("{line}");
     }
-}
-
-/// The metric itself must be able to fail: a perturbed tensor and a NaN are rejected.
-#[test]
-fn metric_rejects_wrong_values() {
-    let want = vec![1.0f32, -2.0, 3.0, 0.5];
-    assert!(rel_err(&want, &want) == 0.0);
-    let mut off = want.clone();
-    off[2] += 0.01;
-    assert!(rel_err(&off, &want) > REL_TOL);
-    let mut nan = want.clone();
-    nan[1] = f32::NAN;
-    assert!(rel_err(&nan, &want).is_infinite());
-    assert!(rel_err(&want, &nan).is_infinite());
 }
 
 // ------------------------------------------------------------------------------------------

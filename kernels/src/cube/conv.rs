@@ -11,14 +11,14 @@
 //! `[batch, seq + width - 1, channels]`: `y[t] = sum_k w[k] * ext[t + k]` and the final state is
 //! the last `width - 1` rows of `ext`. [`ext_value`] reads `ext` without materialising it.
 
+use super::{elemwise, prim, wrap};
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Shape, Tensor as BTensor, TensorPrimitive};
+use burn::tensor::{Shape, Tensor as BTensor};
 use burn_cubecl::{
     element::BoolElement, ops::numeric::empty_device_contiguous_dtype, CubeBackend, CubeRuntime,
     FloatElement, IntElement,
 };
-use cubecl::{calculate_cube_count_elemwise, prelude::*};
+use cubecl::prelude::*;
 
 use crate::{ConvGrads, ConvInput, ConvOutput};
 
@@ -243,20 +243,6 @@ fn conv_grad_weight_kernel<F: Float, G: Float>(
         }
         dw_part[piece * dw_part.stride(0) + c * dw_part.stride(1) + k * dw_part.stride(2)] = acc;
     }
-}
-
-fn prim<B: Backend, const D: usize>(t: BTensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
-}
-
-fn wrap<B: Backend, const D: usize>(t: FloatTensor<B>) -> BTensor<B, D> {
-    BTensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-/// Launch configuration for `n` independent threads.
-fn elemwise<R: CubeRuntime>(client: &ComputeClient<R>, n: usize) -> (CubeCount, CubeDim) {
-    let cube_dim = CubeDim::new(client, n);
-    (calculate_cube_count_elemwise(client, n, cube_dim), cube_dim)
 }
 
 /// Whether every tensor of the conv shares `x`'s float dtype (the kernels take one dtype).

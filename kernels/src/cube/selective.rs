@@ -37,14 +37,14 @@
 //! model passes narrowed views), every sum is accumulated in f32, and the state lives in
 //! per-thread arrays of comptime size `state` (unrolled for small states, so in registers).
 
+use super::{elemwise, prim, wrap};
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Shape, Tensor as BTensor, TensorPrimitive};
+use burn::tensor::{DType, Shape, Tensor as BTensor};
 use burn_cubecl::{
     element::BoolElement, ops::numeric::empty_device_contiguous_dtype, CubeBackend, CubeRuntime,
     FloatElement, IntElement,
 };
-use cubecl::{calculate_cube_count_elemwise, prelude::*};
+use cubecl::prelude::*;
 
 use crate::{SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput};
 
@@ -580,20 +580,6 @@ fn scan_bwd_kernel<F: Float>(
         acc_part[pbase] = dd_acc;
         acc_part[pbase + acc_part.stride(2)] = dbias_acc;
     }
-}
-
-fn prim<B: Backend, const D: usize>(t: BTensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
-}
-
-fn wrap<B: Backend, const D: usize>(t: FloatTensor<B>) -> BTensor<B, D> {
-    BTensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-/// Launch configuration for `n` independent threads.
-fn elemwise<R: CubeRuntime>(client: &ComputeClient<R>, n: usize) -> (CubeCount, CubeDim) {
-    let cube_dim = CubeDim::new(client, n);
-    (calculate_cube_count_elemwise(client, n, cube_dim), cube_dim)
 }
 
 /// Whether the kernels take this input: one float dtype throughout (also `extra`, the upstream

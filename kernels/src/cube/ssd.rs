@@ -15,14 +15,14 @@
 //! The sequence is padded logically to a multiple of the chunk size: positions past the end get
 //! `dt = 0` (the identity on the state) and are never read. All intermediates are f32.
 
+use super::{elemwise, prim, wrap};
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Shape, Tensor as BTensor, TensorPrimitive};
+use burn::tensor::{DType, Shape};
 use burn_cubecl::{
     element::BoolElement, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor,
     CubeBackend, CubeRuntime, FloatElement, IntElement,
 };
-use cubecl::{calculate_cube_count_elemwise, prelude::*};
+use cubecl::prelude::*;
 
 use crate::{SsdInput, SsdOutput};
 
@@ -345,23 +345,6 @@ fn ssd_chunk_scan_kernel<F: Float>(
         f32::cast_from(x[b * x.stride(0) + t * x.stride(1) + h * x.stride(2) + p * x.stride(3)]);
     acc += f32::cast_from(d[h * d.stride(0)]) * xt;
     y[b * y.stride(0) + t * y.stride(1) + h * y.stride(2) + p * y.stride(3)] = F::cast_from(acc);
-}
-
-pub(crate) fn prim<B: Backend, const D: usize>(t: BTensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
-}
-
-pub(crate) fn wrap<B: Backend, const D: usize>(t: FloatTensor<B>) -> BTensor<B, D> {
-    BTensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-/// Launch configuration for `n` independent threads.
-pub(crate) fn elemwise<R: CubeRuntime>(
-    client: &ComputeClient<R>,
-    n: usize,
-) -> (CubeCount, CubeDim) {
-    let cube_dim = CubeDim::new(client, n);
-    (calculate_cube_count_elemwise(client, n, cube_dim), cube_dim)
 }
 
 /// A contiguous uninitialised tensor on the device of `like`.

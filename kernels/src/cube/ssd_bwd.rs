@@ -25,7 +25,8 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
-use super::ssd::{elemwise, empty_like_device, kernels_apply, parts, prim, wrap, Parts, Prims};
+use super::ssd::{empty_like_device, kernels_apply, parts, Parts, Prims};
+use super::{elemwise, prim, wrap};
 use crate::{SsdGrads, SsdInput};
 
 /// Kernel 1, one thread per `(b, c, h, p, n)`:

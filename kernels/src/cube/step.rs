@@ -5,14 +5,13 @@
 //! the thread), every tensor indexed through its strides and every sum accumulated in f32. The
 //! new state is written to a fresh tensor (the inputs are left untouched).
 
-use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Shape, Tensor as BTensor, TensorPrimitive};
+use super::{elemwise, prim, wrap};
+use burn::tensor::{Shape, Tensor as BTensor};
 use burn_cubecl::{
     element::BoolElement, ops::numeric::empty_device_contiguous_dtype, CubeBackend, CubeRuntime,
     FloatElement, IntElement,
 };
-use cubecl::{calculate_cube_count_elemwise, prelude::*};
+use cubecl::prelude::*;
 
 use crate::SsdStepInput;
 
@@ -177,20 +176,6 @@ fn selective_step_kernel<F: Float>(
     }
     acc += f32::cast_from(d[ch * d.stride(0)]) * uv;
     y[b * y.stride(0) + ch * y.stride(1)] = F::cast_from(acc);
-}
-
-fn prim<B: Backend, const D: usize>(t: BTensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
-}
-
-fn wrap<B: Backend, const D: usize>(t: FloatTensor<B>) -> BTensor<B, D> {
-    BTensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-/// Launch configuration for `n` independent threads.
-fn elemwise<R: CubeRuntime>(client: &ComputeClient<R>, n: usize) -> (CubeCount, CubeDim) {
-    let cube_dim = CubeDim::new(client, n);
-    (calculate_cube_count_elemwise(client, n, cube_dim), cube_dim)
 }
 
 /// Kernel of [`crate::MambaBackend::causal_conv1d_step`]: `x` `[batch, channels]`, `state`
