@@ -7,74 +7,17 @@
 //! fails to write shows up, helped by poisoning the allocator with NaN first); a NaN or an
 //! infinity anywhere fails.
 
-use burn::backend::{Autodiff, NdArray, Wgpu};
+use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Distribution, Tensor, TensorData};
-use mamba_burn::kernels::{reference, ConvGrads, ConvInput, MambaBackend, SsdGrads, SsdInput};
+use burn::tensor::{Tensor, TensorData};
+use mamba_burn::kernels::{
+    reference, set_ops_mode, ssd_kernels_active, ConvGrads, ConvInput, MambaBackend, OpsMode,
+    SsdGrads, SsdInput,
+};
 
-type Cpu = NdArray<f32>;
-type Gpu = Wgpu<f32, i32, u32>;
-
-const REL_TOL: f64 = 1e-4;
-
-/// `‖got − want‖ / ‖want‖`, infinite when either side holds a non-finite value.
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "length mismatch");
-    if got.iter().chain(want).any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
-    num.sqrt() / den.sqrt().max(1e-30)
-}
-
-fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<f32>, Vec<usize>) {
-    let dims = t.dims().to_vec();
-    (
-        t.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
-        dims,
-    )
-}
-
-/// Compare whole tensors (shape and values); returns the relative error.
-fn check<B1: Backend, B2: Backend, const D: usize>(
-    what: &str,
-    got: Tensor<B1, D>,
-    want: Tensor<B2, D>,
-) -> f64 {
-    let (g, gd) = values(got);
-    let (w, wd) = values(want);
-    assert_eq!(gd, wd, "{what}: shape");
-    let err = rel_err(&g, &w);
-    assert!(
-        err <= REL_TOL,
-        "{what}: relative error {err:e} > {REL_TOL:e}"
-    );
-    err
-}
-
-/// Fill and free a buffer of `n` NaNs on the GPU, so that a later allocation of the same size
-/// likely reuses NaN memory: an output element a kernel forgets to write then shows as NaN.
-fn poison(n: usize) {
-    let device = Default::default();
-    let t = Tensor::<Gpu, 1>::full([n.max(1)], f32::NAN, &device);
-    let _ = t.clone().narrow(0, 0, 1).into_data();
-    drop(t);
-}
-
-fn random(shape: &[usize], scale: f32) -> TensorData {
-    let device = Default::default();
-    let t = Tensor::<Cpu, 1>::random(
-        [shape.iter().product::<usize>()],
-        Distribution::Normal(0.0, 1.0),
-        &device,
-    ) * scale;
-    TensorData::new(t.into_data().to_vec::<f32>().unwrap(), shape.to_vec())
-}
+#[path = "common/kernels.rs"]
+mod kcommon;
+use kcommon::{check, poison, random, rel_err, Cpu, Gpu, REL_TOL};
 
 /// One conv case: the data, shared by every backend.
 #[derive(Debug, Clone, Copy)]
@@ -486,6 +429,7 @@ fn ssd_cases() -> Vec<SsdCase> {
 
 #[test]
 fn ssd_forward_matches_reference() {
+    use_ssd_kernels();
     let gpu = Default::default();
     let cpu = Default::default();
     for case in ssd_cases() {
@@ -538,6 +482,7 @@ fn compare_named<B1: Backend, B2: Backend>(what: String, got: Named<B1>, want: N
 /// without an upstream gradient for the final state.
 #[test]
 fn ssd_backward_op_matches_reference() {
+    use_ssd_kernels();
     let gpu = Default::default();
     let cpu = Default::default();
     for (k, case) in ssd_cases().into_iter().enumerate() {
@@ -613,6 +558,7 @@ fn ssd_autodiff<B: AutodiffBackend + MambaBackend>(
 /// ways) against `Autodiff<NdArray>` differentiating the reference.
 #[test]
 fn ssd_autodiff_matches_reference() {
+    use_ssd_kernels();
     let gpu = Default::default();
     let cpu = Default::default();
     for case in ssd_cases() {
@@ -625,4 +571,12 @@ fn ssd_autodiff_matches_reference() {
         let got = ssd_autodiff::<Autodiff<Gpu>>(&data, &case, &r, &r2, &gpu);
         compare_named(format!("{case:?}"), got, want);
     }
+}
+
+/// The SSD kernels run only under `--ops kernels` (`auto` keeps the faster reference for now):
+/// select them, and make sure they are what the SSD tests exercise.
+fn use_ssd_kernels() {
+    set_ops_mode(OpsMode::Kernels);
+    assert!(ssd_kernels_active::<Gpu>());
+    assert!(ssd_kernels_active::<Autodiff<Gpu>>());
 }
