@@ -20,6 +20,9 @@ use crate::{
 
 type Ad<B, C> = Autodiff<B, C>;
 
+/// A decode step's two outputs (the output and the new state) on `Autodiff<B>`.
+type StepOut<B, C, const D1: usize, const D2: usize> = (Tensor<Ad<B, C>, D1>, Tensor<Ad<B, C>, D2>);
+
 /// The inner primitives the conv backward needs: `x`, `weight`, `bias`, `initial_state`, `silu`.
 type ConvState<B> = (
     FloatTensor<B>,
@@ -446,7 +449,7 @@ pub fn causal_conv1d_step<B: MambaBackend, C: CheckpointStrategy>(
     weight: Tensor<Ad<B, C>, 2>,
     bias: Option<Tensor<Ad<B, C>, 1>>,
     silu: bool,
-) -> (Tensor<Ad<B, C>, 2>, Tensor<Ad<B, C>, 3>) {
+) -> StepOut<B, C, 2, 3> {
     if is_tracked(&x)
         || is_tracked(&state)
         || is_tracked(&weight)
@@ -467,7 +470,7 @@ pub fn causal_conv1d_step<B: MambaBackend, C: CheckpointStrategy>(
 /// One-token SSD update on `Autodiff<B>`.
 pub fn ssd_step<B: MambaBackend, C: CheckpointStrategy>(
     input: SsdStepInput<Ad<B, C>>,
-) -> (Tensor<Ad<B, C>, 3>, Tensor<Ad<B, C>, 4>) {
+) -> StepOut<B, C, 3, 4> {
     let tracked = is_tracked(&input.x)
         || is_tracked(&input.dt)
         || is_tracked(&input.a)
@@ -503,7 +506,7 @@ pub fn selective_step<B: MambaBackend, C: CheckpointStrategy>(
     c: Tensor<Ad<B, C>, 2>,
     d: Tensor<Ad<B, C>, 1>,
     state: Tensor<Ad<B, C>, 3>,
-) -> (Tensor<Ad<B, C>, 2>, Tensor<Ad<B, C>, 3>) {
+) -> StepOut<B, C, 2, 3> {
     let tracked = is_tracked(&u)
         || is_tracked(&dt)
         || is_tracked(&a)
