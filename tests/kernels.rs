@@ -424,6 +424,31 @@ fn ssd_cases() -> Vec<SsdCase> {
             init: true,
             ..base
         },
+        // The kernels chunk by 64 whatever the chunk size: several kernel chunks with a ragged
+        // end, head_dim and state over one 64-wide tile and not multiples of it, a clamp.
+        SsdCase {
+            batch: 2,
+            seq: 150,
+            heads: 4,
+            head_dim: 72,
+            state: 80,
+            groups: 2,
+            chunk: 32,
+            init: true,
+            dt_limit: (0.01, 2.0),
+        },
+        // four heads per group, a length that is a multiple of 64
+        SsdCase {
+            batch: 1,
+            seq: 128,
+            heads: 8,
+            head_dim: 16,
+            state: 16,
+            groups: 2,
+            chunk: 64,
+            init: false,
+            dt_limit: (0.0, f64::INFINITY),
+        },
     ]
 }
 

@@ -14,6 +14,7 @@ pub mod selective;
 pub mod ssd;
 pub mod ssd_bwd;
 pub mod step;
+pub mod tile;
 
 pub(crate) fn prim<B: Backend, const D: usize>(t: BTensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()

@@ -1,20 +1,27 @@
 //! The SSD chunked scan (Mamba2) forward as cubecl kernels, in the five-kernel split of
-//! mamba_ssm's Triton `ssd_combined.py`:
+//! mamba_ssm's Triton `ssd_combined.py`, with the contractions tiled in shared memory
+//! ([`super::tile`]):
 //!
 //! 1. chunk cumsum: `dt = clamp(softplus(dt + dt_bias))` and the within-chunk cumulative sum of
-//!    `dt · A`;
-//! 2. chunk state: each chunk's contribution to the state at its end;
+//!    `dt · A`, one thread per `(b, h, chunk)`;
+//! 2. chunk state: each chunk's contribution to the state at its end,
+//!    `Σ_q x_q ⊗ B_q · exp(L − cs_q) dt_q`, one cube per `(b, chunk, h, 64 × 64 tile of p × n)`;
 //! 3. state passing: the state entering each chunk (sequential over chunks) and the final state;
-//! 4. `C · Bᵀ` within each chunk, per group, and from it the per-head mixing matrix
-//!    `M = C Bᵀ ∘ decay ∘ dt`;
-//! 5. chunk scan: `y = C · h_prev · exp(cumsum) + M · x + D x`.
+//! 4. `C · Bᵀ` within each chunk, per group, one cube per `(b, chunk, g)`;
+//! 5. chunk scan: `y = exp(cs) ∘ (C · prevᵀ) + M · x + D x` with the mixing matrix
+//!    `M[i, j] = CB[i, j] exp(cs_i − cs_j) dt_j` (`j ≤ i`) built while it is staged, one cube per
+//!    `(b, chunk, h, 64 columns of p)`.
 //!
-//! Factors that inner loops would otherwise recompute (`exp(cs)`, the state weights, `M`) are
-//! computed once into small f32 buffers.
-//!
-//! The sequence is padded logically to a multiple of the chunk size: positions past the end get
-//! `dt = 0` (the identity on the state) and are never read. All intermediates are f32.
+//! The kernels chunk the sequence by [`TILE`] (64) whatever `chunk_size` the caller asks for: the
+//! chunked form is exact for any chunk length, and 64 keeps the quadratic within-chunk work small
+//! and every chunk one tile. The sequence is padded logically to a multiple of 64: positions
+//! past the end get `dt = 0` (the identity on the state) and are never read or written. All
+//! intermediates are f32.
 
+use super::tile::{
+    load_slab, mma_slab, scale_slab_k, slab_k, slab_r, tile_col, tile_row, zero_acc, KT, PITCH,
+    SLAB, THREADS, TILE,
+};
 use super::{elemwise, prim, wrap};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Shape};
@@ -26,7 +33,44 @@ use cubecl::prelude::*;
 
 use crate::{SsdInput, SsdOutput};
 
-/// Kernel 1: one thread per `(b, h, chunk)`, sequential over the chunk's positions.
+/// Positions of the chunk starting at `t0` that lie inside a sequence of `seqlen`.
+#[cube]
+pub(crate) fn chunk_len(seqlen: usize, t0: usize) -> usize {
+    let mut len = TILE.runtime();
+    if t0 + TILE > seqlen {
+        len = seqlen - t0;
+    }
+    len
+}
+
+/// Stages the chunk's `cs` and `dt` (`[batch, heads, chunks, chunk]` rows) in shared memory,
+/// and `L`, the cumsum at the chunk's end, in `cs_s[TILE]`. Ends synced.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage_chunk(
+    dt_c: &Tensor<f32>,
+    da_cs: &Tensor<f32>,
+    b: usize,
+    h: usize,
+    c: usize,
+    cs_s: &mut SharedMemory<f32>,
+    dt_s: &mut SharedMemory<f32>,
+) {
+    let u = UNIT_POS as usize;
+    if u < TILE {
+        let base = b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2);
+        cs_s[u] = da_cs[base + u * da_cs.stride(3)];
+        dt_s[u] =
+            dt_c[b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2) + u * dt_c.stride(3)];
+        if u == 0 {
+            cs_s[TILE] = da_cs[base + (TILE - 1) * da_cs.stride(3)];
+        }
+    }
+    sync_cube();
+}
+
+/// Kernel 1: one thread per `(b, h, chunk)` (heads fastest, so that `dt` is read in runs),
+/// sequential over the chunk's positions.
 #[cube(launch)]
 fn ssd_chunk_cumsum_kernel<F: Float>(
     dt: &Tensor<F>,           // [batch, seq, heads], before bias and softplus
@@ -47,8 +91,8 @@ fn ssd_chunk_cumsum_kernel<F: Float>(
     if ABSOLUTE_POS >= dt_out.shape(0) * heads * nchunks {
         terminate!();
     }
-    let c = ABSOLUTE_POS % nchunks;
-    let h = (ABSOLUTE_POS / nchunks) % heads;
+    let h = ABSOLUTE_POS % heads;
+    let c = (ABSOLUTE_POS / heads) % nchunks;
     let b = ABSOLUTE_POS / (nchunks * heads);
 
     let a_h = f32::cast_from(a[h * a.stride(0)]);
@@ -79,122 +123,95 @@ fn ssd_chunk_cumsum_kernel<F: Float>(
     }
 }
 
-/// Kernel 1b, one thread per `(b, h, chunk, q)`: the per-position factors the other kernels
-/// would otherwise recompute in their inner loops, `w_st = exp(L_c − cs_q) · dt_q` (weight of
-/// position `q` in its chunk's state) and `e_cs = exp(cs_q)`.
+/// Kernel 2 (and the backward's `dprev`), one cube per `(b·chunk, h, p tile × n tile)`:
+/// `out[b, c, h, p, n] = Σ_q xin[t_q, h, p] s_q ym[t_q, g, n]` with `s_q = exp(L − cs_q) dt_q`
+/// (`to_end`: the chunk's own state, from `x` and `B`) or `s_q = exp(cs_q)` (the state gradient
+/// the chunk's outputs send back, from `dy` and `C`).
 #[cube(launch)]
-fn ssd_decay_kernel(
-    dt_c: &Tensor<f32>,     // [batch, heads, chunks, chunk]
-    da_cs: &Tensor<f32>,    // [batch, heads, chunks, chunk]
-    w_st: &mut Tensor<f32>, // [batch, heads, chunks, chunk]
-    e_cs: &mut Tensor<f32>, // [batch, heads, chunks, chunk]
-) {
-    let heads = dt_c.shape(1);
-    let nchunks = dt_c.shape(2);
-    let q_len = dt_c.shape(3);
-    if ABSOLUTE_POS >= dt_c.shape(0) * heads * nchunks * q_len {
-        terminate!();
-    }
-    let q = ABSOLUTE_POS % q_len;
-    let c = (ABSOLUTE_POS / q_len) % nchunks;
-    let h = (ABSOLUTE_POS / (q_len * nchunks)) % heads;
-    let b = ABSOLUTE_POS / (q_len * nchunks * heads);
-    let base = b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2);
-    let cs_q = da_cs[base + q * da_cs.stride(3)];
-    let last = da_cs[base + (q_len - 1) * da_cs.stride(3)];
-    let dt_q =
-        dt_c[b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2) + q * dt_c.stride(3)];
-    w_st[b * w_st.stride(0) + h * w_st.stride(1) + c * w_st.stride(2) + q * w_st.stride(3)] =
-        (last - cs_q).exp() * dt_q;
-    e_cs[b * e_cs.stride(0) + h * e_cs.stride(1) + c * e_cs.stride(2) + q * e_cs.stride(3)] =
-        cs_q.exp();
-}
-
-/// Kernel 4b, one thread per `(b, chunk, h, i, j)`: the within-chunk mixing matrix
-/// `M[i, j] = CB[i, j] exp(cs_i − cs_j) dt_j` for `j ≤ i < len`, zero elsewhere, so that the
-/// within-chunk output is `M · x` (and its input gradient `Mᵀ · dy`).
-#[cube(launch)]
-fn ssd_mix_kernel(
-    cb: &Tensor<f32>,    // [batch, chunks, groups, chunk, chunk]
-    dt_c: &Tensor<f32>,  // [batch, heads, chunks, chunk]
-    da_cs: &Tensor<f32>, // [batch, heads, chunks, chunk]
-    m: &mut Tensor<f32>, // [batch, chunks, heads, chunk, chunk]
-    seqlen: usize,
-) {
-    let nchunks = m.shape(1);
-    let heads = m.shape(2);
-    let q_len = m.shape(3);
-    let heads_per_group = heads / cb.shape(2);
-    if ABSOLUTE_POS >= m.shape(0) * nchunks * heads * q_len * q_len {
-        terminate!();
-    }
-    let j = ABSOLUTE_POS % q_len;
-    let i = (ABSOLUTE_POS / q_len) % q_len;
-    let h = (ABSOLUTE_POS / (q_len * q_len)) % heads;
-    let c = (ABSOLUTE_POS / (q_len * q_len * heads)) % nchunks;
-    let b = ABSOLUTE_POS / (q_len * q_len * heads * nchunks);
-    let g = h / heads_per_group;
-    let mut v = 0.0f32;
-    if j <= i && c * q_len + i < seqlen {
-        let base = b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2);
-        v = cb[b * cb.stride(0)
-            + c * cb.stride(1)
-            + g * cb.stride(2)
-            + i * cb.stride(3)
-            + j * cb.stride(4)]
-            * (da_cs[base + i * da_cs.stride(3)] - da_cs[base + j * da_cs.stride(3)]).exp()
-            * dt_c
-                [b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2) + j * dt_c.stride(3)];
-    }
-    m[b * m.stride(0) + c * m.stride(1) + h * m.stride(2) + i * m.stride(3) + j * m.stride(4)] = v;
-}
-
-/// Kernel 2: one thread per `(b, chunk, h, p, n)`:
-/// `states[b, c, h, p, n] = sum_q B[t, g, n] w_st[q] x[t, h, p]`.
-#[cube(launch)]
-fn ssd_chunk_state_kernel<F: Float>(
-    x: &Tensor<F>,            // [batch, seq, heads, head_dim]
-    bm: &Tensor<F>,           // [batch, seq, groups, state]
-    w_st: &Tensor<f32>,       // [batch, heads, chunks, chunk]
-    states: &mut Tensor<f32>, // [batch, chunks, heads, head_dim, state]
+fn ssd_state_tile_kernel<F: Float>(
+    xin: &Tensor<F>,       // [batch, seq, heads, head_dim]
+    ym: &Tensor<F>,        // [batch, seq, groups, state]
+    dt_c: &Tensor<f32>,    // [batch, heads, chunks, chunk]
+    da_cs: &Tensor<f32>,   // [batch, heads, chunks, chunk]
+    out: &mut Tensor<f32>, // [batch, chunks, heads, head_dim, state]
+    #[comptime] to_end: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let nchunks = states.shape(1);
-    let heads = states.shape(2);
-    let head_dim = states.shape(3);
-    let dstate = states.shape(4);
-    let seqlen = x.shape(1);
-    let q_len = w_st.shape(3);
-    let heads_per_group = heads / bm.shape(2);
-    if ABSOLUTE_POS >= states.shape(0) * nchunks * heads * head_dim * dstate {
-        terminate!();
-    }
-    let n = ABSOLUTE_POS % dstate;
-    let p = (ABSOLUTE_POS / dstate) % head_dim;
-    let h = (ABSOLUTE_POS / (dstate * head_dim)) % heads;
-    let c = (ABSOLUTE_POS / (dstate * head_dim * heads)) % nchunks;
-    let b = ABSOLUTE_POS / (dstate * head_dim * heads * nchunks);
-    let g = h / heads_per_group;
+    let nchunks = out.shape(1);
+    let heads = out.shape(2);
+    let head_dim = out.shape(3);
+    let dstate = out.shape(4);
+    let seqlen = xin.shape(1);
+    let c = CUBE_POS_X as usize % nchunks;
+    let b = CUBE_POS_X as usize / nchunks;
+    let h = CUBE_POS_Y as usize;
+    let g = h / (heads / ym.shape(2));
+    let ntiles = (dstate + TILE - 1) / TILE;
+    let p0 = (CUBE_POS_Z as usize / ntiles) * TILE;
+    let n0 = (CUBE_POS_Z as usize % ntiles) * TILE;
+    let t0 = c * TILE;
+    let qlim = chunk_len(seqlen, t0);
 
-    let wbase = b * w_st.stride(0) + h * w_st.stride(1) + c * w_st.stride(2);
-    let bbase = b * bm.stride(0) + g * bm.stride(2) + n * bm.stride(3);
-    let xbase = b * x.stride(0) + h * x.stride(2) + p * x.stride(3);
-    let mut acc = 0.0f32;
-    let mut q_end = q_len;
-    if c * q_len + q_len > seqlen {
-        q_end = seqlen - c * q_len;
+    let mut cs_s = SharedMemory::<f32>::new(comptime!(TILE + 1));
+    let mut dt_s = SharedMemory::<f32>::new(TILE);
+    stage_chunk(dt_c, da_cs, b, h, c, &mut cs_s, &mut dt_s);
+    let u = UNIT_POS as usize;
+    if u < TILE {
+        let mut s = cs_s[u].exp();
+        if to_end {
+            s = (cs_s[TILE] - cs_s[u]).exp() * dt_s[u];
+        }
+        dt_s[u] = s;
     }
-    for q in 0..q_end {
-        let t = c * q_len + q;
-        acc += f32::cast_from(bm[bbase + t * bm.stride(1)])
-            * w_st[wbase + q * w_st.stride(3)]
-            * f32::cast_from(x[xbase + t * x.stride(1)]);
+    sync_cube();
+
+    let mut a_s = SharedMemory::<f32>::new(SLAB);
+    let mut b_s = SharedMemory::<f32>::new(SLAB);
+    let mut acc = zero_acc();
+    let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
+    let ybase = b * ym.stride(0) + t0 * ym.stride(1) + g * ym.stride(2) + n0 * ym.stride(3);
+    for s in 0..(qlim + KT - 1) / KT {
+        let k0 = s * KT;
+        load_slab::<F>(
+            xin,
+            xbase,
+            xin.stride(1),
+            xin.stride(3),
+            k0,
+            qlim,
+            head_dim - p0,
+            &mut a_s,
+            false,
+        );
+        scale_slab_k(&mut a_s, &dt_s, k0, false);
+        load_slab::<F>(
+            ym,
+            ybase,
+            ym.stride(1),
+            ym.stride(3),
+            k0,
+            qlim,
+            dstate - n0,
+            &mut b_s,
+            false,
+        );
+        sync_cube();
+        mma_slab(&a_s, &b_s, &mut acc);
+        sync_cube();
     }
-    states[b * states.stride(0)
-        + c * states.stride(1)
-        + h * states.stride(2)
-        + p * states.stride(3)
-        + n * states.stride(4)] = acc;
+
+    let obase = b * out.stride(0) + c * out.stride(1) + h * out.stride(2);
+    #[unroll]
+    for i in 0..4usize {
+        let p = p0 + tile_row(i);
+        #[unroll]
+        for j in 0..4usize {
+            let n = n0 + tile_col(j);
+            if p < head_dim && n < dstate {
+                out[obase + p * out.stride(3) + n * out.stride(4)] = acc[i * 4 + j];
+            }
+        }
+    }
 }
 
 /// Kernel 3: one thread per `(b, h, p, n)`, sequential over chunks: the state entering each
@@ -253,98 +270,237 @@ fn ssd_state_passing_kernel<F: Float>(
         + n * final_state.stride(3)] = F::cast_from(s);
 }
 
-/// Kernel 4: one thread per `(b, chunk, g, i, j)`: `cb[b, c, g, i, j] = C[t_i, g] · B[t_j, g]`
-/// for `j <= i` inside the sequence, zero elsewhere.
+/// Kernel 4, one cube per `(b·chunk, g)`: `cb[b, c, g, i, j] = C[t_i, g] · B[t_j, g]` for every
+/// `i, j` of the chunk (zero past the sequence's end; the causal mask is applied by readers).
 #[cube(launch)]
-fn ssd_bmm_kernel<F: Float>(
+fn ssd_cb_tile_kernel<F: Float>(
     cm: &Tensor<F>,       // [batch, seq, groups, state]
     bm: &Tensor<F>,       // [batch, seq, groups, state]
     cb: &mut Tensor<f32>, // [batch, chunks, groups, chunk, chunk]
     #[define(F)] _dtype: StorageType,
 ) {
     let nchunks = cb.shape(1);
-    let groups = cb.shape(2);
-    let q_len = cb.shape(3);
     let seqlen = cm.shape(1);
     let dstate = cm.shape(3);
-    if ABSOLUTE_POS >= cb.shape(0) * nchunks * groups * q_len * q_len {
-        terminate!();
-    }
-    let j = ABSOLUTE_POS % q_len;
-    let i = (ABSOLUTE_POS / q_len) % q_len;
-    let g = (ABSOLUTE_POS / (q_len * q_len)) % groups;
-    let c = (ABSOLUTE_POS / (q_len * q_len * groups)) % nchunks;
-    let b = ABSOLUTE_POS / (q_len * q_len * groups * nchunks);
-    let ti = c * q_len + i;
-    let tj = c * q_len + j;
+    let c = CUBE_POS_X as usize % nchunks;
+    let b = CUBE_POS_X as usize / nchunks;
+    let g = CUBE_POS_Y as usize;
+    let t0 = c * TILE;
+    let qlim = chunk_len(seqlen, t0);
 
-    let mut acc = 0.0f32;
-    if j <= i && ti < seqlen {
-        let ci = b * cm.stride(0) + ti * cm.stride(1) + g * cm.stride(2);
-        let bj = b * bm.stride(0) + tj * bm.stride(1) + g * bm.stride(2);
-        for n in 0..dstate {
-            acc += f32::cast_from(cm[ci + n * cm.stride(3)])
-                * f32::cast_from(bm[bj + n * bm.stride(3)]);
+    let mut a_s = SharedMemory::<f32>::new(SLAB);
+    let mut b_s = SharedMemory::<f32>::new(SLAB);
+    let mut acc = zero_acc();
+    let cbase = b * cm.stride(0) + t0 * cm.stride(1) + g * cm.stride(2);
+    let bbase = b * bm.stride(0) + t0 * bm.stride(1) + g * bm.stride(2);
+    for s in 0..(dstate + KT - 1) / KT {
+        let k0 = s * KT;
+        load_slab::<F>(
+            cm,
+            cbase,
+            cm.stride(3),
+            cm.stride(1),
+            k0,
+            dstate,
+            qlim,
+            &mut a_s,
+            true,
+        );
+        load_slab::<F>(
+            bm,
+            bbase,
+            bm.stride(3),
+            bm.stride(1),
+            k0,
+            dstate,
+            qlim,
+            &mut b_s,
+            true,
+        );
+        sync_cube();
+        mma_slab(&a_s, &b_s, &mut acc);
+        sync_cube();
+    }
+    let obase = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2);
+    #[unroll]
+    for i in 0..4usize {
+        #[unroll]
+        for j in 0..4usize {
+            cb[obase + tile_row(i) * cb.stride(3) + tile_col(j) * cb.stride(4)] = acc[i * 4 + j];
         }
     }
-    cb[b * cb.stride(0)
-        + c * cb.stride(1)
-        + g * cb.stride(2)
-        + i * cb.stride(3)
-        + j * cb.stride(4)] = acc;
 }
 
-/// Kernel 5: one thread per output `(b, t, h, p)`:
-/// `y = e_cs[q] C[t] · prev[c, h, p] + sum_{j <= q} M[q, j] x[j] + D x[t]`.
+/// Stages slab `k0 .. k0 + KT` of the mixing matrix `M[i, j] = CB[i, j] exp(cs_i − cs_j) dt_j`
+/// (`j ≤ i < qlim`, else 0) as the left operand of `M · x` (slab row `r = i`, `k = j`) or, when
+/// `transposed`, of `Mᵀ · dy` (`r = j`, `k = i`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn load_mix(
+    cb: &Tensor<f32>,
+    base: usize,
+    cs_s: &SharedMemory<f32>,
+    dt_s: &SharedMemory<f32>,
+    k0: usize,
+    qlim: usize,
+    smem: &mut SharedMemory<f32>,
+    #[comptime] transposed: bool,
+) {
+    let k_contig = comptime!(!transposed);
+    #[unroll]
+    for e in 0..4usize {
+        let k = slab_k(e, k_contig);
+        let r = slab_r(e, k_contig);
+        let kk = k0 + k;
+        let mut i = r;
+        let mut j = kk;
+        if transposed {
+            i = kk;
+            j = r;
+        }
+        let mut v = 0.0f32;
+        if i < qlim && j <= i {
+            v = cb[base + i * cb.stride(3) + j * cb.stride(4)]
+                * (cs_s[i] - cs_s[j]).exp()
+                * dt_s[j];
+        }
+        smem[k * PITCH + r] = v;
+    }
+}
+
+/// Kernel 5 (and the backward's `dx`), one cube per `(b·chunk, h, 64 columns of p)`:
+/// `out[t_q, h, p] = s_q Σ_n um[t_q, g, n] st[c, h, p, n] + Σ_j M[q, j] xin[t_j, h, p] + D xin`,
+/// with `s_q = exp(cs_q)`; the forward's `y` from `C`, `prev` and `x`. When `transposed`,
+/// `Mᵀ` replaces `M` and `s_q = exp(L − cs_q) dt_q`: the input gradient `dx` from `B`,
+/// `dstates` and `dy`.
 #[cube(launch)]
-fn ssd_chunk_scan_kernel<F: Float>(
-    x: &Tensor<F>,      // [batch, seq, heads, head_dim]
-    cm: &Tensor<F>,     // [batch, seq, groups, state]
-    d: &Tensor<F>,      // [heads]
-    e_cs: &Tensor<f32>, // [batch, heads, chunks, chunk]
-    prev: &Tensor<f32>, // [batch, chunks, heads, head_dim, state]
-    m: &Tensor<f32>,    // [batch, chunks, heads, chunk, chunk]
-    y: &mut Tensor<F>,  // [batch, seq, heads, head_dim]
+fn ssd_scan_tile_kernel<F: Float>(
+    um: &Tensor<F>,      // [batch, seq, groups, state]
+    st: &Tensor<f32>,    // [batch, chunks, heads, head_dim, state]
+    xin: &Tensor<F>,     // [batch, seq, heads, head_dim]
+    cb: &Tensor<f32>,    // [batch, chunks, groups, chunk, chunk]
+    dt_c: &Tensor<f32>,  // [batch, heads, chunks, chunk]
+    da_cs: &Tensor<f32>, // [batch, heads, chunks, chunk]
+    d: &Tensor<F>,       // [heads]
+    out: &mut Tensor<F>, // [batch, seq, heads, head_dim]
+    #[comptime] transposed: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let seqlen = y.shape(1);
-    let heads = y.shape(2);
-    let head_dim = y.shape(3);
-    let q_len = e_cs.shape(3);
-    let dstate = cm.shape(3);
-    let heads_per_group = heads / cm.shape(2);
-    if ABSOLUTE_POS >= y.shape(0) * seqlen * heads * head_dim {
-        terminate!();
-    }
-    let p = ABSOLUTE_POS % head_dim;
-    let h = (ABSOLUTE_POS / head_dim) % heads;
-    let t = (ABSOLUTE_POS / (head_dim * heads)) % seqlen;
-    let b = ABSOLUTE_POS / (head_dim * heads * seqlen);
-    let g = h / heads_per_group;
-    let c = t / q_len;
-    let q = t % q_len;
+    let seqlen = out.shape(1);
+    let heads = out.shape(2);
+    let head_dim = out.shape(3);
+    let dstate = um.shape(3);
+    let nchunks = st.shape(1);
+    let c = CUBE_POS_X as usize % nchunks;
+    let b = CUBE_POS_X as usize / nchunks;
+    let h = CUBE_POS_Y as usize;
+    let g = h / (heads / um.shape(2));
+    let p0 = CUBE_POS_Z as usize * TILE;
+    let t0 = c * TILE;
+    let qlim = chunk_len(seqlen, t0);
 
-    // State from the previous chunks.
-    let ct = b * cm.stride(0) + t * cm.stride(1) + g * cm.stride(2);
-    let pbase = b * prev.stride(0) + c * prev.stride(1) + h * prev.stride(2) + p * prev.stride(3);
-    let mut off = 0.0f32;
-    for n in 0..dstate {
-        off += f32::cast_from(cm[ct + n * cm.stride(3)]) * prev[pbase + n * prev.stride(4)];
+    let mut cs_s = SharedMemory::<f32>::new(comptime!(TILE + 1));
+    let mut dt_s = SharedMemory::<f32>::new(TILE);
+    let mut rs_s = SharedMemory::<f32>::new(TILE);
+    stage_chunk(dt_c, da_cs, b, h, c, &mut cs_s, &mut dt_s);
+    let u = UNIT_POS as usize;
+    if u < TILE {
+        let mut s = cs_s[u].exp();
+        if transposed {
+            s = (cs_s[TILE] - cs_s[u]).exp() * dt_s[u];
+        }
+        rs_s[u] = s;
     }
-    let mut acc = off
-        * e_cs[b * e_cs.stride(0) + h * e_cs.stride(1) + c * e_cs.stride(2) + q * e_cs.stride(3)];
+    sync_cube();
 
-    // Within the chunk.
-    let mrow = b * m.stride(0) + c * m.stride(1) + h * m.stride(2) + q * m.stride(3);
-    let xbase = b * x.stride(0) + (c * q_len) * x.stride(1) + h * x.stride(2) + p * x.stride(3);
-    for j in 0..q + 1 {
-        acc += m[mrow + j * m.stride(4)] * f32::cast_from(x[xbase + j * x.stride(1)]);
+    let mut a_s = SharedMemory::<f32>::new(SLAB);
+    let mut b_s = SharedMemory::<f32>::new(SLAB);
+    let mut acc = zero_acc();
+
+    // Through the state: K = n.
+    let ubase = b * um.stride(0) + t0 * um.stride(1) + g * um.stride(2);
+    let sbase = b * st.stride(0) + c * st.stride(1) + h * st.stride(2) + p0 * st.stride(3);
+    for s in 0..(dstate + KT - 1) / KT {
+        let k0 = s * KT;
+        load_slab::<F>(
+            um,
+            ubase,
+            um.stride(3),
+            um.stride(1),
+            k0,
+            dstate,
+            qlim,
+            &mut a_s,
+            true,
+        );
+        load_slab::<f32>(
+            st,
+            sbase,
+            st.stride(4),
+            st.stride(3),
+            k0,
+            dstate,
+            head_dim - p0,
+            &mut b_s,
+            true,
+        );
+        sync_cube();
+        mma_slab(&a_s, &b_s, &mut acc);
+        sync_cube();
+    }
+    #[unroll]
+    for i in 0..4usize {
+        let sc = rs_s[tile_row(i)];
+        #[unroll]
+        for j in 0..4usize {
+            acc[i * 4 + j] *= sc;
+        }
     }
 
-    let xt =
-        f32::cast_from(x[b * x.stride(0) + t * x.stride(1) + h * x.stride(2) + p * x.stride(3)]);
-    acc += f32::cast_from(d[h * d.stride(0)]) * xt;
-    y[b * y.stride(0) + t * y.stride(1) + h * y.stride(2) + p * y.stride(3)] = F::cast_from(acc);
+    // Within the chunk: K = positions.
+    let cbbase = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2);
+    let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
+    for s in 0..(qlim + KT - 1) / KT {
+        let k0 = s * KT;
+        load_mix(cb, cbbase, &cs_s, &dt_s, k0, qlim, &mut a_s, transposed);
+        load_slab::<F>(
+            xin,
+            xbase,
+            xin.stride(1),
+            xin.stride(3),
+            k0,
+            qlim,
+            head_dim - p0,
+            &mut b_s,
+            false,
+        );
+        sync_cube();
+        mma_slab(&a_s, &b_s, &mut acc);
+        sync_cube();
+    }
+
+    let dv = f32::cast_from(d[h * d.stride(0)]);
+    #[unroll]
+    for i in 0..4usize {
+        let q = tile_row(i);
+        #[unroll]
+        for j in 0..4usize {
+            let p = p0 + tile_col(j);
+            if q < qlim && p < head_dim {
+                let t = t0 + q;
+                let xv = f32::cast_from(
+                    xin[b * xin.stride(0)
+                        + t * xin.stride(1)
+                        + h * xin.stride(2)
+                        + p * xin.stride(3)],
+                );
+                out[b * out.stride(0)
+                    + t * out.stride(1)
+                    + h * out.stride(2)
+                    + p * out.stride(3)] = F::cast_from(acc[i * 4 + j] + dv * xv);
+            }
+        }
+    }
 }
 
 /// A contiguous uninitialised tensor on the device of `like`.
@@ -384,7 +540,7 @@ pub(crate) fn kernels_apply<B: Backend>(input: &SsdInput<B>) -> bool {
     same && groups != 0 && heads % groups == 0 && input.chunk_size != 0
 }
 
-/// The SSD inputs as device primitives, the sequence cut into `nchunks` chunks of `q`.
+/// The SSD inputs as device primitives, the sequence cut into `nchunks` chunks of [`TILE`].
 pub(crate) struct Prims<R: CubeRuntime> {
     pub x: CubeTensor<R>,       // [batch, seq, heads, head_dim]
     pub dt: CubeTensor<R>,      // [batch, seq, heads]
@@ -395,7 +551,6 @@ pub(crate) struct Prims<R: CubeRuntime> {
     pub dt_bias: CubeTensor<R>, // [heads]
     pub init: Option<CubeTensor<R>>,
     pub dt_limit: (f64, f64),
-    pub q: usize,
     pub nchunks: usize,
     pub dtype: DType,
 }
@@ -405,7 +560,6 @@ impl<R: CubeRuntime> Prims<R> {
         input: SsdInput<CubeBackend<R, F, I, BT>>,
     ) -> Self {
         let seqlen = input.x.dims()[1];
-        let q = input.chunk_size;
         Self {
             dtype: input.x.dtype(),
             x: prim(input.x),
@@ -417,8 +571,7 @@ impl<R: CubeRuntime> Prims<R> {
             dt_bias: prim(input.dt_bias),
             init: input.initial_state.map(prim),
             dt_limit: input.dt_limit,
-            q,
-            nchunks: seqlen.div_ceil(q).max(1),
+            nchunks: seqlen.div_ceil(TILE).max(1),
         }
     }
 
@@ -429,6 +582,85 @@ impl<R: CubeRuntime> Prims<R> {
     }
 }
 
+/// Launch shape of the tiled kernels: one cube of [`THREADS`] per `(b·chunk, y, z)`.
+pub(crate) fn tiles(bc: usize, y: usize, z: usize) -> (CubeCount, CubeDim) {
+    (
+        CubeCount::Static(bc as u32, y as u32, z as u32),
+        CubeDim::new_1d(THREADS),
+    )
+}
+
+/// Kernel 2's launch: `out[b, c, h, p, n] = Σ_q xin ⊗ ym · s_q` (see the kernel).
+pub(crate) fn state_tiles<R: CubeRuntime>(
+    p: &Prims<R>,
+    xin: &CubeTensor<R>,
+    ym: &CubeTensor<R>,
+    dt_c: &CubeTensor<R>,
+    da_cs: &CubeTensor<R>,
+    to_end: bool,
+) -> CubeTensor<R> {
+    let [batch, _seqlen, heads, head_dim, _groups, dstate] = p.dims();
+    let nchunks = p.nchunks;
+    let out = empty_like_device(
+        &p.x,
+        vec![batch, nchunks, heads, head_dim, dstate],
+        DType::F32,
+    );
+    let z = head_dim.div_ceil(TILE) * dstate.div_ceil(TILE);
+    if batch * heads * z > 0 {
+        let (count, dim) = tiles(batch * nchunks, heads, z);
+        ssd_state_tile_kernel::launch::<R>(
+            &xin.client,
+            count,
+            dim,
+            xin.clone().into_tensor_arg(),
+            ym.clone().into_tensor_arg(),
+            dt_c.clone().into_tensor_arg(),
+            da_cs.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            to_end,
+            p.dtype.into(),
+        );
+    }
+    out
+}
+
+/// Kernel 5's launch (see the kernel): `y` from `(C, prev, x)`, or, `transposed`, `dx` from
+/// `(B, dstates, dy)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scan_tiles<R: CubeRuntime>(
+    p: &Prims<R>,
+    um: &CubeTensor<R>,
+    st: &CubeTensor<R>,
+    xin: &CubeTensor<R>,
+    cb: &CubeTensor<R>,
+    dt_c: &CubeTensor<R>,
+    da_cs: &CubeTensor<R>,
+    transposed: bool,
+) -> CubeTensor<R> {
+    let [batch, seqlen, heads, head_dim, _groups, _dstate] = p.dims();
+    let out = empty_like_device(&p.x, vec![batch, seqlen, heads, head_dim], p.dtype);
+    if batch * seqlen * heads * head_dim > 0 {
+        let (count, dim) = tiles(batch * p.nchunks, heads, head_dim.div_ceil(TILE));
+        ssd_scan_tile_kernel::launch::<R>(
+            &xin.client,
+            count,
+            dim,
+            um.clone().into_tensor_arg(),
+            st.clone().into_tensor_arg(),
+            xin.clone().into_tensor_arg(),
+            cb.clone().into_tensor_arg(),
+            dt_c.clone().into_tensor_arg(),
+            da_cs.clone().into_tensor_arg(),
+            p.d.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            transposed,
+            p.dtype.into(),
+        );
+    }
+    out
+}
+
 /// What kernels 1-4 compute, shared by the forward's kernel 5 and by the backward.
 pub(crate) struct Parts<R: CubeRuntime> {
     /// `[batch, heads, chunks, chunk]` f32: dt after softplus and clamp (0 past the end).
@@ -437,12 +669,8 @@ pub(crate) struct Parts<R: CubeRuntime> {
     pub da_cs: CubeTensor<R>,
     /// `[batch, chunks, heads, head_dim, state]` f32: the state entering each chunk.
     pub prev: CubeTensor<R>,
-    /// `[batch, chunks, groups, chunk, chunk]` f32: C · Bᵀ within chunks (causal, zero outside).
+    /// `[batch, chunks, groups, chunk, chunk]` f32: C · Bᵀ within chunks (zero past the end).
     pub cb: CubeTensor<R>,
-    /// `[batch, heads, chunks, chunk]` f32: `exp(cs_q)`.
-    pub e_cs: CubeTensor<R>,
-    /// `[batch, chunks, heads, chunk, chunk]` f32: `CB[i, j] exp(cs_i − cs_j) dt_j`, causal.
-    pub m: CubeTensor<R>,
     /// `[batch, heads, head_dim, state]` in the input dtype.
     pub final_state: CubeTensor<R>,
 }
@@ -450,7 +678,7 @@ pub(crate) struct Parts<R: CubeRuntime> {
 /// Kernels 1-4.
 pub(crate) fn parts<R: CubeRuntime>(p: &Prims<R>) -> Parts<R> {
     let [batch, _seqlen, heads, head_dim, groups, dstate] = p.dims();
-    let (q, nchunks, dtype) = (p.q, p.nchunks, p.dtype);
+    let (q, nchunks, dtype) = (TILE, p.nchunks, p.dtype);
     let client = p.x.client.clone();
     let empty = |shape: Vec<usize>, dtype: DType| empty_like_device(&p.x, shape, dtype);
 
@@ -478,39 +706,8 @@ pub(crate) fn parts<R: CubeRuntime>(p: &Prims<R>) -> Parts<R> {
         );
     }
 
-    // 1b. Per-position decay factors.
-    let w_st = empty(vec![batch, heads, nchunks, q], DType::F32);
-    let e_cs = empty(vec![batch, heads, nchunks, q], DType::F32);
-    let n = batch * heads * nchunks * q;
-    if n > 0 {
-        let (count, dim) = elemwise(&client, n);
-        ssd_decay_kernel::launch::<R>(
-            &client,
-            count,
-            dim,
-            dt_c.clone().into_tensor_arg(),
-            da_cs.clone().into_tensor_arg(),
-            w_st.clone().into_tensor_arg(),
-            e_cs.clone().into_tensor_arg(),
-        );
-    }
-
     // 2. Per-chunk states: [batch, chunks, heads, head_dim, state]
-    let states = empty(vec![batch, nchunks, heads, head_dim, dstate], DType::F32);
-    let n = batch * nchunks * heads * head_dim * dstate;
-    if n > 0 {
-        let (count, dim) = elemwise(&client, n);
-        ssd_chunk_state_kernel::launch::<R>(
-            &client,
-            count,
-            dim,
-            p.x.clone().into_tensor_arg(),
-            p.bm.clone().into_tensor_arg(),
-            w_st.clone().into_tensor_arg(),
-            states.clone().into_tensor_arg(),
-            dtype.into(),
-        );
-    }
+    let states = state_tiles(p, &p.x, &p.bm, &dt_c, &da_cs, true);
 
     // 3. State passing: states entering each chunk, and the final state.
     let prev = empty(vec![batch, nchunks, heads, head_dim, dstate], DType::F32);
@@ -533,10 +730,9 @@ pub(crate) fn parts<R: CubeRuntime>(p: &Prims<R>) -> Parts<R> {
 
     // 4. C · Bᵀ within chunks: [batch, chunks, groups, chunk, chunk]
     let cb = empty(vec![batch, nchunks, groups, q, q], DType::F32);
-    let n = batch * nchunks * groups * q * q;
-    if n > 0 {
-        let (count, dim) = elemwise(&client, n);
-        ssd_bmm_kernel::launch::<R>(
+    if batch * groups > 0 {
+        let (count, dim) = tiles(batch * nchunks, groups, 1);
+        ssd_cb_tile_kernel::launch::<R>(
             &client,
             count,
             dim,
@@ -547,30 +743,11 @@ pub(crate) fn parts<R: CubeRuntime>(p: &Prims<R>) -> Parts<R> {
         );
     }
 
-    // 4b. The within-chunk mixing matrix per head: [batch, chunks, heads, chunk, chunk]
-    let m = empty(vec![batch, nchunks, heads, q, q], DType::F32);
-    let n = batch * nchunks * heads * q * q;
-    if n > 0 {
-        let (count, dim) = elemwise(&client, n);
-        ssd_mix_kernel::launch::<R>(
-            &client,
-            count,
-            dim,
-            cb.clone().into_tensor_arg(),
-            dt_c.clone().into_tensor_arg(),
-            da_cs.clone().into_tensor_arg(),
-            m.clone().into_tensor_arg(),
-            p.x.meta.shape[1],
-        );
-    }
-
     Parts {
         dt_c,
         da_cs,
         prev,
         cb,
-        e_cs,
-        m,
         final_state,
     }
 }
@@ -590,35 +767,16 @@ where
         return crate::reference::ssd_chunk_scan(input);
     }
     let p = Prims::new(input);
-    let [batch, seqlen, heads, head_dim, _, _] = p.dims();
-    let client = p.x.client.clone();
     let Parts {
-        e_cs,
+        dt_c,
+        da_cs,
         prev,
-        m,
+        cb,
         final_state,
-        ..
     } = parts(&p);
 
     // 5. Outputs: [batch, seq, heads, head_dim]
-    let y = empty_like_device(&p.x, vec![batch, seqlen, heads, head_dim], p.dtype);
-    let n = batch * seqlen * heads * head_dim;
-    if n > 0 {
-        let (count, dim) = elemwise(&client, n);
-        ssd_chunk_scan_kernel::launch::<R>(
-            &client,
-            count,
-            dim,
-            p.x.into_tensor_arg(),
-            p.cm.into_tensor_arg(),
-            p.d.into_tensor_arg(),
-            e_cs.into_tensor_arg(),
-            prev.into_tensor_arg(),
-            m.into_tensor_arg(),
-            y.clone().into_tensor_arg(),
-            p.dtype.into(),
-        );
-    }
+    let y = scan_tiles(&p, &p.cm, &prev, &p.x, &cb, &dt_c, &da_cs, false);
 
     SsdOutput {
         y: wrap(y),

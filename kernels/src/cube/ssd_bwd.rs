@@ -1,20 +1,25 @@
 //! The SSD chunked scan (Mamba2) backward as cubecl kernels.
 //!
 //! Nothing of the forward is stored: kernels 1-4 of [`super::ssd`] run again (dt, cumsums,
-//! states entering each chunk, C·Bᵀ), then:
+//! states entering each chunk, C·Bᵀ), then, the contractions tiled as in the forward
+//! ([`super::tile`]):
 //!
-//! 1. `dprev_loc`: what each chunk's outputs say about the state entering it,
-//!    `Σ_q exp(cs_q) C_q ⊗ dy_q`;
+//! 1. `dprev_loc = Σ_q exp(cs_q) dy_q ⊗ C_q`: what each chunk's outputs say about the state
+//!    entering it (the forward's chunk-state kernel with other operands);
 //! 2. reverse state passing (sequential over chunks, last to first): the gradient of each
 //!    chunk's own state contribution (`dstates`), of the initial state, and of each chunk's total
 //!    decay;
-//! 3. `W[i, j] = exp(cs_i − cs_j) dy_i · x_j` (`j ≤ i`, per head): the within-chunk quadratic
-//!    form every other gradient reads;
-//!    and `Wg`, its dt-weighted sum over the heads of each group;
-//! 4. `dx`; 5. `dC`; 6. `dB` (summed over the heads of a group);
-//! 7. per position: `d dt` and `d cs` (the gradient of the cumulative sum of `dt · A`);
-//! 8. per chunk, sequential: the reverse cumsum of `d cs` into `d(dt · A)`, then `dt` through
-//!    the clamp and softplus to the raw `dt`, and partial sums for `dA` and `d dt_bias`.
+//! 3. per `(b, chunk, group)`, head by head: `W = exp(cs_i − cs_j) dy_i · x_j` (`j ≤ i`), kept
+//!    only as `Wg = Σ_h W_h dt_h[j]` (what `dB` and `dC` read) and as the two sums over `CB ∘ W`
+//!    that the gradient of `cs` needs (`Σ_j CB[q, j] dt_j W[q, j]`, `Σ_i CB[i, q] W[i, q]`);
+//! 4. `dx = exp(L − cs) dt ∘ (B · dstatesᵀ) + Mᵀ · dy + D dy` (the forward's chunk-scan kernel,
+//!    transposed);
+//! 5. `dC = Σ_h exp(cs) ∘ (dy_h · prev_h) + Wg · B` and `dB = Σ_h exp(L − cs) dt ∘
+//!    (x_h · dstates_h) + Wgᵀ · C`, per group; on the way, per head and position,
+//!    `oy = exp(cs_q) dy_q · prev · C_q` and `sx = exp(L − cs_q) x_q · dstates · B_q`;
+//! 6. per `(b, h, chunk)`, sequential: the gradients of `dt` and of `cs` per position, the
+//!    reverse cumsum into `d(dt · A)`, then `dt` through the clamp and softplus to the raw `dt`,
+//!    and partial sums for `dA` and `d dt_bias`.
 //!
 //! Notation: `t = c·Q + q` is position `q` of chunk `c`; `cs` the within-chunk cumsum of
 //! `dt · A`, `L_c` its value at the chunk's end. All intermediates are f32.
@@ -25,57 +30,15 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
-use super::ssd::{empty_like_device, kernels_apply, parts, Parts, Prims};
+use super::ssd::{
+    chunk_len, empty_like_device, kernels_apply, parts, scan_tiles, stage_chunk, state_tiles,
+    tiles, Parts, Prims,
+};
+use super::tile::{
+    col_reduce, load_slab, mma_slab, row_reduce, tile_col, tile_row, zero_acc, KT, SLAB, TILE,
+};
 use super::{elemwise, prim, wrap};
 use crate::{SsdGrads, SsdInput};
-
-/// Kernel 1, one thread per `(b, c, h, p, n)`:
-/// `dprev_loc[b, c, h, p, n] = Σ_q exp(cs_q) C[t, g, n] dy[t, h, p]`.
-#[cube(launch)]
-fn ssd_bwd_dprev_kernel<F: Float>(
-    dy: &Tensor<F>,        // [batch, seq, heads, head_dim]
-    cm: &Tensor<F>,        // [batch, seq, groups, state]
-    e_cs: &Tensor<f32>,    // [batch, heads, chunks, chunk]
-    out: &mut Tensor<f32>, // [batch, chunks, heads, head_dim, state]
-    #[define(F)] _dtype: StorageType,
-) {
-    let nchunks = out.shape(1);
-    let heads = out.shape(2);
-    let head_dim = out.shape(3);
-    let dstate = out.shape(4);
-    let seqlen = dy.shape(1);
-    let q_len = e_cs.shape(3);
-    let heads_per_group = heads / cm.shape(2);
-    if ABSOLUTE_POS >= out.shape(0) * nchunks * heads * head_dim * dstate {
-        terminate!();
-    }
-    let n = ABSOLUTE_POS % dstate;
-    let p = (ABSOLUTE_POS / dstate) % head_dim;
-    let h = (ABSOLUTE_POS / (dstate * head_dim)) % heads;
-    let c = (ABSOLUTE_POS / (dstate * head_dim * heads)) % nchunks;
-    let b = ABSOLUTE_POS / (dstate * head_dim * heads * nchunks);
-    let g = h / heads_per_group;
-
-    let ebase = b * e_cs.stride(0) + h * e_cs.stride(1) + c * e_cs.stride(2);
-    let cbase = b * cm.stride(0) + g * cm.stride(2) + n * cm.stride(3);
-    let ybase = b * dy.stride(0) + h * dy.stride(2) + p * dy.stride(3);
-    let mut q_end = q_len;
-    if c * q_len + q_len > seqlen {
-        q_end = seqlen - c * q_len;
-    }
-    let mut acc = 0.0f32;
-    for q in 0..q_end {
-        let t = c * q_len + q;
-        acc += e_cs[ebase + q * e_cs.stride(3)]
-            * f32::cast_from(cm[cbase + t * cm.stride(1)])
-            * f32::cast_from(dy[ybase + t * dy.stride(1)]);
-    }
-    out[b * out.stride(0)
-        + c * out.stride(1)
-        + h * out.stride(2)
-        + p * out.stride(3)
-        + n * out.stride(4)] = acc;
-}
 
 /// Kernel 2, one thread per `(b, h, p, n)`, chunks last to first. With `G` the gradient of the
 /// state leaving chunk `c` (the final state's gradient for the last chunk):
@@ -143,375 +106,329 @@ fn ssd_bwd_state_passing_kernel<F: Float>(
         F::cast_from(g);
 }
 
-/// Kernel 3, one thread per `(b, c, h, i, j)`:
-/// `W[i, j] = exp(cs_i − cs_j) Σ_p dy[t_i, h, p] x[t_j, h, p]` for `j ≤ i < len`, else 0.
+/// Kernel 3, one cube per `(b·chunk, g)`, looping over the group's heads: with
+/// `W_h[i, j] = exp(cs_i − cs_j) Σ_p dy[t_i, h, p] x[t_j, h, p]` (`j ≤ i < len`, else 0),
+/// writes `wg = Σ_h W_h dt_h[j]`, `rowsum[b, h, c, i] = Σ_j CB[i, j] dt_j W_h[i, j]` and
+/// `colsum[b, h, c, j] = Σ_i CB[i, j] W_h[i, j]`.
 #[cube(launch)]
-fn ssd_bwd_w_kernel<F: Float>(
-    dy: &Tensor<F>,      // [batch, seq, heads, head_dim]
-    x: &Tensor<F>,       // [batch, seq, heads, head_dim]
-    da_cs: &Tensor<f32>, // [batch, heads, chunks, chunk]
-    w: &mut Tensor<f32>, // [batch, chunks, heads, chunk, chunk]
+fn ssd_bwd_w_tile_kernel<F: Float>(
+    dy: &Tensor<F>,           // [batch, seq, heads, head_dim]
+    x: &Tensor<F>,            // [batch, seq, heads, head_dim]
+    cb: &Tensor<f32>,         // [batch, chunks, groups, chunk, chunk]
+    dt_c: &Tensor<f32>,       // [batch, heads, chunks, chunk]
+    da_cs: &Tensor<f32>,      // [batch, heads, chunks, chunk]
+    wg: &mut Tensor<f32>,     // [batch, chunks, groups, chunk, chunk]
+    rowsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk]
+    colsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk]
     #[define(F)] _dtype: StorageType,
-) {
-    let nchunks = w.shape(1);
-    let heads = w.shape(2);
-    let q_len = w.shape(3);
-    let seqlen = x.shape(1);
-    let head_dim = x.shape(3);
-    if ABSOLUTE_POS >= w.shape(0) * nchunks * heads * q_len * q_len {
-        terminate!();
-    }
-    let j = ABSOLUTE_POS % q_len;
-    let i = (ABSOLUTE_POS / q_len) % q_len;
-    let h = (ABSOLUTE_POS / (q_len * q_len)) % heads;
-    let c = (ABSOLUTE_POS / (q_len * q_len * heads)) % nchunks;
-    let b = ABSOLUTE_POS / (q_len * q_len * heads * nchunks);
-    let ti = c * q_len + i;
-    let tj = c * q_len + j;
-
-    let mut acc = 0.0f32;
-    if j <= i && ti < seqlen {
-        let yi = b * dy.stride(0) + ti * dy.stride(1) + h * dy.stride(2);
-        let xj = b * x.stride(0) + tj * x.stride(1) + h * x.stride(2);
-        for p in 0..head_dim {
-            acc +=
-                f32::cast_from(dy[yi + p * dy.stride(3)]) * f32::cast_from(x[xj + p * x.stride(3)]);
-        }
-        let cbase = b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2);
-        acc *= (da_cs[cbase + i * da_cs.stride(3)] - da_cs[cbase + j * da_cs.stride(3)]).exp();
-    }
-    w[b * w.stride(0) + c * w.stride(1) + h * w.stride(2) + i * w.stride(3) + j * w.stride(4)] =
-        acc;
-}
-
-/// Kernel 3b, one thread per `(b, c, g, i, j)`: `Wg[i, j] = Σ_{h ∈ g} W_h[i, j] dt_h[j]`, what
-/// the within-chunk parts of `dB` and `dC` read (summing the heads once here rather than in
-/// every `(t, n)` thread).
-#[cube(launch)]
-fn ssd_bwd_wsum_kernel(
-    w: &Tensor<f32>,      // [batch, chunks, heads, chunk, chunk]
-    dt_c: &Tensor<f32>,   // [batch, heads, chunks, chunk]
-    wg: &mut Tensor<f32>, // [batch, chunks, groups, chunk, chunk]
 ) {
     let nchunks = wg.shape(1);
     let groups = wg.shape(2);
-    let q_len = wg.shape(3);
-    let heads_per_group = w.shape(2) / groups;
-    if ABSOLUTE_POS >= wg.shape(0) * nchunks * groups * q_len * q_len {
-        terminate!();
-    }
-    let j = ABSOLUTE_POS % q_len;
-    let i = (ABSOLUTE_POS / q_len) % q_len;
-    let g = (ABSOLUTE_POS / (q_len * q_len)) % groups;
-    let c = (ABSOLUTE_POS / (q_len * q_len * groups)) % nchunks;
-    let b = ABSOLUTE_POS / (q_len * q_len * groups * nchunks);
-    let mut acc = 0.0f32;
-    if j <= i {
-        for hh in 0..heads_per_group {
-            let h = g * heads_per_group + hh;
-            acc += w[b * w.stride(0)
-                + c * w.stride(1)
-                + h * w.stride(2)
-                + i * w.stride(3)
-                + j * w.stride(4)]
-                * dt_c[b * dt_c.stride(0)
-                    + h * dt_c.stride(1)
-                    + c * dt_c.stride(2)
-                    + j * dt_c.stride(3)];
-        }
-    }
-    wg[b * wg.stride(0)
-        + c * wg.stride(1)
-        + g * wg.stride(2)
-        + i * wg.stride(3)
-        + j * wg.stride(4)] = acc;
-}
-
-/// Kernel 4, one thread per `(b, t, h, p)`:
-/// `dx = D dy_t + Σ_{i ≥ q} M[i, q] dy_i
-/// + dt_q exp(L_c − cs_q) Σ_n B[t, n] dstates_c[p, n]`.
-#[cube(launch)]
-fn ssd_bwd_dx_kernel<F: Float>(
-    dy: &Tensor<F>,        // [batch, seq, heads, head_dim]
-    bm: &Tensor<F>,        // [batch, seq, groups, state]
-    d: &Tensor<F>,         // [heads]
-    dt_c: &Tensor<f32>,    // [batch, heads, chunks, chunk]
-    da_cs: &Tensor<f32>,   // [batch, heads, chunks, chunk]
-    m: &Tensor<f32>,       // [batch, chunks, heads, chunk, chunk]
-    dstates: &Tensor<f32>, // [batch, chunks, heads, head_dim, state]
-    x: &Tensor<F>,         // [batch, seq, heads, head_dim]
-    cm: &Tensor<F>,        // [batch, seq, groups, state]
-    prev: &Tensor<f32>,    // [batch, chunks, heads, head_dim, state]
-    dx: &mut Tensor<F>,    // [batch, seq, heads, head_dim]
-    sx: &mut Tensor<f32>,  // [batch, seq, heads, head_dim]
-    oy: &mut Tensor<f32>,  // [batch, seq, heads, head_dim]
-    #[define(F)] _dtype: StorageType,
-) {
-    let seqlen = dx.shape(1);
-    let heads = dx.shape(2);
-    let head_dim = dx.shape(3);
-    let q_len = dt_c.shape(3);
-    let dstate = bm.shape(3);
-    let heads_per_group = heads / bm.shape(2);
-    if ABSOLUTE_POS >= dx.shape(0) * seqlen * heads * head_dim {
-        terminate!();
-    }
-    let p = ABSOLUTE_POS % head_dim;
-    let h = (ABSOLUTE_POS / head_dim) % heads;
-    let t = (ABSOLUTE_POS / (head_dim * heads)) % seqlen;
-    let b = ABSOLUTE_POS / (head_dim * heads * seqlen);
-    let g = h / heads_per_group;
-    let c = t / q_len;
-    let q = t % q_len;
-
-    let cbase = b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2);
-    let cs_q = da_cs[cbase + q * da_cs.stride(3)];
-    let last = da_cs[cbase + (q_len - 1) * da_cs.stride(3)];
-    let dt_q =
-        dt_c[b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2) + q * dt_c.stride(3)];
-    let ybase = b * dy.stride(0) + h * dy.stride(2) + p * dy.stride(3);
-
-    // Within the chunk: outputs at i ≥ q read x_q, through M[i, q] (which holds dt_q).
-    let mcol = b * m.stride(0) + c * m.stride(1) + h * m.stride(2) + q * m.stride(4);
-    let mut i_end = q_len;
-    if c * q_len + q_len > seqlen {
-        i_end = seqlen - c * q_len;
-    }
-    let mut intra = 0.0f32;
-    for i in q..i_end {
-        intra +=
-            m[mcol + i * m.stride(3)] * f32::cast_from(dy[ybase + (c * q_len + i) * dy.stride(1)]);
-    }
-
-    // Through the chunk's state; and, for kernel 7, `B_t · dstates_c[p]` and `C_t · prev_c[p]`.
-    let bt = b * bm.stride(0) + t * bm.stride(1) + g * bm.stride(2);
-    let ct = b * cm.stride(0) + t * cm.stride(1) + g * cm.stride(2);
-    let sbase = b * dstates.stride(0)
-        + c * dstates.stride(1)
-        + h * dstates.stride(2)
-        + p * dstates.stride(3);
-    let pbase = b * prev.stride(0) + c * prev.stride(1) + h * prev.stride(2) + p * prev.stride(3);
-    let mut st = 0.0f32;
-    let mut off = 0.0f32;
-    for n in 0..dstate {
-        st += f32::cast_from(bm[bt + n * bm.stride(3)]) * dstates[sbase + n * dstates.stride(4)];
-        off += f32::cast_from(cm[ct + n * cm.stride(3)]) * prev[pbase + n * prev.stride(4)];
-    }
-
-    let dy_t = f32::cast_from(dy[ybase + t * dy.stride(1)]);
-    let e_l = (last - cs_q).exp();
-    let acc = f32::cast_from(d[h * d.stride(0)]) * dy_t + intra + dt_q * e_l * st;
-    let o = b * dx.stride(0) + t * dx.stride(1) + h * dx.stride(2) + p * dx.stride(3);
-    dx[o] = F::cast_from(acc);
-    let x_t =
-        f32::cast_from(x[b * x.stride(0) + t * x.stride(1) + h * x.stride(2) + p * x.stride(3)]);
-    sx[o] = x_t * st * e_l;
-    oy[o] = dy_t * off * cs_q.exp();
-}
-
-/// Kernel 5, one thread per `(b, t, g, n)`:
-/// `dC[t, n] = Σ_{h ∈ g} exp(cs_q) Σ_p dy[t, h, p] prev_c[h, p, n] + Σ_{j ≤ q} Wg[q, j] B[j, n]`.
-#[cube(launch)]
-fn ssd_bwd_dc_kernel<F: Float>(
-    dy: &Tensor<F>,      // [batch, seq, heads, head_dim]
-    bm: &Tensor<F>,      // [batch, seq, groups, state]
-    da_cs: &Tensor<f32>, // [batch, heads, chunks, chunk]
-    prev: &Tensor<f32>,  // [batch, chunks, heads, head_dim, state]
-    wg: &Tensor<f32>,    // [batch, chunks, groups, chunk, chunk]
-    dc: &mut Tensor<F>,  // [batch, seq, groups, state]
-    #[define(F)] _dtype: StorageType,
-) {
-    let seqlen = dc.shape(1);
-    let groups = dc.shape(2);
-    let dstate = dc.shape(3);
-    let heads = dy.shape(2);
-    let head_dim = dy.shape(3);
-    let q_len = da_cs.shape(3);
-    let heads_per_group = heads / groups;
-    if ABSOLUTE_POS >= dc.shape(0) * seqlen * groups * dstate {
-        terminate!();
-    }
-    let n = ABSOLUTE_POS % dstate;
-    let g = (ABSOLUTE_POS / dstate) % groups;
-    let t = (ABSOLUTE_POS / (dstate * groups)) % seqlen;
-    let b = ABSOLUTE_POS / (dstate * groups * seqlen);
-    let c = t / q_len;
-    let q = t % q_len;
-
-    // Through the state entering the chunk, head by head.
-    let mut acc = 0.0f32;
-    for hh in 0..heads_per_group {
-        let h = g * heads_per_group + hh;
-        let ybase = b * dy.stride(0) + t * dy.stride(1) + h * dy.stride(2);
-        let pbase =
-            b * prev.stride(0) + c * prev.stride(1) + h * prev.stride(2) + n * prev.stride(4);
-        let mut s = 0.0f32;
-        for p in 0..head_dim {
-            s += f32::cast_from(dy[ybase + p * dy.stride(3)]) * prev[pbase + p * prev.stride(3)];
-        }
-        let cs_q = da_cs
-            [b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2) + q * da_cs.stride(3)];
-        acc += cs_q.exp() * s;
-    }
-    // Within the chunk.
-    let wrow = b * wg.stride(0) + c * wg.stride(1) + g * wg.stride(2) + q * wg.stride(3);
-    for j in 0..q + 1 {
-        let tj = c * q_len + j;
-        acc += wg[wrow + j * wg.stride(4)]
-            * f32::cast_from(
-                bm[b * bm.stride(0) + tj * bm.stride(1) + g * bm.stride(2) + n * bm.stride(3)],
-            );
-    }
-    dc[b * dc.stride(0) + t * dc.stride(1) + g * dc.stride(2) + n * dc.stride(3)] =
-        F::cast_from(acc);
-}
-
-/// Kernel 6, one thread per `(b, t, g, n)`:
-/// `dB[t, n] = Σ_{h ∈ g} dt_q exp(L_c − cs_q) Σ_p dstates_c[h, p, n] x[t, h, p]
-/// + Σ_{i ≥ q} Wg[i, q] C[i, n]`.
-#[cube(launch)]
-fn ssd_bwd_db_kernel<F: Float>(
-    x: &Tensor<F>,         // [batch, seq, heads, head_dim]
-    cm: &Tensor<F>,        // [batch, seq, groups, state]
-    dt_c: &Tensor<f32>,    // [batch, heads, chunks, chunk]
-    da_cs: &Tensor<f32>,   // [batch, heads, chunks, chunk]
-    dstates: &Tensor<f32>, // [batch, chunks, heads, head_dim, state]
-    wg: &Tensor<f32>,      // [batch, chunks, groups, chunk, chunk]
-    db: &mut Tensor<F>,    // [batch, seq, groups, state]
-    #[define(F)] _dtype: StorageType,
-) {
-    let seqlen = db.shape(1);
-    let groups = db.shape(2);
-    let dstate = db.shape(3);
+    let seqlen = x.shape(1);
     let heads = x.shape(2);
     let head_dim = x.shape(3);
-    let q_len = dt_c.shape(3);
-    let heads_per_group = heads / groups;
-    if ABSOLUTE_POS >= db.shape(0) * seqlen * groups * dstate {
-        terminate!();
-    }
-    let n = ABSOLUTE_POS % dstate;
-    let g = (ABSOLUTE_POS / dstate) % groups;
-    let t = (ABSOLUTE_POS / (dstate * groups)) % seqlen;
-    let b = ABSOLUTE_POS / (dstate * groups * seqlen);
-    let c = t / q_len;
-    let q = t % q_len;
+    let hpg = heads / groups;
+    let c = CUBE_POS_X as usize % nchunks;
+    let b = CUBE_POS_X as usize / nchunks;
+    let g = CUBE_POS_Y as usize;
+    let t0 = c * TILE;
+    let qlim = chunk_len(seqlen, t0);
 
-    // Through the chunk's state, head by head.
-    let mut acc = 0.0f32;
-    for hh in 0..heads_per_group {
-        let h = g * heads_per_group + hh;
-        let cbase = b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2);
-        let cs_q = da_cs[cbase + q * da_cs.stride(3)];
-        let last = da_cs[cbase + (q_len - 1) * da_cs.stride(3)];
-        let dt_q =
-            dt_c[b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2) + q * dt_c.stride(3)];
-        let xbase = b * x.stride(0) + t * x.stride(1) + h * x.stride(2);
-        let sbase = b * dstates.stride(0)
-            + c * dstates.stride(1)
-            + h * dstates.stride(2)
-            + n * dstates.stride(4);
-        let mut s = 0.0f32;
-        for p in 0..head_dim {
-            s +=
-                f32::cast_from(x[xbase + p * x.stride(3)]) * dstates[sbase + p * dstates.stride(3)];
-        }
-        acc += dt_q * (last - cs_q).exp() * s;
-    }
-    // Within the chunk: outputs at i ≥ q.
-    let wcol = b * wg.stride(0) + c * wg.stride(1) + g * wg.stride(2) + q * wg.stride(4);
-    for i in q..q_len {
-        let ti = c * q_len + i;
-        if ti < seqlen {
-            acc += wg[wcol + i * wg.stride(3)]
-                * f32::cast_from(
-                    cm[b * cm.stride(0) + ti * cm.stride(1) + g * cm.stride(2) + n * cm.stride(3)],
-                );
+    let cbbase = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2);
+    let mut cbv = Array::<f32>::new(16usize);
+    let mut wacc = zero_acc();
+    #[unroll]
+    for i in 0..4usize {
+        #[unroll]
+        for j in 0..4usize {
+            cbv[i * 4 + j] = cb[cbbase + tile_row(i) * cb.stride(3) + tile_col(j) * cb.stride(4)];
         }
     }
-    db[b * db.stride(0) + t * db.stride(1) + g * db.stride(2) + n * db.stride(3)] =
-        F::cast_from(acc);
+
+    let mut cs_s = SharedMemory::<f32>::new(comptime!(TILE + 1));
+    let mut dt_s = SharedMemory::<f32>::new(TILE);
+    let mut a_s = SharedMemory::<f32>::new(SLAB);
+    let mut b_s = SharedMemory::<f32>::new(SLAB);
+    let mut red_s = SharedMemory::<f32>::new(comptime!(TILE * 16));
+    let mut sum_s = SharedMemory::<f32>::new(TILE);
+    for hh in 0..hpg {
+        let h = g * hpg + hh;
+        stage_chunk(dt_c, da_cs, b, h, c, &mut cs_s, &mut dt_s);
+        let mut acc = zero_acc();
+        let ybase = b * dy.stride(0) + t0 * dy.stride(1) + h * dy.stride(2);
+        let xbase = b * x.stride(0) + t0 * x.stride(1) + h * x.stride(2);
+        for s in 0..(head_dim + KT - 1) / KT {
+            let k0 = s * KT;
+            load_slab::<F>(
+                dy,
+                ybase,
+                dy.stride(3),
+                dy.stride(1),
+                k0,
+                head_dim,
+                qlim,
+                &mut a_s,
+                true,
+            );
+            load_slab::<F>(
+                x,
+                xbase,
+                x.stride(3),
+                x.stride(1),
+                k0,
+                head_dim,
+                qlim,
+                &mut b_s,
+                true,
+            );
+            sync_cube();
+            mma_slab(&a_s, &b_s, &mut acc);
+            sync_cube();
+        }
+        let mut rpart = Array::<f32>::new(4usize);
+        let mut cpart = Array::<f32>::new(4usize);
+        #[unroll]
+        for j in 0..4usize {
+            cpart[j] = 0.0f32;
+        }
+        #[unroll]
+        for i in 0..4usize {
+            let ii = tile_row(i);
+            rpart[i] = 0.0f32;
+            #[unroll]
+            for j in 0..4usize {
+                let jj = tile_col(j);
+                let mut w = 0.0f32;
+                if jj <= ii && ii < qlim {
+                    w = (cs_s[ii] - cs_s[jj]).exp() * acc[i * 4 + j];
+                }
+                let dtj = dt_s[jj];
+                wacc[i * 4 + j] += w * dtj;
+                let m = cbv[i * 4 + j] * w;
+                rpart[i] += m * dtj;
+                cpart[j] += m;
+            }
+        }
+        let obase = b * rowsum.stride(0) + h * rowsum.stride(1) + c * rowsum.stride(2);
+        row_reduce(&rpart, &mut red_s, &mut sum_s);
+        let u = UNIT_POS as usize;
+        if u < TILE {
+            rowsum[obase + u * rowsum.stride(3)] = sum_s[u];
+        }
+        sync_cube();
+        col_reduce(&cpart, &mut red_s, &mut sum_s);
+        if u < TILE {
+            colsum[b * colsum.stride(0)
+                + h * colsum.stride(1)
+                + c * colsum.stride(2)
+                + u * colsum.stride(3)] = sum_s[u];
+        }
+        sync_cube();
+    }
+    let obase = b * wg.stride(0) + c * wg.stride(1) + g * wg.stride(2);
+    #[unroll]
+    for i in 0..4usize {
+        #[unroll]
+        for j in 0..4usize {
+            wg[obase + tile_row(i) * wg.stride(3) + tile_col(j) * wg.stride(4)] = wacc[i * 4 + j];
+        }
+    }
 }
 
-/// Kernel 7, one thread per `(b, h, c, q)`: the gradients of `dt_q` (holding `cs` fixed) and of
-/// `cs_q`, and `N_q`, the part of `cs_q`'s gradient that also reaches `L_c` (through the chunk's
-/// state). `sx = exp(L_c − cs_q) x_t · dstates_c · B_t` and `oy = exp(cs_q) dy_t · prev_c · C_t`
-/// come from kernel 4, summed over `p`. Zero past the end of the sequence.
+/// Kernel 5, one cube per `(b·chunk, g, 64 columns of n)`, looping over the group's heads.
+/// `dC` (`for_b` false): `out[t_q, g, n] = Σ_h exp(cs_q) Σ_p dy[t_q, h, p] prev[h, p, n]
+/// + Σ_j Wg[q, j] B[t_j, n]`, and per head `part[t_q, h, tile] = exp(cs_q) Σ_n C[t_q, n] (…)[q, n]`
+/// (this tile's share of `oy`). `dB` (`for_b`): `out[t_j, g, n] = Σ_h exp(L − cs_j) dt_j
+/// Σ_p x[t_j, h, p] dstates[h, p, n] + Σ_i Wg[i, j] C[t_i, n]`, and the share of `sx`,
+/// `exp(L − cs_j) Σ_n B[t_j, n] (…)[j, n]`.
 #[cube(launch)]
-fn ssd_bwd_dcs_kernel(
-    sx: &Tensor<f32>,         // [batch, seq, heads]
-    oy: &Tensor<f32>,         // [batch, seq, heads]
-    dt_c: &Tensor<f32>,       // [batch, heads, chunks, chunk]
-    cb: &Tensor<f32>,         // [batch, chunks, groups, chunk, chunk]
-    w: &Tensor<f32>,          // [batch, chunks, heads, chunk, chunk]
-    ddt: &mut Tensor<f32>,    // [batch, heads, chunks, chunk]
-    dcs: &mut Tensor<f32>,    // [batch, heads, chunks, chunk]
-    nq_out: &mut Tensor<f32>, // [batch, heads, chunks, chunk]
+fn ssd_bwd_dbc_tile_kernel<F: Float>(
+    xin: &Tensor<F>,        // [batch, seq, heads, head_dim]: dy (dC) or x (dB)
+    st: &Tensor<f32>,       // [batch, chunks, heads, head_dim, state]: prev or dstates
+    um: &Tensor<F>,         // [batch, seq, groups, state]: C (dC) or B (dB)
+    vm: &Tensor<F>,         // [batch, seq, groups, state]: B (dC) or C (dB)
+    wg: &Tensor<f32>,       // [batch, chunks, groups, chunk, chunk]
+    dt_c: &Tensor<f32>,     // [batch, heads, chunks, chunk]
+    da_cs: &Tensor<f32>,    // [batch, heads, chunks, chunk]
+    out: &mut Tensor<F>,    // [batch, seq, groups, state]
+    part: &mut Tensor<f32>, // [batch, seq, heads, n tiles]
+    #[comptime] for_b: bool,
+    #[define(F)] _dtype: StorageType,
 ) {
-    let heads = dt_c.shape(1);
-    let nchunks = dt_c.shape(2);
-    let q_len = dt_c.shape(3);
-    let seqlen = sx.shape(1);
-    let heads_per_group = heads / cb.shape(2);
-    if ABSOLUTE_POS >= dt_c.shape(0) * heads * nchunks * q_len {
-        terminate!();
-    }
-    let q = ABSOLUTE_POS % q_len;
-    let c = (ABSOLUTE_POS / q_len) % nchunks;
-    let h = (ABSOLUTE_POS / (q_len * nchunks)) % heads;
-    let b = ABSOLUTE_POS / (q_len * nchunks * heads);
-    let g = h / heads_per_group;
-    let t = c * q_len + q;
+    let nchunks = st.shape(1);
+    let seqlen = out.shape(1);
+    let groups = out.shape(2);
+    let dstate = out.shape(3);
+    let heads = xin.shape(2);
+    let head_dim = xin.shape(3);
+    let hpg = heads / groups;
+    let c = CUBE_POS_X as usize % nchunks;
+    let b = CUBE_POS_X as usize / nchunks;
+    let g = CUBE_POS_Y as usize;
+    let nt = CUBE_POS_Z as usize;
+    let n0 = nt * TILE;
+    let t0 = c * TILE;
+    let qlim = chunk_len(seqlen, t0);
 
-    let mut g_dt = 0.0f32;
-    let mut g_cs = 0.0f32;
-    let mut nq = 0.0f32;
-    if t < seqlen {
-        let dbase = b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2);
-        let dt_q = dt_c[dbase + q * dt_c.stride(3)];
-        let s = sx[b * sx.stride(0) + t * sx.stride(1) + h * sx.stride(2)];
-        g_dt = s;
-        nq = dt_q * s;
-        g_cs = oy[b * oy.stride(0) + t * oy.stride(1) + h * oy.stride(2)] - nq;
-
-        let cbrow = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2);
-        let wrow = b * w.stride(0) + c * w.stride(1) + h * w.stride(2);
-        // As the output position: + Σ_{j ≤ q} CB[q, j] dt_j W[q, j]
-        for j in 0..q + 1 {
-            g_cs += cb[cbrow + q * cb.stride(3) + j * cb.stride(4)]
-                * dt_c[dbase + j * dt_c.stride(3)]
-                * w[wrow + q * w.stride(3) + j * w.stride(4)];
-        }
-        // As the input position: the dt_q factor and − Σ_{i ≥ q} CB[i, q] dt_q W[i, q]
-        for i in q..q_len {
-            let m = cb[cbrow + i * cb.stride(3) + q * cb.stride(4)]
-                * w[wrow + i * w.stride(3) + q * w.stride(4)];
-            g_dt += m;
-            g_cs -= m * dt_q;
+    // This thread's um[t_q, g, n] values.
+    let ubase = b * um.stride(0) + t0 * um.stride(1) + g * um.stride(2);
+    let mut uv = Array::<f32>::new(16usize);
+    #[unroll]
+    for i in 0..4usize {
+        let q = tile_row(i);
+        #[unroll]
+        for j in 0..4usize {
+            let n = n0 + tile_col(j);
+            let mut v = 0.0f32;
+            if q < qlim && n < dstate {
+                v = f32::cast_from(um[ubase + q * um.stride(1) + n * um.stride(3)]);
+            }
+            uv[i * 4 + j] = v;
         }
     }
-    let o = b * ddt.stride(0) + h * ddt.stride(1) + c * ddt.stride(2) + q * ddt.stride(3);
-    ddt[o] = g_dt;
-    dcs[b * dcs.stride(0) + h * dcs.stride(1) + c * dcs.stride(2) + q * dcs.stride(3)] = g_cs;
-    nq_out[b * nq_out.stride(0)
-        + h * nq_out.stride(1)
-        + c * nq_out.stride(2)
-        + q * nq_out.stride(3)] = nq;
+
+    let mut cs_s = SharedMemory::<f32>::new(comptime!(TILE + 1));
+    let mut dt_s = SharedMemory::<f32>::new(TILE);
+    let mut a_s = SharedMemory::<f32>::new(SLAB);
+    let mut b_s = SharedMemory::<f32>::new(SLAB);
+    let mut red_s = SharedMemory::<f32>::new(comptime!(TILE * 16));
+    let mut sum_s = SharedMemory::<f32>::new(TILE);
+    let mut total = zero_acc();
+    for hh in 0..hpg {
+        let h = g * hpg + hh;
+        stage_chunk(dt_c, da_cs, b, h, c, &mut cs_s, &mut dt_s);
+        let mut acc = zero_acc();
+        let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2);
+        let sbase = b * st.stride(0) + c * st.stride(1) + h * st.stride(2) + n0 * st.stride(4);
+        for s in 0..(head_dim + KT - 1) / KT {
+            let k0 = s * KT;
+            load_slab::<F>(
+                xin,
+                xbase,
+                xin.stride(3),
+                xin.stride(1),
+                k0,
+                head_dim,
+                qlim,
+                &mut a_s,
+                true,
+            );
+            load_slab::<f32>(
+                st,
+                sbase,
+                st.stride(3),
+                st.stride(4),
+                k0,
+                head_dim,
+                dstate - n0,
+                &mut b_s,
+                false,
+            );
+            sync_cube();
+            mma_slab(&a_s, &b_s, &mut acc);
+            sync_cube();
+        }
+        let mut rpart = Array::<f32>::new(4usize);
+        #[unroll]
+        for i in 0..4usize {
+            let q = tile_row(i);
+            let mut e = cs_s[q].exp();
+            if for_b {
+                e = (cs_s[TILE] - cs_s[q]).exp();
+            }
+            let mut sc = e;
+            if for_b {
+                sc = e * dt_s[q];
+            }
+            let mut r = 0.0f32;
+            #[unroll]
+            for j in 0..4usize {
+                total[i * 4 + j] += sc * acc[i * 4 + j];
+                r += uv[i * 4 + j] * acc[i * 4 + j];
+            }
+            rpart[i] = e * r;
+        }
+        row_reduce(&rpart, &mut red_s, &mut sum_s);
+        let u = UNIT_POS as usize;
+        if u < qlim {
+            part[b * part.stride(0)
+                + (t0 + u) * part.stride(1)
+                + h * part.stride(2)
+                + nt * part.stride(3)] = sum_s[u];
+        }
+        sync_cube();
+    }
+
+    // Within the chunk: K = positions.
+    let wbase = b * wg.stride(0) + c * wg.stride(1) + g * wg.stride(2);
+    let vbase = b * vm.stride(0) + t0 * vm.stride(1) + g * vm.stride(2) + n0 * vm.stride(3);
+    let mut wsk = wg.stride(4);
+    let mut wsr = wg.stride(3);
+    if for_b {
+        wsk = wg.stride(3);
+        wsr = wg.stride(4);
+    }
+    for s in 0..(qlim + KT - 1) / KT {
+        let k0 = s * KT;
+        load_slab::<f32>(
+            wg,
+            wbase,
+            wsk,
+            wsr,
+            k0,
+            qlim,
+            qlim,
+            &mut a_s,
+            comptime!(!for_b),
+        );
+        load_slab::<F>(
+            vm,
+            vbase,
+            vm.stride(1),
+            vm.stride(3),
+            k0,
+            qlim,
+            dstate - n0,
+            &mut b_s,
+            false,
+        );
+        sync_cube();
+        mma_slab(&a_s, &b_s, &mut total);
+        sync_cube();
+    }
+
+    let obase = b * out.stride(0) + t0 * out.stride(1) + g * out.stride(2);
+    #[unroll]
+    for i in 0..4usize {
+        let q = tile_row(i);
+        #[unroll]
+        for j in 0..4usize {
+            let n = n0 + tile_col(j);
+            if q < qlim && n < dstate {
+                out[obase + q * out.stride(1) + n * out.stride(3)] = F::cast_from(total[i * 4 + j]);
+            }
+        }
+    }
 }
 
-/// Kernel 8, one thread per `(b, h, c)`, positions last to first: `L_c`'s gradient joins the
-/// last position's, the reverse cumsum gives `d(dt · A)`, which splits into `dt` (times `A`) and
-/// `A` (times `dt`); `dt` goes back through the clamp and softplus. Writes the raw `dt`'s
-/// gradient and per-chunk partial sums of `dA` and `d dt_bias`.
+/// Kernel 6, one thread per `(b, h, chunk)` (heads fastest). Per position, with
+/// `sx = exp(L − cs_q) x_q · dstates · B_q` and `oy = exp(cs_q) dy_q · prev · C_q`:
+/// `dt_q`'s gradient holding `cs` fixed is `sx + colsum_q`; `cs_q`'s is
+/// `oy − dt_q sx + rowsum_q − dt_q colsum_q`; and `dt_q sx` also reaches `L_c` (through the
+/// chunk's state), as does the reverse state passing's `dlast`. Then, positions last to first,
+/// the reverse cumsum gives `d(dt · A)`, which splits into `dt` (times `A`) and `A` (times `dt`);
+/// `dt` goes back through the clamp and softplus. Writes the raw `dt`'s gradient and per-chunk
+/// partial sums of `dA` and `d dt_bias`.
 #[cube(launch)]
 fn ssd_bwd_dt_kernel<F: Float>(
     dt: &Tensor<F>,            // [batch, seq, heads], raw
     a: &Tensor<F>,             // [heads]
     dt_bias: &Tensor<F>,       // [heads]
     dt_c: &Tensor<f32>,        // [batch, heads, chunks, chunk]
-    ddt: &Tensor<f32>,         // [batch, heads, chunks, chunk]
-    dcs: &Tensor<f32>,         // [batch, heads, chunks, chunk]
-    nq: &Tensor<f32>,          // [batch, heads, chunks, chunk]
+    sx: &Tensor<f32>,          // [batch, seq, heads]
+    oy: &Tensor<f32>,          // [batch, seq, heads]
+    rowsum: &Tensor<f32>,      // [batch, heads, chunks, chunk]
+    colsum: &Tensor<f32>,      // [batch, heads, chunks, chunk]
     dlast: &Tensor<f32>,       // [batch, chunks, heads]
     ddt_raw: &mut Tensor<F>,   // [batch, seq, heads]
     da_part: &mut Tensor<f32>, // [batch, heads, chunks]
@@ -529,49 +446,59 @@ fn ssd_bwd_dt_kernel<F: Float>(
     if ABSOLUTE_POS >= dt_c.shape(0) * heads * nchunks {
         terminate!();
     }
-    let c = ABSOLUTE_POS % nchunks;
-    let h = (ABSOLUTE_POS / nchunks) % heads;
+    let h = ABSOLUTE_POS % heads;
+    let c = (ABSOLUTE_POS / heads) % nchunks;
     let b = ABSOLUTE_POS / (nchunks * heads);
     let base = b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2);
+    let qlim = chunk_len(seqlen, c * q_len);
 
     let mut d_last = dlast[b * dlast.stride(0) + c * dlast.stride(1) + h * dlast.stride(2)];
-    for q in 0..q_len {
-        d_last += nq[base + q * nq.stride(3)];
+    for q in 0..qlim {
+        let t = c * q_len + q;
+        d_last += dt_c[base + q * dt_c.stride(3)]
+            * sx[b * sx.stride(0) + t * sx.stride(1) + h * sx.stride(2)];
     }
     let a_h = f32::cast_from(a[h * a.stride(0)]);
     let bias = f32::cast_from(dt_bias[h * dt_bias.stride(0)]);
     let mut run = d_last;
     let mut da = 0.0f32;
     let mut dbias = 0.0f32;
-    for k in 0..q_len {
-        let q = q_len - 1 - k;
-        run += dcs[base + q * dcs.stride(3)];
-        let dt_q = dt_c[base + q * dt_c.stride(3)];
-        da += dt_q * run;
+    for k in 0..qlim {
+        let q = qlim - 1 - k;
         let t = c * q_len + q;
-        if t < seqlen {
-            let g_dt = ddt[base + q * ddt.stride(3)] + a_h * run;
-            let v =
-                f32::cast_from(dt[b * dt.stride(0) + t * dt.stride(1) + h * dt.stride(2)]) + bias;
-            let mut sp = v;
-            if v <= 20.0f32 {
-                sp = (1.0f32 + v.exp()).ln();
-            }
-            let mut pass = true;
-            if clamp_min && sp < dt_min {
-                pass = false;
-            }
-            if clamp_max && sp > dt_max {
-                pass = false;
-            }
-            let mut g_raw = 0.0f32;
-            if pass {
-                g_raw = g_dt / (1.0f32 + (-v).exp());
-            }
-            dbias += g_raw;
-            ddt_raw[b * ddt_raw.stride(0) + t * ddt_raw.stride(1) + h * ddt_raw.stride(2)] =
-                F::cast_from(g_raw);
+        let dt_q = dt_c[base + q * dt_c.stride(3)];
+        let sxv = sx[b * sx.stride(0) + t * sx.stride(1) + h * sx.stride(2)];
+        let oyv = oy[b * oy.stride(0) + t * oy.stride(1) + h * oy.stride(2)];
+        let col = colsum[b * colsum.stride(0)
+            + h * colsum.stride(1)
+            + c * colsum.stride(2)
+            + q * colsum.stride(3)];
+        let row = rowsum[b * rowsum.stride(0)
+            + h * rowsum.stride(1)
+            + c * rowsum.stride(2)
+            + q * rowsum.stride(3)];
+        run += oyv - dt_q * sxv + row - dt_q * col;
+        da += dt_q * run;
+        let g_dt = sxv + col + a_h * run;
+        let v = f32::cast_from(dt[b * dt.stride(0) + t * dt.stride(1) + h * dt.stride(2)]) + bias;
+        let mut sp = v;
+        if v <= 20.0f32 {
+            sp = (1.0f32 + v.exp()).ln();
         }
+        let mut pass = true;
+        if clamp_min && sp < dt_min {
+            pass = false;
+        }
+        if clamp_max && sp > dt_max {
+            pass = false;
+        }
+        let mut g_raw = 0.0f32;
+        if pass {
+            g_raw = g_dt / (1.0f32 + (-v).exp());
+        }
+        dbias += g_raw;
+        ddt_raw[b * ddt_raw.stride(0) + t * ddt_raw.stride(1) + h * ddt_raw.stride(2)] =
+            F::cast_from(g_raw);
     }
     let o = b * da_part.stride(0) + h * da_part.stride(1) + c * da_part.stride(2);
     da_part[o] = da;
@@ -604,7 +531,7 @@ where
     let x_t: T<R, F, I, BT, 4> = input.x.clone();
     let p = Prims::new(input);
     let [batch, seqlen, heads, head_dim, groups, dstate] = p.dims();
-    let (q, nchunks) = (p.q, p.nchunks);
+    let nchunks = p.nchunks;
     let client = p.x.client.clone();
     let empty = |shape: Vec<usize>, dtype: DType| empty_like_device(&p.x, shape, dtype);
     let Parts {
@@ -612,39 +539,22 @@ where
         da_cs,
         prev,
         cb,
-        e_cs,
-        m,
         ..
     } = parts(&p);
     let dy_t = dy;
     let dy = prim(dy_t.clone());
-    let launch = |n: usize| elemwise(&client, n.max(1));
 
     // 1. dprev_loc
-    let state_shape = vec![batch, nchunks, heads, head_dim, dstate];
-    let dprev_loc = empty(state_shape.clone(), DType::F32);
-    let n = batch * nchunks * heads * head_dim * dstate;
-    if n > 0 {
-        let (count, dim) = launch(n);
-        ssd_bwd_dprev_kernel::launch::<R>(
-            &client,
-            count,
-            dim,
-            dy.clone().into_tensor_arg(),
-            p.cm.clone().into_tensor_arg(),
-            e_cs.clone().into_tensor_arg(),
-            dprev_loc.clone().into_tensor_arg(),
-            dtype.into(),
-        );
-    }
+    let dprev_loc = state_tiles(&p, &dy, &p.cm, &dt_c, &da_cs, false);
 
     // 2. Reverse state passing.
+    let state_shape = vec![batch, nchunks, heads, head_dim, dstate];
     let dstates = empty(state_shape.clone(), DType::F32);
     let dlast = empty(state_shape, DType::F32);
     let dinit = empty(vec![batch, heads, head_dim, dstate], dtype);
     let n = batch * heads * head_dim * dstate;
     if n > 0 {
-        let (count, dim) = launch(n);
+        let (count, dim) = elemwise(&client, n);
         ssd_bwd_state_passing_kernel::launch::<R>(
             &client,
             count,
@@ -663,137 +573,75 @@ where
     let dlast: T<R, F, I, BT, 5> = wrap(dlast);
     let dlast = prim(dlast.sum_dim(4).sum_dim(3).reshape([batch, nchunks, heads]));
 
-    // 3. W
-    let w = empty(vec![batch, nchunks, heads, q, q], DType::F32);
-    let n = batch * nchunks * heads * q * q;
-    if n > 0 {
-        let (count, dim) = launch(n);
-        ssd_bwd_w_kernel::launch::<R>(
+    // 3. Wg and the two CB ∘ W sums.
+    let pos_shape = vec![batch, heads, nchunks, TILE];
+    let wg = empty(vec![batch, nchunks, groups, TILE, TILE], DType::F32);
+    let rowsum = empty(pos_shape.clone(), DType::F32);
+    let colsum = empty(pos_shape, DType::F32);
+    if batch * groups > 0 {
+        let (count, dim) = tiles(batch * nchunks, groups, 1);
+        ssd_bwd_w_tile_kernel::launch::<R>(
             &client,
             count,
             dim,
             dy.clone().into_tensor_arg(),
             p.x.clone().into_tensor_arg(),
+            cb.clone().into_tensor_arg(),
+            dt_c.clone().into_tensor_arg(),
             da_cs.clone().into_tensor_arg(),
-            w.clone().into_tensor_arg(),
+            wg.clone().into_tensor_arg(),
+            rowsum.clone().into_tensor_arg(),
+            colsum.clone().into_tensor_arg(),
             dtype.into(),
         );
     }
 
-    // 4. dx, and the per-(t, h, p) terms of kernel 7.
-    let dx = empty(vec![batch, seqlen, heads, head_dim], dtype);
-    let sx = empty(vec![batch, seqlen, heads, head_dim], DType::F32);
-    let oy = empty(vec![batch, seqlen, heads, head_dim], DType::F32);
-    let n = batch * seqlen * heads * head_dim;
-    if n > 0 {
-        let (count, dim) = launch(n);
-        ssd_bwd_dx_kernel::launch::<R>(
-            &client,
-            count,
-            dim,
-            dy.clone().into_tensor_arg(),
-            p.bm.clone().into_tensor_arg(),
-            p.d.clone().into_tensor_arg(),
-            dt_c.clone().into_tensor_arg(),
-            da_cs.clone().into_tensor_arg(),
-            m.into_tensor_arg(),
-            dstates.clone().into_tensor_arg(),
-            p.x.clone().into_tensor_arg(),
-            p.cm.clone().into_tensor_arg(),
-            prev.clone().into_tensor_arg(),
-            dx.clone().into_tensor_arg(),
-            sx.clone().into_tensor_arg(),
-            oy.clone().into_tensor_arg(),
-            dtype.into(),
-        );
-    }
-    // Σ_p: [batch, seq, heads]
-    let sum_p = |t| -> CubeTensor<R> {
-        let t: T<R, F, I, BT, 4> = wrap(t);
-        prim(t.sum_dim(3).reshape([batch, seqlen, heads]))
+    // 4. dx
+    let dx = scan_tiles(&p, &p.bm, &dstates, &dy, &cb, &dt_c, &da_cs, true);
+
+    // 5. dC and oy, dB and sx.
+    let ntiles = dstate.div_ceil(TILE);
+    let dbc = |xin: &CubeTensor<R>,
+               st: &CubeTensor<R>,
+               um: &CubeTensor<R>,
+               vm: &CubeTensor<R>,
+               for_b: bool| {
+        let out = empty(vec![batch, seqlen, groups, dstate], dtype);
+        let part = empty(vec![batch, seqlen, heads, ntiles.max(1)], DType::F32);
+        if batch * seqlen * groups * dstate > 0 {
+            let (count, dim) = tiles(batch * nchunks, groups, ntiles);
+            ssd_bwd_dbc_tile_kernel::launch::<R>(
+                &client,
+                count,
+                dim,
+                xin.clone().into_tensor_arg(),
+                st.clone().into_tensor_arg(),
+                um.clone().into_tensor_arg(),
+                vm.clone().into_tensor_arg(),
+                wg.clone().into_tensor_arg(),
+                dt_c.clone().into_tensor_arg(),
+                da_cs.clone().into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                part.clone().into_tensor_arg(),
+                for_b,
+                dtype.into(),
+            );
+        }
+        let part: T<R, F, I, BT, 4> = wrap(part);
+        (out, prim(part.sum_dim(3).reshape([batch, seqlen, heads])))
     };
-    let sx = sum_p(sx);
-    let oy = sum_p(oy);
+    let (dc, oy) = dbc(&dy, &prev, &p.cm, &p.bm, false);
+    let (db, sx) = dbc(&p.x, &dstates, &p.bm, &p.cm, true);
 
-    // 3b. W summed over each group's heads, weighted by dt at the column.
-    let wg = empty(vec![batch, nchunks, groups, q, q], DType::F32);
-    let n = batch * nchunks * groups * q * q;
-    if n > 0 {
-        let (count, dim) = launch(n);
-        ssd_bwd_wsum_kernel::launch::<R>(
-            &client,
-            count,
-            dim,
-            w.clone().into_tensor_arg(),
-            dt_c.clone().into_tensor_arg(),
-            wg.clone().into_tensor_arg(),
-        );
-    }
-
-    // 5, 6. dC, dB
-    let dc = empty(vec![batch, seqlen, groups, dstate], dtype);
-    let db = empty(vec![batch, seqlen, groups, dstate], dtype);
-    let n = batch * seqlen * groups * dstate;
-    if n > 0 {
-        let (count, dim) = launch(n);
-        ssd_bwd_dc_kernel::launch::<R>(
-            &client,
-            count.clone(),
-            dim,
-            dy.clone().into_tensor_arg(),
-            p.bm.clone().into_tensor_arg(),
-            da_cs.clone().into_tensor_arg(),
-            prev.clone().into_tensor_arg(),
-            wg.clone().into_tensor_arg(),
-            dc.clone().into_tensor_arg(),
-            dtype.into(),
-        );
-        ssd_bwd_db_kernel::launch::<R>(
-            &client,
-            count,
-            dim,
-            p.x.clone().into_tensor_arg(),
-            p.cm.clone().into_tensor_arg(),
-            dt_c.clone().into_tensor_arg(),
-            da_cs.clone().into_tensor_arg(),
-            dstates.clone().into_tensor_arg(),
-            wg.into_tensor_arg(),
-            db.clone().into_tensor_arg(),
-            dtype.into(),
-        );
-    }
-
-    // 7. Per-position gradients of dt and of the cumsum.
-    let pos_shape = vec![batch, heads, nchunks, q];
-    let ddt = empty(pos_shape.clone(), DType::F32);
-    let dcs = empty(pos_shape.clone(), DType::F32);
-    let nq = empty(pos_shape, DType::F32);
-    let n = batch * heads * nchunks * q;
-    if n > 0 {
-        let (count, dim) = launch(n);
-        ssd_bwd_dcs_kernel::launch::<R>(
-            &client,
-            count,
-            dim,
-            sx.into_tensor_arg(),
-            oy.into_tensor_arg(),
-            dt_c.clone().into_tensor_arg(),
-            cb.into_tensor_arg(),
-            w.into_tensor_arg(),
-            ddt.clone().into_tensor_arg(),
-            dcs.clone().into_tensor_arg(),
-            nq.clone().into_tensor_arg(),
-        );
-    }
-
-    // 8. Per chunk: reverse cumsum, dt through clamp and softplus, partial dA and d dt_bias.
+    // 6. Per chunk: dt and cs gradients, reverse cumsum, dt through clamp and softplus,
+    // partial dA and d dt_bias.
     let ddt_raw = empty(vec![batch, seqlen, heads], dtype);
     let da_part = empty(vec![batch, heads, nchunks], DType::F32);
     let dbias_part = empty(vec![batch, heads, nchunks], DType::F32);
     let (lo, hi) = p.dt_limit;
     let n = batch * heads * nchunks;
     if n > 0 {
-        let (count, dim) = launch(n);
+        let (count, dim) = elemwise(&client, n);
         ssd_bwd_dt_kernel::launch::<R>(
             &client,
             count,
@@ -802,9 +650,10 @@ where
             p.a.clone().into_tensor_arg(),
             p.dt_bias.clone().into_tensor_arg(),
             dt_c.into_tensor_arg(),
-            ddt.into_tensor_arg(),
-            dcs.into_tensor_arg(),
-            nq.into_tensor_arg(),
+            sx.into_tensor_arg(),
+            oy.into_tensor_arg(),
+            rowsum.into_tensor_arg(),
+            colsum.into_tensor_arg(),
             dlast.into_tensor_arg(),
             ddt_raw.clone().into_tensor_arg(),
             da_part.clone().into_tensor_arg(),
