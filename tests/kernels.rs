@@ -11,8 +11,8 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use mamba_burn::kernels::{
-    reference, set_ops_mode, ssd_kernels_active, ConvGrads, ConvInput, MambaBackend, OpsMode,
-    SsdGrads, SsdInput,
+    kernels_active, reference, set_ops_mode, ConvGrads, ConvInput, MambaBackend, OpsMode, SsdGrads,
+    SsdInput,
 };
 
 #[path = "common/kernels.rs"]
@@ -449,6 +449,19 @@ fn ssd_cases() -> Vec<SsdCase> {
             init: false,
             dt_limit: (0.0, f64::INFINITY),
         },
+        // eleven heads in one group: the backward's per-group kernels split them over cubes
+        // (at most eight heads each), several heads per cube
+        SsdCase {
+            batch: 1,
+            seq: 70,
+            heads: 11,
+            head_dim: 8,
+            state: 12,
+            groups: 1,
+            chunk: 64,
+            init: true,
+            dt_limit: (0.0, f64::INFINITY),
+        },
     ]
 }
 
@@ -598,10 +611,10 @@ fn ssd_autodiff_matches_reference() {
     }
 }
 
-/// The SSD kernels run only under `--ops kernels` (`auto` keeps the faster reference for now):
-/// select them, and make sure they are what the SSD tests exercise.
+/// Selects the kernels (`auto` would too, on wgpu) and makes sure they are what the SSD tests
+/// exercise.
 fn use_ssd_kernels() {
     set_ops_mode(OpsMode::Kernels);
-    assert!(ssd_kernels_active::<Gpu>());
-    assert!(ssd_kernels_active::<Autodiff<Gpu>>());
+    assert!(kernels_active::<Gpu>());
+    assert!(kernels_active::<Autodiff<Gpu>>());
 }

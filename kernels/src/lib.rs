@@ -81,15 +81,6 @@ pub fn kernels_active<B: MambaBackend>() -> bool {
     B::has_kernels() && ops_mode() != OpsMode::Reference
 }
 
-/// Whether backend `B` runs the SSD scan kernels: only under `OpsMode::Kernels` for now. On the
-/// H100 the SSD kernels (one thread per output, no shared-memory tiling yet) are slower than the
-/// reference, whose contractions are burn's tuned matmuls (forward + backward at batch 8 × 1,024,
-/// 24 heads × 64, state 128: 44.2 ms against 16.4 ms, BENCHMARKS.md), so `auto` keeps the
-/// reference until they are faster.
-pub fn ssd_kernels_active<B: MambaBackend>() -> bool {
-    B::has_kernels() && ops_mode() == OpsMode::Kernels
-}
-
 /// Checks that `mode` can be honoured on backend `B` (`kernels` needs a backend with kernels);
 /// `backend` names it in the error.
 pub fn check_ops_mode<B: MambaBackend>(mode: OpsMode, backend: &str) -> Result<(), String> {
@@ -367,7 +358,7 @@ impl<B: MambaBackend, C: CheckpointStrategy> MambaBackend for Autodiff<B, C> {
 
     fn ssd_chunk_scan(input: SsdInput<Self>) -> SsdOutput<Self> {
         #[cfg(feature = "cube")]
-        if ssd_kernels_active::<B>() && cube::ssd::kernels_apply(&input) {
+        if kernels_active::<B>() && cube::ssd::kernels_apply(&input) {
             return cube::autodiff::ssd_chunk_scan::<B, C>(input);
         }
         reference::ssd_chunk_scan(input)
@@ -475,7 +466,7 @@ where
     }
 
     fn ssd_chunk_scan(input: SsdInput<Self>) -> SsdOutput<Self> {
-        if !ssd_kernels_active::<Self>() {
+        if !kernels_active::<Self>() {
             return reference::ssd_chunk_scan(input);
         }
         cube::ssd::ssd_chunk_scan(input)
@@ -486,7 +477,7 @@ where
         dy: Tensor<Self, 4>,
         d_final: Option<Tensor<Self, 4>>,
     ) -> SsdGrads<Self> {
-        if !ssd_kernels_active::<Self>() {
+        if !kernels_active::<Self>() {
             return reference::ssd_chunk_scan_backward(input, dy, d_final);
         }
         cube::ssd_bwd::ssd_chunk_scan_backward(input, dy, d_final)

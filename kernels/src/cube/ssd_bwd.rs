@@ -31,12 +31,10 @@ use burn_cubecl::{
 use cubecl::prelude::*;
 
 use super::ssd::{
-    chunk_len, empty_like_device, kernels_apply, parts, scan_tiles, stage_chunk, state_tiles,
-    tiles, Parts, Prims,
+    chunk_len, empty_like_device, kernels_apply, parts, scan_tiles, state_tiles, tiles, Parts,
+    Prims,
 };
-use super::tile::{
-    col_reduce, load_slab, mma_slab, row_reduce, tile_col, tile_row, zero_acc, KT, SLAB, TILE,
-};
+use super::tile::{load_slab, mma_slab, tile_col, tile_row, zero_acc, KT, SLAB, THREADS, TILE};
 use super::{elemwise, prim, wrap};
 use crate::{SsdGrads, SsdInput};
 
@@ -106,10 +104,60 @@ fn ssd_bwd_state_passing_kernel<F: Float>(
         F::cast_from(g);
 }
 
-/// Kernel 3, one cube per `(b·chunk, g)`, looping over the group's heads: with
-/// `W_h[i, j] = exp(cs_i − cs_j) Σ_p dy[t_i, h, p] x[t_j, h, p]` (`j ≤ i < len`, else 0),
-/// writes `wg = Σ_h W_h dt_h[j]`, `rowsum[b, h, c, i] = Σ_j CB[i, j] dt_j W_h[i, j]` and
-/// `colsum[b, h, c, j] = Σ_i CB[i, j] W_h[i, j]`.
+/// Most heads one cube of kernels 3 and 5 takes (their `cs` and `dt` are staged at once).
+pub const HEADS_PER_CUBE: usize = 8;
+
+/// Stages `cs` (pitch `TILE + 1`, `L` last) and `dt` (pitch `TILE`) of heads
+/// `h_lo .. h_lo + nh` (`nh ≤ HEADS_PER_CUBE`) of chunk `c`. Ends synced.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_heads(
+    dt_c: &Tensor<f32>,
+    da_cs: &Tensor<f32>,
+    b: usize,
+    c: usize,
+    h_lo: usize,
+    nh: usize,
+    cs_s: &mut SharedMemory<f32>,
+    dt_s: &mut SharedMemory<f32>,
+) {
+    let u = UNIT_POS as usize;
+    let rounds = (nh * TILE + THREADS as usize - 1) / THREADS as usize;
+    for r in 0..rounds {
+        let idx = r * THREADS as usize + u;
+        if idx < nh * TILE {
+            let hh = idx / TILE;
+            let q = idx % TILE;
+            let h = h_lo + hh;
+            let base = b * da_cs.stride(0) + h * da_cs.stride(1) + c * da_cs.stride(2);
+            cs_s[hh * (TILE + 1) + q] = da_cs[base + q * da_cs.stride(3)];
+            dt_s[hh * TILE + q] = dt_c
+                [b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2) + q * dt_c.stride(3)];
+            if q == TILE - 1 {
+                cs_s[hh * (TILE + 1) + TILE] = da_cs[base + q * da_cs.stride(3)];
+            }
+        }
+    }
+    sync_cube();
+}
+
+/// The heads `[lo, hi)` that split `CUBE_POS_Z / per_split` of `splits` takes of group `g`.
+#[cube]
+fn split_heads(g: usize, hpg: usize, split: usize, splits: usize) -> (usize, usize) {
+    let hs = (hpg + splits - 1) / splits;
+    let lo = split * hs;
+    let mut hi = lo + hs;
+    if hi > hpg {
+        hi = hpg;
+    }
+    (g * hpg + lo, g * hpg + hi)
+}
+
+/// Kernel 3, one cube per `(b·chunk, g, split)`, looping over its share of the group's heads:
+/// with `W_h[i, j] = exp(cs_i − cs_j) Σ_p dy[t_i, h, p] x[t_j, h, p]` (`j ≤ i < len`, else 0),
+/// writes the split's part of `wg = Σ_h W_h dt_h[j]`, and per thread column (row) its share of
+/// `rowsum[b, h, c, i] = Σ_j CB[i, j] dt_j W_h[i, j]` (`colsum[b, h, c, j] = Σ_i CB[i, j]
+/// W_h[i, j]`); the caller sums the splits and the shares.
 #[cube(launch)]
 fn ssd_bwd_w_tile_kernel<F: Float>(
     dy: &Tensor<F>,           // [batch, seq, heads, head_dim]
@@ -117,13 +165,14 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
     cb: &Tensor<f32>,         // [batch, chunks, groups, chunk, chunk]
     dt_c: &Tensor<f32>,       // [batch, heads, chunks, chunk]
     da_cs: &Tensor<f32>,      // [batch, heads, chunks, chunk]
-    wg: &mut Tensor<f32>,     // [batch, chunks, groups, chunk, chunk]
-    rowsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk]
-    colsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk]
+    wg: &mut Tensor<f32>,     // [splits, batch, chunks, groups, chunk, chunk]
+    rowsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk, 16]
+    colsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk, 16]
     #[define(F)] _dtype: StorageType,
 ) {
-    let nchunks = wg.shape(1);
-    let groups = wg.shape(2);
+    let splits = wg.shape(0);
+    let nchunks = wg.shape(2);
+    let groups = wg.shape(3);
     let seqlen = x.shape(1);
     let heads = x.shape(2);
     let head_dim = x.shape(3);
@@ -131,8 +180,12 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
     let c = CUBE_POS_X as usize % nchunks;
     let b = CUBE_POS_X as usize / nchunks;
     let g = CUBE_POS_Y as usize;
+    let split = CUBE_POS_Z as usize;
     let t0 = c * TILE;
     let qlim = chunk_len(seqlen, t0);
+    let (h_lo, h_hi) = split_heads(g, hpg, split, splits);
+    let tr = UNIT_POS as usize / 16;
+    let tc = UNIT_POS as usize % 16;
 
     let cbbase = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2);
     let mut cbv = Array::<f32>::new(16usize);
@@ -145,15 +198,14 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
         }
     }
 
-    let mut cs_s = SharedMemory::<f32>::new(comptime!(TILE + 1));
-    let mut dt_s = SharedMemory::<f32>::new(TILE);
+    let mut cs_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * (TILE + 1)));
+    let mut dt_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * TILE));
     let mut a_s = SharedMemory::<f32>::new(SLAB);
     let mut b_s = SharedMemory::<f32>::new(SLAB);
-    let mut red_s = SharedMemory::<f32>::new(comptime!(TILE * 16));
-    let mut sum_s = SharedMemory::<f32>::new(TILE);
-    for hh in 0..hpg {
-        let h = g * hpg + hh;
-        stage_chunk(dt_c, da_cs, b, h, c, &mut cs_s, &mut dt_s);
+    stage_heads(dt_c, da_cs, b, c, h_lo, h_hi - h_lo, &mut cs_s, &mut dt_s);
+    for h in h_lo..h_hi {
+        let cso = (h - h_lo) * (TILE + 1);
+        let dto = (h - h_lo) * TILE;
         let mut acc = zero_acc();
         let ybase = b * dy.stride(0) + t0 * dy.stride(1) + h * dy.stride(2);
         let xbase = b * x.stride(0) + t0 * x.stride(1) + h * x.stride(2);
@@ -185,62 +237,54 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
             mma_slab(&a_s, &b_s, &mut acc);
             sync_cube();
         }
-        let mut rpart = Array::<f32>::new(4usize);
         let mut cpart = Array::<f32>::new(4usize);
         #[unroll]
         for j in 0..4usize {
             cpart[j] = 0.0f32;
         }
+        let rbase = b * rowsum.stride(0) + h * rowsum.stride(1) + c * rowsum.stride(2);
         #[unroll]
         for i in 0..4usize {
             let ii = tile_row(i);
-            rpart[i] = 0.0f32;
+            let mut rpart = 0.0f32;
             #[unroll]
             for j in 0..4usize {
                 let jj = tile_col(j);
                 let mut w = 0.0f32;
                 if jj <= ii && ii < qlim {
-                    w = (cs_s[ii] - cs_s[jj]).exp() * acc[i * 4 + j];
+                    w = (cs_s[cso + ii] - cs_s[cso + jj]).exp() * acc[i * 4 + j];
                 }
-                let dtj = dt_s[jj];
+                let dtj = dt_s[dto + jj];
                 wacc[i * 4 + j] += w * dtj;
                 let m = cbv[i * 4 + j] * w;
-                rpart[i] += m * dtj;
+                rpart += m * dtj;
                 cpart[j] += m;
             }
+            rowsum[rbase + ii * rowsum.stride(3) + tc * rowsum.stride(4)] = rpart;
         }
-        let obase = b * rowsum.stride(0) + h * rowsum.stride(1) + c * rowsum.stride(2);
-        row_reduce(&rpart, &mut red_s, &mut sum_s);
-        let u = UNIT_POS as usize;
-        if u < TILE {
-            rowsum[obase + u * rowsum.stride(3)] = sum_s[u];
+        let cbase = b * colsum.stride(0) + h * colsum.stride(1) + c * colsum.stride(2);
+        #[unroll]
+        for j in 0..4usize {
+            colsum[cbase + tile_col(j) * colsum.stride(3) + tr * colsum.stride(4)] = cpart[j];
         }
-        sync_cube();
-        col_reduce(&cpart, &mut red_s, &mut sum_s);
-        if u < TILE {
-            colsum[b * colsum.stride(0)
-                + h * colsum.stride(1)
-                + c * colsum.stride(2)
-                + u * colsum.stride(3)] = sum_s[u];
-        }
-        sync_cube();
     }
-    let obase = b * wg.stride(0) + c * wg.stride(1) + g * wg.stride(2);
+    let obase = split * wg.stride(0) + b * wg.stride(1) + c * wg.stride(2) + g * wg.stride(3);
     #[unroll]
     for i in 0..4usize {
         #[unroll]
         for j in 0..4usize {
-            wg[obase + tile_row(i) * wg.stride(3) + tile_col(j) * wg.stride(4)] = wacc[i * 4 + j];
+            wg[obase + tile_row(i) * wg.stride(4) + tile_col(j) * wg.stride(5)] = wacc[i * 4 + j];
         }
     }
 }
 
-/// Kernel 5, one cube per `(b·chunk, g, 64 columns of n)`, looping over the group's heads.
+/// Kernel 5, one cube per `(b·chunk, g, split × 64 columns of n)`, looping over its share of
+/// the group's heads; the caller sums the splits (`out`) and the per-thread shares (`part`).
 /// `dC` (`for_b` false): `out[t_q, g, n] = Σ_h exp(cs_q) Σ_p dy[t_q, h, p] prev[h, p, n]
-/// + Σ_j Wg[q, j] B[t_j, n]`, and per head `part[t_q, h, tile] = exp(cs_q) Σ_n C[t_q, n] (…)[q, n]`
-/// (this tile's share of `oy`). `dB` (`for_b`): `out[t_j, g, n] = Σ_h exp(L − cs_j) dt_j
-/// Σ_p x[t_j, h, p] dstates[h, p, n] + Σ_i Wg[i, j] C[t_i, n]`, and the share of `sx`,
-/// `exp(L − cs_j) Σ_n B[t_j, n] (…)[j, n]`.
+/// + Σ_j Wg[q, j] B[t_j, n]`, and per head `part[t_q, h, ·] = exp(cs_q) Σ_n C[t_q, n] (…)[q, n]`
+/// (shares of `oy`). `dB` (`for_b`): `out[t_j, g, n] = Σ_h exp(L − cs_j) dt_j
+/// Σ_p x[t_j, h, p] dstates[h, p, n] + Σ_i Wg[i, j] C[t_i, n]`, and the shares of `sx`,
+/// `exp(L − cs_j) Σ_n B[t_j, n] (…)[j, n]`. The `Wg` term goes to split 0.
 #[cube(launch)]
 fn ssd_bwd_dbc_tile_kernel<F: Float>(
     xin: &Tensor<F>,        // [batch, seq, heads, head_dim]: dy (dC) or x (dB)
@@ -250,25 +294,30 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
     wg: &Tensor<f32>,       // [batch, chunks, groups, chunk, chunk]
     dt_c: &Tensor<f32>,     // [batch, heads, chunks, chunk]
     da_cs: &Tensor<f32>,    // [batch, heads, chunks, chunk]
-    out: &mut Tensor<F>,    // [batch, seq, groups, state]
-    part: &mut Tensor<f32>, // [batch, seq, heads, n tiles]
+    out: &mut Tensor<f32>,  // [splits, batch, seq, groups, state]
+    part: &mut Tensor<f32>, // [batch, seq, heads, n tiles × 16]
     #[comptime] for_b: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let nchunks = st.shape(1);
-    let seqlen = out.shape(1);
-    let groups = out.shape(2);
-    let dstate = out.shape(3);
+    let splits = out.shape(0);
+    let seqlen = out.shape(2);
+    let groups = out.shape(3);
+    let dstate = out.shape(4);
     let heads = xin.shape(2);
     let head_dim = xin.shape(3);
     let hpg = heads / groups;
+    let ntiles = (dstate + TILE - 1) / TILE;
     let c = CUBE_POS_X as usize % nchunks;
     let b = CUBE_POS_X as usize / nchunks;
     let g = CUBE_POS_Y as usize;
-    let nt = CUBE_POS_Z as usize;
+    let split = CUBE_POS_Z as usize / ntiles;
+    let nt = CUBE_POS_Z as usize % ntiles;
     let n0 = nt * TILE;
     let t0 = c * TILE;
     let qlim = chunk_len(seqlen, t0);
+    let (h_lo, h_hi) = split_heads(g, hpg, split, splits);
+    let tc = UNIT_POS as usize % 16;
 
     // This thread's um[t_q, g, n] values.
     let ubase = b * um.stride(0) + t0 * um.stride(1) + g * um.stride(2);
@@ -287,16 +336,15 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
         }
     }
 
-    let mut cs_s = SharedMemory::<f32>::new(comptime!(TILE + 1));
-    let mut dt_s = SharedMemory::<f32>::new(TILE);
+    let mut cs_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * (TILE + 1)));
+    let mut dt_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * TILE));
     let mut a_s = SharedMemory::<f32>::new(SLAB);
     let mut b_s = SharedMemory::<f32>::new(SLAB);
-    let mut red_s = SharedMemory::<f32>::new(comptime!(TILE * 16));
-    let mut sum_s = SharedMemory::<f32>::new(TILE);
+    stage_heads(dt_c, da_cs, b, c, h_lo, h_hi - h_lo, &mut cs_s, &mut dt_s);
     let mut total = zero_acc();
-    for hh in 0..hpg {
-        let h = g * hpg + hh;
-        stage_chunk(dt_c, da_cs, b, h, c, &mut cs_s, &mut dt_s);
+    for h in h_lo..h_hi {
+        let cso = (h - h_lo) * (TILE + 1);
+        let dto = (h - h_lo) * TILE;
         let mut acc = zero_acc();
         let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2);
         let sbase = b * st.stride(0) + c * st.stride(1) + h * st.stride(2) + n0 * st.stride(4);
@@ -328,17 +376,17 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
             mma_slab(&a_s, &b_s, &mut acc);
             sync_cube();
         }
-        let mut rpart = Array::<f32>::new(4usize);
+        let pbase = b * part.stride(0) + h * part.stride(2) + (nt * 16 + tc) * part.stride(3);
         #[unroll]
         for i in 0..4usize {
             let q = tile_row(i);
-            let mut e = cs_s[q].exp();
+            let mut e = cs_s[cso + q].exp();
             if for_b {
-                e = (cs_s[TILE] - cs_s[q]).exp();
+                e = (cs_s[cso + TILE] - cs_s[cso + q]).exp();
             }
             let mut sc = e;
             if for_b {
-                sc = e * dt_s[q];
+                sc = e * dt_s[dto + q];
             }
             let mut r = 0.0f32;
             #[unroll]
@@ -346,58 +394,53 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
                 total[i * 4 + j] += sc * acc[i * 4 + j];
                 r += uv[i * 4 + j] * acc[i * 4 + j];
             }
-            rpart[i] = e * r;
+            if q < qlim {
+                part[pbase + (t0 + q) * part.stride(1)] = e * r;
+            }
         }
-        row_reduce(&rpart, &mut red_s, &mut sum_s);
-        let u = UNIT_POS as usize;
-        if u < qlim {
-            part[b * part.stride(0)
-                + (t0 + u) * part.stride(1)
-                + h * part.stride(2)
-                + nt * part.stride(3)] = sum_s[u];
-        }
-        sync_cube();
     }
 
-    // Within the chunk: K = positions.
-    let wbase = b * wg.stride(0) + c * wg.stride(1) + g * wg.stride(2);
-    let vbase = b * vm.stride(0) + t0 * vm.stride(1) + g * vm.stride(2) + n0 * vm.stride(3);
-    let mut wsk = wg.stride(4);
-    let mut wsr = wg.stride(3);
-    if for_b {
-        wsk = wg.stride(3);
-        wsr = wg.stride(4);
-    }
-    for s in 0..(qlim + KT - 1) / KT {
-        let k0 = s * KT;
-        load_slab::<f32>(
-            wg,
-            wbase,
-            wsk,
-            wsr,
-            k0,
-            qlim,
-            qlim,
-            &mut a_s,
-            comptime!(!for_b),
-        );
-        load_slab::<F>(
-            vm,
-            vbase,
-            vm.stride(1),
-            vm.stride(3),
-            k0,
-            qlim,
-            dstate - n0,
-            &mut b_s,
-            false,
-        );
-        sync_cube();
-        mma_slab(&a_s, &b_s, &mut total);
-        sync_cube();
+    // Within the chunk (split 0): K = positions.
+    if split == 0 {
+        let wbase = b * wg.stride(0) + c * wg.stride(1) + g * wg.stride(2);
+        let vbase = b * vm.stride(0) + t0 * vm.stride(1) + g * vm.stride(2) + n0 * vm.stride(3);
+        let mut wsk = wg.stride(4);
+        let mut wsr = wg.stride(3);
+        if for_b {
+            wsk = wg.stride(3);
+            wsr = wg.stride(4);
+        }
+        for s in 0..(qlim + KT - 1) / KT {
+            let k0 = s * KT;
+            load_slab::<f32>(
+                wg,
+                wbase,
+                wsk,
+                wsr,
+                k0,
+                qlim,
+                qlim,
+                &mut a_s,
+                comptime!(!for_b),
+            );
+            load_slab::<F>(
+                vm,
+                vbase,
+                vm.stride(1),
+                vm.stride(3),
+                k0,
+                qlim,
+                dstate - n0,
+                &mut b_s,
+                false,
+            );
+            sync_cube();
+            mma_slab(&a_s, &b_s, &mut total);
+            sync_cube();
+        }
     }
 
-    let obase = b * out.stride(0) + t0 * out.stride(1) + g * out.stride(2);
+    let obase = split * out.stride(0) + b * out.stride(1) + t0 * out.stride(2) + g * out.stride(3);
     #[unroll]
     for i in 0..4usize {
         let q = tile_row(i);
@@ -405,7 +448,7 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
         for j in 0..4usize {
             let n = n0 + tile_col(j);
             if q < qlim && n < dstate {
-                out[obase + q * out.stride(1) + n * out.stride(3)] = F::cast_from(total[i * 4 + j]);
+                out[obase + q * out.stride(2) + n * out.stride(4)] = total[i * 4 + j];
             }
         }
     }
@@ -505,6 +548,24 @@ fn ssd_bwd_dt_kernel<F: Float>(
     db_part[b * db_part.stride(0) + h * db_part.stride(1) + c * db_part.stride(2)] = dbias;
 }
 
+/// How many cubes share a group's `hpg` heads in kernels 3 and 5, given `base` cubes per split:
+/// enough that a cube takes at most [`HEADS_PER_CUBE`] heads, and that there are about eight
+/// cubes per multiprocessor when the heads allow (one per cube where the runtime does not say
+/// how many it has).
+fn head_splits<R: CubeRuntime>(client: &ComputeClient<R>, base: usize, hpg: usize) -> usize {
+    let sms = client
+        .properties()
+        .hardware
+        .num_streaming_multiprocessors
+        .unwrap_or(1) as usize;
+    let hpg = hpg.max(1);
+    let by_stage = hpg.div_ceil(HEADS_PER_CUBE);
+    let by_fill = (8 * sms).div_ceil(base.max(1));
+    let splits = by_stage.max(by_fill).min(hpg);
+    // As split_heads cuts: ceil(hpg / splits) heads each, so no split is left empty.
+    hpg.div_ceil(hpg.div_ceil(splits))
+}
+
 /// Kernel backward of [`crate::MambaBackend::ssd_chunk_scan`]: the gradients of
 /// `Σ y · dy + Σ final_state · d_final` with respect to every input. Falls back to the reference
 /// where the forward kernels would.
@@ -574,12 +635,13 @@ where
     let dlast = prim(dlast.sum_dim(4).sum_dim(3).reshape([batch, nchunks, heads]));
 
     // 3. Wg and the two CB ∘ W sums.
-    let pos_shape = vec![batch, heads, nchunks, TILE];
-    let wg = empty(vec![batch, nchunks, groups, TILE, TILE], DType::F32);
+    let splits = head_splits(&client, batch * nchunks * groups, heads / groups);
+    let pos_shape = vec![batch, heads, nchunks, TILE, 16];
+    let wg_parts = empty(vec![splits, batch, nchunks, groups, TILE, TILE], DType::F32);
     let rowsum = empty(pos_shape.clone(), DType::F32);
     let colsum = empty(pos_shape, DType::F32);
     if batch * groups > 0 {
-        let (count, dim) = tiles(batch * nchunks, groups, 1);
+        let (count, dim) = tiles(batch * nchunks, groups, splits);
         ssd_bwd_w_tile_kernel::launch::<R>(
             &client,
             count,
@@ -589,27 +651,36 @@ where
             cb.clone().into_tensor_arg(),
             dt_c.clone().into_tensor_arg(),
             da_cs.clone().into_tensor_arg(),
-            wg.clone().into_tensor_arg(),
+            wg_parts.clone().into_tensor_arg(),
             rowsum.clone().into_tensor_arg(),
             colsum.clone().into_tensor_arg(),
             dtype.into(),
         );
     }
+    let wg: T<R, F, I, BT, 6> = wrap(wg_parts);
+    let wg = prim(wg.sum_dim(0).reshape([batch, nchunks, groups, TILE, TILE]));
+    let shares = |t| -> CubeTensor<R> {
+        let t: T<R, F, I, BT, 5> = wrap(t);
+        prim(t.sum_dim(4).reshape([batch, heads, nchunks, TILE]))
+    };
+    let rowsum = shares(rowsum);
+    let colsum = shares(colsum);
 
     // 4. dx
     let dx = scan_tiles(&p, &p.bm, &dstates, &dy, &cb, &dt_c, &da_cs, true);
 
     // 5. dC and oy, dB and sx.
     let ntiles = dstate.div_ceil(TILE);
+    let splits = head_splits(&client, batch * nchunks * groups * ntiles, heads / groups);
     let dbc = |xin: &CubeTensor<R>,
                st: &CubeTensor<R>,
                um: &CubeTensor<R>,
                vm: &CubeTensor<R>,
                for_b: bool| {
-        let out = empty(vec![batch, seqlen, groups, dstate], dtype);
-        let part = empty(vec![batch, seqlen, heads, ntiles.max(1)], DType::F32);
+        let out = empty(vec![splits, batch, seqlen, groups, dstate], DType::F32);
+        let part = empty(vec![batch, seqlen, heads, ntiles.max(1) * 16], DType::F32);
         if batch * seqlen * groups * dstate > 0 {
-            let (count, dim) = tiles(batch * nchunks, groups, ntiles);
+            let (count, dim) = tiles(batch * nchunks, groups, splits * ntiles);
             ssd_bwd_dbc_tile_kernel::launch::<R>(
                 &client,
                 count,
@@ -627,8 +698,16 @@ where
                 dtype.into(),
             );
         }
+        let out: T<R, F, I, BT, 5> = wrap(out);
+        let out = out
+            .sum_dim(0)
+            .reshape([batch, seqlen, groups, dstate])
+            .cast(dtype);
         let part: T<R, F, I, BT, 4> = wrap(part);
-        (out, prim(part.sum_dim(3).reshape([batch, seqlen, heads])))
+        (
+            prim(out),
+            prim(part.sum_dim(3).reshape([batch, seqlen, heads])),
+        )
     };
     let (dc, oy) = dbc(&dy, &prev, &p.cm, &p.bm, false);
     let (db, sx) = dbc(&p.x, &dstates, &p.bm, &p.cm, true);

@@ -78,6 +78,10 @@ pub struct Options {
     pub chunk: Option<usize>,
     pub only: Vec<Op>,
     pub seed: u64,
+    /// Also compute the SSD scan's outputs and gradients in f64 on the CPU (the reference ops on
+    /// ndarray, from the same inputs) and report both sides' errors against them: which of two
+    /// f32 implementations that disagree is the less exact.
+    pub truth_f64: bool,
 }
 
 /// SSD shape: `(batch, seqlen, heads, head_dim, state, groups)` and the chunk size.
@@ -224,6 +228,55 @@ impl<B: MambaBackend> SsdCase<B> {
             dy: normal([b, l, h, p], device),
         }
     }
+}
+
+/// Host copies of every output and input gradient of `case` computed in f64 by the reference
+/// ops on the CPU (rounded to f32 for the comparison, which is far below the errors measured).
+#[cfg(feature = "ndarray")]
+fn ssd_truth_f64<B: MambaBackend>(case: &SsdCase<B>) -> Result<Tensors, String> {
+    type T64 = burn::backend::NdArray<f64>;
+    let dev = Default::default();
+    fn f64_of<B: Backend, const D: usize>(
+        t: &Tensor<B, D>,
+        dev: &burn::backend::ndarray::NdArrayDevice,
+    ) -> Tensor<T64, D> {
+        Tensor::from_data(t.to_data().convert::<f64>(), dev)
+    }
+    let i = &case.input;
+    let case64 = SsdCase::<T64> {
+        input: SsdInput {
+            x: f64_of(&i.x, &dev),
+            dt: f64_of(&i.dt, &dev),
+            a: f64_of(&i.a, &dev),
+            b: f64_of(&i.b, &dev),
+            c: f64_of(&i.c, &dev),
+            d: f64_of(&i.d, &dev),
+            dt_bias: f64_of(&i.dt_bias, &dev),
+            dt_limit: i.dt_limit,
+            initial_state: i.initial_state.as_ref().map(|t| f64_of(t, &dev)),
+            chunk_size: i.chunk_size,
+        },
+        dy: f64_of(&case.dy, &dev),
+    };
+    catch(|| {
+        let mut out: Tensors = case64
+            .forward(true)
+            .into_iter()
+            .map(|(n, t)| (n, Some(host(t))))
+            .collect();
+        out.extend(
+            case64
+                .forward_backward(true)
+                .into_iter()
+                .map(|(n, t)| (n, t.map(host))),
+        );
+        out
+    })
+}
+
+#[cfg(not(feature = "ndarray"))]
+fn ssd_truth_f64<B: MambaBackend>(_case: &SsdCase<B>) -> Result<Tensors, String> {
+    Err("--truth-f64 needs the ndarray feature".into())
 }
 
 impl<B: MambaBackend> Case<B> for SsdCase<B> {
@@ -468,6 +521,10 @@ pub struct OpResult {
     /// Every compared tensor's error: the outputs (`y`, `final_state`) and the input gradients
     /// (`dx`, `dA`, ...).
     pub rel_errs: serde_json::Map<String, Value>,
+    /// With `--truth-f64` (SSD only): each side's errors against the f64 computation,
+    /// `{"kernels": {...}, "reference": {...}}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_f64: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<Bandwidth>,
     pub notes: Vec<String>,
@@ -484,12 +541,42 @@ pub struct Report {
     pub results: Vec<OpResult>,
 }
 
+/// Named host copies of outputs and gradients (`None`: no gradient).
+type Tensors = Vec<(&'static str, Option<Vec<f32>>)>;
+
 /// What one implementation produced: times, host copies of its tensors, notes of failures.
 #[derive(Default)]
 struct Measured {
     timing: Timing,
-    tensors: Vec<(&'static str, Option<Vec<f32>>)>,
+    tensors: Tensors,
     notes: Vec<String>,
+}
+
+/// `‖got − want‖ / ‖want‖` for every tensor both lists hold (infinite where only one side has
+/// it).
+fn errors(got: &Tensors, want: &Tensors, notes: &mut Vec<String>) -> Vec<(String, f64)> {
+    let mut errs = Vec::new();
+    for (name, g) in got {
+        let Some((_, w)) = want.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        let err = match (g, w) {
+            (Some(g), Some(w)) => rel_err(g, w),
+            (None, None) => continue,
+            _ => {
+                notes.push(format!("{name}: one side has no gradient"));
+                f64::INFINITY
+            }
+        };
+        errs.push((name.to_string(), err));
+    }
+    errs
+}
+
+fn err_map(errs: &[(String, f64)]) -> serde_json::Map<String, Value> {
+    errs.iter()
+        .map(|(n, e)| (n.clone(), json!(Num(*e))))
+        .collect()
 }
 
 fn measure<B: MambaBackend, C: Case<B>>(
@@ -549,6 +636,7 @@ fn run_case<B: MambaBackend, C: Case<B>>(
     case: &C,
     device: &B::Device,
     opts: &Options,
+    truth: Option<Result<Tensors, String>>,
 ) -> OpResult {
     let kernels = B::has_kernels().then(|| measure::<B, C>(case, OpsMode::Kernels, device, opts));
     let reference = measure::<B, C>(case, OpsMode::Reference, device, opts);
@@ -557,22 +645,30 @@ fn run_case<B: MambaBackend, C: Case<B>>(
     let mut errs: Vec<(String, f64)> = Vec::new();
     if let Some(k) = &kernels {
         notes.extend(k.notes.iter().cloned());
-        for (name, got) in &k.tensors {
-            let Some((_, want)) = reference.tensors.iter().find(|(n, _)| n == name) else {
-                continue;
-            };
-            let err = match (got, want) {
-                (Some(g), Some(w)) => rel_err(g, w),
-                (None, None) => continue,
-                _ => {
-                    notes.push(format!("{name}: one side has no gradient"));
-                    f64::INFINITY
-                }
-            };
-            errs.push((name.to_string(), err));
-        }
+        errs = errors(&k.tensors, &reference.tensors, &mut notes);
     }
     notes.extend(reference.notes.iter().cloned());
+    let vs_f64 = truth.map(|truth| match truth {
+        Ok(truth) => {
+            let mut sides = serde_json::Map::new();
+            let mut report = |side: &str, tensors: &Tensors, notes: &mut Vec<String>| {
+                let e = errors(tensors, &truth, notes);
+                if let Some((name, err)) = worst(&e) {
+                    notes.push(format!("{side} vs f64: worst {err:.2e} ({name})"));
+                }
+                sides.insert(side.to_string(), Value::Object(err_map(&e)));
+            };
+            if let Some(k) = &kernels {
+                report("kernels", &k.tensors, &mut notes);
+            }
+            report("reference", &reference.tensors, &mut notes);
+            Value::Object(sides)
+        }
+        Err(e) => {
+            notes.push(format!("f64 truth failed: {e}"));
+            Value::Null
+        }
+    });
     let worst = worst(&errs);
     OpResult {
         op,
@@ -593,7 +689,8 @@ fn run_case<B: MambaBackend, C: Case<B>>(
         reference: Some(reference.timing),
         max_rel_err: worst.as_ref().map(|w| Num(w.1)),
         worst_tensor: worst.map(|w| w.0),
-        rel_errs: errs.into_iter().map(|(n, e)| (n, json!(Num(e)))).collect(),
+        rel_errs: err_map(&errs),
+        vs_f64,
         bandwidth: None,
         notes,
     }
@@ -676,7 +773,8 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
                 ("chunk", "chunk", json!(s.chunk)),
             ];
             let case = SsdCase::<B>::new(s, device);
-            push(run_case("ssd", &shape, &case, device, opts));
+            let truth = opts.truth_f64.then(|| ssd_truth_f64(&case));
+            push(run_case("ssd", &shape, &case, device, opts, truth));
         }
     }
     if only(Op::Conv) {
@@ -696,7 +794,7 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
                 ("silu", "", json!(true)),
             ];
             let case = ConvCase::<B>::new(&s, device);
-            let mut r = run_case("conv", &shape, &case, device, opts);
+            let mut r = run_case("conv", &shape, &case, device, opts, None);
             conv_bandwidth(&s, &case, device, opts, &mut r);
             push(r);
         }
@@ -713,7 +811,7 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
                 ("delta_softplus", "", json!(true)),
             ];
             let case = ScanCase::<B>::new(s, device);
-            push(run_case("scan", &shape, &case, device, opts));
+            push(run_case("scan", &shape, &case, device, opts, None));
         }
     }
     Report {

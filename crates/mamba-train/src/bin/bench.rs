@@ -44,6 +44,9 @@ enum Command {
         only: Vec<kernels::Op>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Also compute the SSD scan in f64 on the CPU and report both sides' errors against it.
+        #[arg(long)]
+        truth_f64: bool,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -99,6 +102,7 @@ fn main() -> Result<()> {
             chunk,
             only,
             seed,
+            truth_f64,
             json,
         } => {
             let opts = kernels::Options {
@@ -108,6 +112,7 @@ fn main() -> Result<()> {
                 chunk,
                 only,
                 seed,
+                truth_f64,
             };
             let report = run_on(device, KernelsJob(opts))?;
             if json {
