@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use burn::tensor::{backend::Backend, Tensor};
 
 pub mod reference;
+mod seed;
+
+pub use seed::backward_with;
 
 /// Which implementation of the hot ops the model uses (`--ops auto|reference|kernels`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

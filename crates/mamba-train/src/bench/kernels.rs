@@ -1,6 +1,7 @@
 //! `bench kernels`: each hot op of [`MambaBackend`] at realistic shapes, with the kernels and with
 //! the reference ops: median time of the forward (on `B`) and of forward + backward (on
-//! `Autodiff<B>`, the backward of `sum(y · dy)` for a fixed random `dy`), and the largest
+//! `Autodiff<B>`, the backward for a fixed random upstream gradient `dy`, as torch's
+//! `y.backward(dy)`: [`backward_with`], no loss reduction), and the largest
 //! relative error of the kernels against the reference over the outputs and every input's
 //! gradient.
 //!
@@ -18,7 +19,9 @@ use std::str::FromStr;
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor, TensorData};
-use mamba_kernels::{set_ops_mode, ConvInput, MambaBackend, OpsMode, SelectiveScanInput, SsdInput};
+use mamba_kernels::{
+    backward_with, set_ops_mode, ConvInput, MambaBackend, OpsMode, SelectiveScanInput, SsdInput,
+};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -156,7 +159,7 @@ fn scan_shapes(set: ShapeSet) -> Vec<ScanShape> {
 
 /// One op at one shape with its inputs on the device. `forward` runs the op on `B`;
 /// `forward_backward` runs it on `Autodiff<B>` with every input a tracked leaf and backpropagates
-/// `sum(y · dy)`. With `keep` they return the named outputs / input gradients (flattened), else
+/// `dy` from `y` ([`backward_with`]). With `keep` they return the named outputs / input gradients (flattened), else
 /// nothing (for timing).
 trait Case<B: MambaBackend> {
     fn forward(&self, keep: bool) -> Vec<(&'static str, Tensor<B, 1>)>;
@@ -311,9 +314,7 @@ impl<B: MambaBackend> Case<B> for SsdCase<B> {
             initial_state: None,
             chunk_size: i.chunk_size,
         });
-        let grads = (out.y * Tensor::from_inner(self.dy.clone()))
-            .sum()
-            .backward();
+        let grads = backward_with(out.y, self.dy.clone());
         if !keep {
             return Vec::new();
         }
@@ -371,9 +372,7 @@ impl<B: MambaBackend> Case<B> for ConvCase<B> {
             initial_state: None,
             silu: i.silu,
         });
-        let grads = (out.y * Tensor::from_inner(self.dy.clone()))
-            .sum()
-            .backward();
+        let grads = backward_with(out.y, self.dy.clone());
         if !keep {
             return Vec::new();
         }
@@ -446,9 +445,7 @@ impl<B: MambaBackend> Case<B> for ScanCase<B> {
             delta_softplus: i.delta_softplus,
             initial_state: None,
         });
-        let grads = (out.y * Tensor::from_inner(self.dy.clone()))
-            .sum()
-            .backward();
+        let grads = backward_with(out.y, self.dy.clone());
         if !keep {
             return Vec::new();
         }
@@ -498,7 +495,7 @@ pub struct Bandwidth {
     pub copy_gbps: Option<f64>,
     /// The least the conv's kernels must move: forward reads x, weight, bias and writes y and
     /// the final state; backward reads x, dy, weight, bias and writes dx, dweight, dbias. The
-    /// forward+backward time also covers the loss (`sum(y · dy)`) and its backward, not counted.
+    /// forward+backward time also covers seeding `dy` (one one-element tensor), not counted.
     pub fwd_bytes: u64,
     pub fwd_bwd_bytes: u64,
 }
