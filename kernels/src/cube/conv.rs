@@ -22,9 +22,11 @@ use cubecl::prelude::*;
 
 use crate::{ConvGrads, ConvInput, ConvOutput};
 
-/// Positions each thread of the weight-gradient kernel reduces over; the partial sums of the
-/// `batch * ceil(seq / WGRAD_CHUNK)` pieces are then summed with a tensor op.
-const WGRAD_CHUNK: usize = 32;
+/// Positions one thread of the conv kernels covers (a block of one channel of one batch row):
+/// it slides a window of `width` inputs along them, so every input is read once plus a halo of
+/// `width - 1`, and the backward's weight and bias gradients come out as one partial sum per
+/// block (summed over blocks with a tensor op).
+const BLOCK: usize = 32;
 
 /// `ext[b, j, c]` for `j` in `0..seq + width - 1`: the initial state (or zero) for
 /// `j < width - 1`, else `x[b, j - (width - 1), c]`.
@@ -49,38 +51,46 @@ fn ext_value<F: Float>(
     v
 }
 
-/// The pre-activation `bias[c] + sum_k w[c, k] * ext[b, t + k, c]`, in f32.
-#[cube]
-fn pre_activation<F: Float>(
-    x: &Tensor<F>,                    // [batch, seq, channels]
-    weight: &Tensor<F>,               // [channels, width]
-    bias: &ComptimeOption<Tensor<F>>, // [channels]
-    init: &ComptimeOption<Tensor<F>>, // [batch, channels, width - 1]
-    b: usize,
-    t: usize,
-    c: usize,
-) -> f32 {
-    let width = weight.shape(1);
-    let wm1 = width - 1;
-    let mut acc = 0.0f32;
-    #[comptime]
-    if let ComptimeOption::Some(bias) = bias {
-        acc = f32::cast_from(bias[c * bias.stride(0)]);
-    }
-    for k in 0..width {
-        let w = f32::cast_from(weight[c * weight.stride(0) + k * weight.stride(1)]);
-        acc += w * ext_value::<F>(x, init, b, t + k, c, wm1);
-    }
-    acc
-}
-
 /// `sigmoid(z)` in f32.
 #[cube]
 fn sigmoid_f32(z: f32) -> f32 {
     1.0f32 / (1.0f32 + (-z).exp())
 }
 
-/// Forward: one thread per output element `(b, t, c)`, channel fastest.
+/// The weights of channel `c` and its bias (zero without one), in f32.
+#[cube]
+fn channel_weights<F: Float>(
+    weight: &Tensor<F>,               // [channels, width]
+    bias: &ComptimeOption<Tensor<F>>, // [channels]
+    c: usize,
+    #[comptime] width: usize,
+) -> (Array<f32>, f32) {
+    let mut w = Array::<f32>::new(width);
+    #[unroll]
+    for k in 0..width {
+        w[k] = f32::cast_from(weight[c * weight.stride(0) + k * weight.stride(1)]);
+    }
+    let mut bv = 0.0f32;
+    #[comptime]
+    if let ComptimeOption::Some(bias) = bias {
+        bv = f32::cast_from(bias[c * bias.stride(0)]);
+    }
+    (w, bv)
+}
+
+/// `(b, block, c)` of a thread of the blocked kernels, channel fastest (`b` may be past the
+/// batch for the last cube's spare threads).
+#[cube]
+fn block_coords(seqlen: usize, channels: usize) -> (usize, usize, usize) {
+    let nblocks = (seqlen + BLOCK - 1) / BLOCK;
+    let c = ABSOLUTE_POS % channels;
+    let tb = (ABSOLUTE_POS / channels) % nblocks;
+    let b = ABSOLUTE_POS / (channels * nblocks);
+    (b, tb, c)
+}
+
+/// Forward: one thread per `(b, block of BLOCK positions, c)`, channel fastest. The window
+/// `win[k] = ext[t + k]` slides along the block: each step reads one new input.
 #[cube(launch)]
 fn conv_forward_kernel<F: Float>(
     x: &Tensor<F>,                    // [batch, seq, channels]
@@ -89,23 +99,45 @@ fn conv_forward_kernel<F: Float>(
     init: &ComptimeOption<Tensor<F>>, // [batch, channels, width - 1]
     y: &mut Tensor<F>,                // [batch, seq, channels]
     #[comptime] silu: bool,
+    #[comptime] width: usize,
     #[define(F)] _dtype: StorageType,
 ) {
-    let channels = y.shape(2);
+    let batch = y.shape(0);
     let seqlen = y.shape(1);
-    let total = y.shape(0) * seqlen * channels;
-    if ABSOLUTE_POS >= total {
+    let channels = y.shape(2);
+    let (b, tb, c) = block_coords(seqlen, channels);
+    if b >= batch {
         terminate!();
     }
-    let c = ABSOLUTE_POS % channels;
-    let t = (ABSOLUTE_POS / channels) % seqlen;
-    let b = ABSOLUTE_POS / (channels * seqlen);
-
-    let mut v = pre_activation::<F>(x, weight, bias, init, b, t, c);
-    if silu {
-        v *= sigmoid_f32(v);
+    let wm1 = comptime!(width - 1);
+    let wm1r = width.runtime() - 1;
+    let t0 = tb * BLOCK;
+    let mut t1 = t0 + BLOCK;
+    if t1 > seqlen {
+        t1 = seqlen;
     }
-    y[b * y.stride(0) + t * y.stride(1) + c * y.stride(2)] = F::cast_from(v);
+    let (w, bv) = channel_weights::<F>(weight, bias, c, width);
+    let mut win = Array::<f32>::new(width);
+    #[unroll]
+    for k in 0..wm1 {
+        win[k] = ext_value::<F>(x, init, b, t0 + k, c, wm1r);
+    }
+    for t in t0..t1 {
+        win[wm1] = f32::cast_from(x[b * x.stride(0) + t * x.stride(1) + c * x.stride(2)]);
+        let mut v = bv;
+        #[unroll]
+        for k in 0..width {
+            v += w[k] * win[k];
+        }
+        if silu {
+            v *= sigmoid_f32(v);
+        }
+        y[b * y.stride(0) + t * y.stride(1) + c * y.stride(2)] = F::cast_from(v);
+        #[unroll]
+        for k in 0..wm1 {
+            win[k] = win[k + 1];
+        }
+    }
 }
 
 /// Final state: one thread per `(b, c, i)`, `state[b, c, i] = ext[b, seq + i, c]`.
@@ -129,120 +161,112 @@ fn conv_final_state_kernel<F: Float>(
     state[b * state.stride(0) + c * state.stride(1) + i * state.stride(2)] = F::cast_from(v);
 }
 
-/// Backward, step 1: the gradient at the pre-activation, `g = dy * silu'(pre)`, recomputing
-/// `pre`. One thread per `(b, t, c)`; `g` is contiguous `[batch, seq, channels]` in f32.
+/// Backward, fused: one thread per `(b, block, c)`, channel fastest. Positions `u` from the
+/// block's start to `width - 1` past its end: the gradient at the pre-activation
+/// `g[u] = dy[u] silu'(pre[u])` (recomputing `pre` from the sliding input window; zero past the
+/// sequence), then `dx[s] = Σ_k w[k] g[s + width - 1 - k]` for `s = u - (width - 1)` once it is
+/// inside the block, or `dinit[u]` for `u < width - 1` (the first block: the gradient of
+/// `ext[u]`, the initial state's). The block's own positions add `g[u] ext[u + k]` to its
+/// weight-gradient partial and `g[u]` to its bias partial.
 #[cube(launch)]
-fn conv_grad_pre_kernel<F: Float>(
+#[allow(clippy::too_many_arguments)]
+fn conv_backward_kernel<F: Float>(
     x: &Tensor<F>,                    // [batch, seq, channels]
     weight: &Tensor<F>,               // [channels, width]
     bias: &ComptimeOption<Tensor<F>>, // [channels]
     init: &ComptimeOption<Tensor<F>>, // [batch, channels, width - 1]
     dy: &Tensor<F>,                   // [batch, seq, channels]
-    g: &mut Tensor<f32>,              // [batch, seq, channels]
+    dx: &mut Tensor<F>,               // [batch, seq, channels]
+    dinit: &mut Tensor<F>,            // [batch, channels, width - 1]
+    dw_part: &mut Tensor<f32>,        // [batch · blocks, channels, width]
+    db_part: &mut Tensor<f32>,        // [batch · blocks, channels]
+    #[comptime] silu: bool,
+    #[comptime] width: usize,
     #[define(F)] _dtype: StorageType,
 ) {
-    let channels = g.shape(2);
-    let seqlen = g.shape(1);
-    let total = g.shape(0) * seqlen * channels;
-    if ABSOLUTE_POS >= total {
-        terminate!();
-    }
-    let c = ABSOLUTE_POS % channels;
-    let t = (ABSOLUTE_POS / channels) % seqlen;
-    let b = ABSOLUTE_POS / (channels * seqlen);
-
-    let z = pre_activation::<F>(x, weight, bias, init, b, t, c);
-    let s = sigmoid_f32(z);
-    let d = f32::cast_from(dy[b * dy.stride(0) + t * dy.stride(1) + c * dy.stride(2)]);
-    // d/dz (z * s(z)) = s (1 + z (1 - s))
-    g[b * g.stride(0) + t * g.stride(1) + c * g.stride(2)] = d * s * (1.0f32 + z * (1.0f32 - s));
-}
-
-/// Backward, step 2: the gradient of `ext`, `dext[b, j, c] = sum_k g[b, j - k, c] w[c, k]`
-/// over `0 <= j - k < seq`. One thread per `(b, j, c)` for `j` in `0..seq + width - 1`: rows
-/// `j >= width - 1` go to `dx`, the first `width - 1` to `dinit` (`[batch, channels, width-1]`).
-#[cube(launch)]
-fn conv_grad_input_kernel<F: Float, G: Float>(
-    g: &Tensor<G>,         // [batch, seq, channels]
-    weight: &Tensor<F>,    // [channels, width]
-    dx: &mut Tensor<F>,    // [batch, seq, channels]
-    dinit: &mut Tensor<F>, // [batch, channels, width - 1]
-    #[define(F, G)] _dtypes: [StorageType; 2],
-) {
-    let channels = dx.shape(2);
+    let batch = dx.shape(0);
     let seqlen = dx.shape(1);
-    let width = weight.shape(1);
-    let wm1 = width - 1;
-    let ext_len = seqlen + wm1;
-    let total = dx.shape(0) * ext_len * channels;
-    if ABSOLUTE_POS >= total {
+    let channels = dx.shape(2);
+    let (b, tb, c) = block_coords(seqlen, channels);
+    if b >= batch {
         terminate!();
     }
-    let c = ABSOLUTE_POS % channels;
-    let j = (ABSOLUTE_POS / channels) % ext_len;
-    let b = ABSOLUTE_POS / (channels * ext_len);
-
-    let mut acc = 0.0f32;
-    for k in 0..width {
-        // t = j - k must lie in 0..seq
-        if j >= k && j - k < seqlen {
-            let t = j - k;
-            let w = f32::cast_from(weight[c * weight.stride(0) + k * weight.stride(1)]);
-            acc += w * f32::cast_from(g[b * g.stride(0) + t * g.stride(1) + c * g.stride(2)]);
-        }
-    }
-    if j >= wm1 {
-        dx[b * dx.stride(0) + (j - wm1) * dx.stride(1) + c * dx.stride(2)] = F::cast_from(acc);
-    } else {
-        dinit[b * dinit.stride(0) + c * dinit.stride(1) + j * dinit.stride(2)] = F::cast_from(acc);
-    }
-}
-
-/// Backward, step 3: partial sums of the weight and bias gradients. One thread per
-/// `(piece, c)`, a piece being `WGRAD_CHUNK` positions of one batch row:
-/// `dw_part[piece, c, k] = sum_t g[b, t, c] ext[b, t + k, c]`, `db_part[piece, c] = sum_t g`.
-#[cube(launch)]
-fn conv_grad_weight_kernel<F: Float, G: Float>(
-    x: &Tensor<F>,                    // [batch, seq, channels]
-    init: &ComptimeOption<Tensor<F>>, // [batch, channels, width - 1]
-    g: &Tensor<G>,                    // [batch, seq, channels]
-    dw_part: &mut Tensor<f32>,        // [pieces, channels, width]
-    db_part: &mut Tensor<f32>,        // [pieces, channels]
-    #[comptime] chunk: usize,
-    #[define(F, G)] _dtypes: [StorageType; 2],
-) {
-    let channels = dw_part.shape(1);
-    let width = dw_part.shape(2);
-    let wm1 = width - 1;
-    let pieces = dw_part.shape(0);
-    let seqlen = g.shape(1);
-    if ABSOLUTE_POS >= pieces * channels {
-        terminate!();
-    }
-    let c = ABSOLUTE_POS % channels;
-    let piece = ABSOLUTE_POS / channels;
-    let per_row = pieces / g.shape(0); // max(ceil(seq / chunk), 1)
-    let b = piece / per_row;
-    let t0 = (piece % per_row) * chunk;
-    let mut t1 = t0 + chunk;
+    let wm1 = comptime!(width - 1);
+    let wm1r = width.runtime() - 1;
+    let nblocks = (seqlen + BLOCK - 1) / BLOCK;
+    let t0 = tb * BLOCK;
+    let mut t1 = t0 + BLOCK;
     if t1 > seqlen {
         t1 = seqlen;
     }
-
+    let (w, bv) = channel_weights::<F>(weight, bias, c, width);
+    // win[k] = ext[u + k], gw[k] = g[u - wm1 + k] (zero before the block).
+    let mut win = Array::<f32>::new(width);
+    let mut gw = Array::<f32>::new(width);
+    let mut dw = Array::<f32>::new(width);
+    #[unroll]
+    for k in 0..width {
+        win[k] = 0.0f32;
+        gw[k] = 0.0f32;
+        dw[k] = 0.0f32;
+    }
+    #[unroll]
+    for k in 0..wm1 {
+        win[k] = ext_value::<F>(x, init, b, t0 + k, c, wm1r);
+    }
     let mut db = 0.0f32;
-    for t in t0..t1 {
-        db += f32::cast_from(g[b * g.stride(0) + t * g.stride(1) + c * g.stride(2)]);
+    for u in t0..t1 + wm1r {
+        let mut gu = 0.0f32;
+        if u < seqlen {
+            win[wm1] = f32::cast_from(x[b * x.stride(0) + u * x.stride(1) + c * x.stride(2)]);
+            let d = f32::cast_from(dy[b * dy.stride(0) + u * dy.stride(1) + c * dy.stride(2)]);
+            gu = d;
+            if silu {
+                let mut z = bv;
+                #[unroll]
+                for k in 0..width {
+                    z += w[k] * win[k];
+                }
+                let s = sigmoid_f32(z);
+                // d/dz (z s(z)) = s (1 + z (1 - s))
+                gu = d * s * (1.0f32 + z * (1.0f32 - s));
+            }
+            if u < t1 {
+                db += gu;
+                #[unroll]
+                for k in 0..width {
+                    dw[k] += gu * win[k];
+                }
+            }
+        }
+        gw[wm1] = gu;
+        // dext[u] = Σ_k w[k] g[u - k]: dx[u - wm1] inside the block, the initial state's
+        // gradient for u < wm1 (first block only).
+        let mut acc = 0.0f32;
+        #[unroll]
+        for k in 0..width {
+            acc += w[k] * gw[wm1 - k];
+        }
+        if u >= t0 + wm1r {
+            let s = u - wm1r;
+            dx[b * dx.stride(0) + s * dx.stride(1) + c * dx.stride(2)] = F::cast_from(acc);
+        } else if u < wm1r {
+            dinit[b * dinit.stride(0) + c * dinit.stride(1) + u * dinit.stride(2)] =
+                F::cast_from(acc);
+        }
+        #[unroll]
+        for k in 0..wm1 {
+            win[k] = win[k + 1];
+            gw[k] = gw[k + 1];
+        }
+    }
+
+    let piece = b * nblocks + tb;
+    #[unroll]
+    for k in 0..width {
+        dw_part[piece * dw_part.stride(0) + c * dw_part.stride(1) + k * dw_part.stride(2)] = dw[k];
     }
     db_part[piece * db_part.stride(0) + c * db_part.stride(1)] = db;
-
-    for k in 0..width {
-        let mut acc = 0.0f32;
-        for t in t0..t1 {
-            let gv = f32::cast_from(g[b * g.stride(0) + t * g.stride(1) + c * g.stride(2)]);
-            acc += gv * ext_value::<F>(x, init, b, t + k, c, wm1);
-        }
-        dw_part[piece * dw_part.stride(0) + c * dw_part.stride(1) + k * dw_part.stride(2)] = acc;
-    }
 }
 
 /// Whether every tensor of the conv shares `x`'s float dtype (the kernels take one dtype).
@@ -289,7 +313,7 @@ where
         Shape::new([batch, seqlen, channels]),
         dtype,
     );
-    let n = batch * seqlen * channels;
+    let n = batch * seqlen.div_ceil(BLOCK) * channels;
     if n > 0 {
         let (count, dim) = elemwise(&client, n);
         conv_forward_kernel::launch::<R>(
@@ -302,6 +326,7 @@ where
             init.clone().map(|t| t.into_tensor_arg()).into(),
             y.clone().into_tensor_arg(),
             silu,
+            width,
             dtype.into(),
         );
     }
@@ -343,7 +368,11 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    if !same_dtype(&input) || dy.dtype() != input.x.dtype() || input.weight.dims()[1] < 1 {
+    if !same_dtype(&input)
+        || dy.dtype() != input.x.dtype()
+        || input.weight.dims()[1] < 1
+        || input.x.dims()[1] == 0
+    {
         return crate::reference::causal_conv1d_backward(input, dy);
     }
     let ConvInput {
@@ -367,37 +396,6 @@ where
     let dtype = x.dtype;
     let f32_dtype = burn::tensor::DType::F32;
 
-    // g: the gradient at the pre-activation; dy itself without SiLU.
-    let g = if silu {
-        let g = empty_device_contiguous_dtype(
-            client.clone(),
-            device.clone(),
-            Shape::new([batch, seqlen, channels]),
-            f32_dtype,
-        );
-        let n = batch * seqlen * channels;
-        if n > 0 {
-            let (count, dim) = elemwise(&client, n);
-            conv_grad_pre_kernel::launch::<R>(
-                &client,
-                count,
-                dim,
-                x.clone().into_tensor_arg(),
-                weight.clone().into_tensor_arg(),
-                bias.map(|t| t.into_tensor_arg()).into(),
-                init.clone().map(|t| t.into_tensor_arg()).into(),
-                dy.into_tensor_arg(),
-                g.clone().into_tensor_arg(),
-                dtype.into(),
-            );
-        }
-        g
-    } else {
-        dy
-    };
-    let g_dtype = g.dtype;
-
-    // dx and dinit
     let dx = empty_device_contiguous_dtype(
         client.clone(),
         device.clone(),
@@ -410,23 +408,7 @@ where
         Shape::new([batch, channels, width - 1]),
         dtype,
     );
-    let n = batch * (seqlen + width - 1) * channels;
-    if n > 0 {
-        let (count, dim) = elemwise(&client, n);
-        conv_grad_input_kernel::launch::<R>(
-            &client,
-            count,
-            dim,
-            g.clone().into_tensor_arg(),
-            weight.into_tensor_arg(),
-            dx.clone().into_tensor_arg(),
-            dinit.clone().into_tensor_arg(),
-            [dtype.into(), g_dtype.into()],
-        );
-    }
-
-    // dweight and dbias: partial sums per piece, then a sum over pieces.
-    let pieces = batch * seqlen.div_ceil(WGRAD_CHUNK).max(1);
+    let pieces = batch * seqlen.div_ceil(BLOCK);
     let dw_part = empty_device_contiguous_dtype(
         client.clone(),
         device.clone(),
@@ -442,17 +424,22 @@ where
     let n = pieces * channels;
     if n > 0 {
         let (count, dim) = elemwise(&client, n);
-        conv_grad_weight_kernel::launch::<R>(
+        conv_backward_kernel::launch::<R>(
             &client,
             count,
             dim,
             x.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            bias.map(|t| t.into_tensor_arg()).into(),
             init.map(|t| t.into_tensor_arg()).into(),
-            g.into_tensor_arg(),
+            dy.into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            dinit.clone().into_tensor_arg(),
             dw_part.clone().into_tensor_arg(),
             db_part.clone().into_tensor_arg(),
-            WGRAD_CHUNK,
-            [dtype.into(), g_dtype.into()],
+            silu,
+            width,
+            dtype.into(),
         );
     }
     let dweight: BTensor<CubeBackend<R, F, I, BT>, 3> = wrap(dw_part);
