@@ -22,8 +22,8 @@
 #![allow(clippy::manual_div_ceil)]
 
 use super::tile::{
-    load_slab, mma_slab, scale_slab_k, slab_k, slab_r, tile_col, tile_row, zero_acc, KT, PITCH,
-    SLAB, THREADS, TILE,
+    contract, fetch_slab, mma_slab, slab_k, slab_v, store_slab, tile_col, tile_row, zero_acc, KT,
+    SLAB, THREADS, TILE, V4,
 };
 use super::{elemwise, prim, wrap};
 use burn::tensor::backend::Backend;
@@ -168,37 +168,26 @@ fn ssd_state_tile_kernel<F: Float>(
     }
     sync_cube();
 
-    let mut a_s = SharedMemory::<f32>::new(SLAB);
-    let mut b_s = SharedMemory::<f32>::new(SLAB);
+    let mut a_s = SharedMemory::<V4>::new(SLAB);
+    let mut b_s = SharedMemory::<V4>::new(SLAB);
     let mut acc = zero_acc();
     let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
     let ybase = b * ym.stride(0) + t0 * ym.stride(1) + g * ym.stride(2) + n0 * ym.stride(3);
-    for s in 0..(qlim + KT - 1) / KT {
+    // The slab loop of `contract`, with x scaled by `dt_s[k]` on its way to shared memory.
+    let nk = (qlim + KT - 1) / KT;
+    let (xs1, xs3, ys1, ys3) = (xin.stride(1), xin.stride(3), ym.stride(1), ym.stride(3));
+    let mut av = fetch_slab::<F>(xin, xbase, xs1, xs3, 0, qlim, head_dim - p0, false);
+    let mut bv = fetch_slab::<F>(ym, ybase, ys1, ys3, 0, qlim, dstate - n0, false);
+    for s in 0..nk {
         let k0 = s * KT;
-        load_slab::<F>(
-            xin,
-            xbase,
-            xin.stride(1),
-            xin.stride(3),
-            k0,
-            qlim,
-            head_dim - p0,
-            &mut a_s,
-            false,
-        );
-        scale_slab_k(&mut a_s, &dt_s, k0, false);
-        load_slab::<F>(
-            ym,
-            ybase,
-            ym.stride(1),
-            ym.stride(3),
-            k0,
-            qlim,
-            dstate - n0,
-            &mut b_s,
-            false,
-        );
+        store_slab(&mut a_s, av * V4::new(dt_s[k0 + slab_k(false)]), false);
+        store_slab(&mut b_s, bv, false);
         sync_cube();
+        if s + 1 < nk {
+            let k1 = k0 + KT;
+            av = fetch_slab::<F>(xin, xbase, xs1, xs3, k1, qlim, head_dim - p0, false);
+            bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k1, qlim, dstate - n0, false);
+        }
         mma_slab(&a_s, &b_s, &mut acc);
         sync_cube();
     }
@@ -291,39 +280,29 @@ fn ssd_cb_tile_kernel<F: Float>(
     let t0 = c * TILE;
     let qlim = chunk_len(seqlen, t0);
 
-    let mut a_s = SharedMemory::<f32>::new(SLAB);
-    let mut b_s = SharedMemory::<f32>::new(SLAB);
+    let mut a_s = SharedMemory::<V4>::new(SLAB);
+    let mut b_s = SharedMemory::<V4>::new(SLAB);
     let mut acc = zero_acc();
     let cbase = b * cm.stride(0) + t0 * cm.stride(1) + g * cm.stride(2);
     let bbase = b * bm.stride(0) + t0 * bm.stride(1) + g * bm.stride(2);
-    for s in 0..(dstate + KT - 1) / KT {
-        let k0 = s * KT;
-        load_slab::<F>(
-            cm,
-            cbase,
-            cm.stride(3),
-            cm.stride(1),
-            k0,
-            dstate,
-            qlim,
-            &mut a_s,
-            true,
-        );
-        load_slab::<F>(
-            bm,
-            bbase,
-            bm.stride(3),
-            bm.stride(1),
-            k0,
-            dstate,
-            qlim,
-            &mut b_s,
-            true,
-        );
-        sync_cube();
-        mma_slab(&a_s, &b_s, &mut acc);
-        sync_cube();
-    }
+    contract::<F, F>(
+        cm,
+        cbase,
+        cm.stride(3),
+        cm.stride(1),
+        qlim,
+        bm,
+        bbase,
+        bm.stride(3),
+        bm.stride(1),
+        qlim,
+        dstate,
+        &mut a_s,
+        &mut b_s,
+        &mut acc,
+        true,
+        true,
+    );
     let obase = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2);
     #[unroll]
     for i in 0..4usize {
@@ -334,41 +313,65 @@ fn ssd_cb_tile_kernel<F: Float>(
     }
 }
 
-/// Stages slab `k0 .. k0 + KT` of the mixing matrix `M[i, j] = CB[i, j] exp(cs_i − cs_j) dt_j`
-/// (`j ≤ i < qlim`, else 0) as the left operand of `M · x` (slab row `r = i`, `k = j`) or, when
-/// `transposed`, of `Mᵀ · dy` (`r = j`, `k = i`).
+/// Position pair `(i, j)` of lane `e` of this thread's vector of the mixing-matrix slab at `k0`:
+/// slab row `r = i`, `k = j` for `M · x`, or, when `transposed`, `r = j`, `k = i` for `Mᵀ · dy`.
 #[cube]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn load_mix(
+fn mix_pos(k0: usize, e: usize, #[comptime] transposed: bool) -> (usize, usize) {
+    let k_contig = comptime!(!transposed);
+    let r = slab_v(k_contig) * 4 + e;
+    let kk = k0 + slab_k(k_contig);
+    let mut i = r;
+    let mut j = kk;
+    if transposed {
+        i = kk;
+        j = r;
+    }
+    (i, j)
+}
+
+/// This thread's vector of slab `k0 .. k0 + KT` of `CB` as the mixing matrix's operand (see
+/// [`mix_pos`]), zero outside `j ≤ i < qlim`: the global part of staging `M`, fetched a slab
+/// ahead like [`fetch_slab`].
+#[cube]
+fn fetch_cb(
     cb: &Tensor<f32>,
     base: usize,
+    k0: usize,
+    qlim: usize,
+    #[comptime] transposed: bool,
+) -> V4 {
+    let mut vec = V4::empty();
+    #[unroll]
+    for e in 0..4usize {
+        let (i, j) = mix_pos(k0, e, transposed);
+        let mut m = 0.0f32;
+        if i < qlim && j <= i {
+            m = cb[base + i * cb.stride(3) + j * cb.stride(4)];
+        }
+        vec[e] = m;
+    }
+    vec
+}
+
+/// `M[i, j] = CB[i, j] exp(cs_i − cs_j) dt_j` from [`fetch_cb`]'s vector (zero stays zero: the
+/// decay is only evaluated for `j ≤ i`, where it cannot overflow).
+#[cube]
+fn mix_scale(
+    v: V4,
     cs_s: &SharedMemory<f32>,
     dt_s: &SharedMemory<f32>,
     k0: usize,
-    qlim: usize,
-    smem: &mut SharedMemory<f32>,
     #[comptime] transposed: bool,
-) {
-    let k_contig = comptime!(!transposed);
+) -> V4 {
+    let mut out = v;
     #[unroll]
     for e in 0..4usize {
-        let k = slab_k(e, k_contig);
-        let r = slab_r(e, k_contig);
-        let kk = k0 + k;
-        let mut i = r;
-        let mut j = kk;
-        if transposed {
-            i = kk;
-            j = r;
+        let (i, j) = mix_pos(k0, e, transposed);
+        if j <= i {
+            out[e] = v[e] * (cs_s[i] - cs_s[j]).exp() * dt_s[j];
         }
-        let mut v = 0.0f32;
-        if i < qlim && j <= i {
-            v = cb[base + i * cb.stride(3) + j * cb.stride(4)]
-                * (cs_s[i] - cs_s[j]).exp()
-                * dt_s[j];
-        }
-        smem[k * PITCH + r] = v;
     }
+    out
 }
 
 /// Kernel 5 (and the backward's `dx`), one cube per `(b·chunk, h, 64 columns of p)`:
@@ -416,41 +419,31 @@ fn ssd_scan_tile_kernel<F: Float>(
     }
     sync_cube();
 
-    let mut a_s = SharedMemory::<f32>::new(SLAB);
-    let mut b_s = SharedMemory::<f32>::new(SLAB);
+    let mut a_s = SharedMemory::<V4>::new(SLAB);
+    let mut b_s = SharedMemory::<V4>::new(SLAB);
     let mut acc = zero_acc();
 
     // Through the state: K = n.
     let ubase = b * um.stride(0) + t0 * um.stride(1) + g * um.stride(2);
     let sbase = b * st.stride(0) + c * st.stride(1) + h * st.stride(2) + p0 * st.stride(3);
-    for s in 0..(dstate + KT - 1) / KT {
-        let k0 = s * KT;
-        load_slab::<F>(
-            um,
-            ubase,
-            um.stride(3),
-            um.stride(1),
-            k0,
-            dstate,
-            qlim,
-            &mut a_s,
-            true,
-        );
-        load_slab::<f32>(
-            st,
-            sbase,
-            st.stride(4),
-            st.stride(3),
-            k0,
-            dstate,
-            head_dim - p0,
-            &mut b_s,
-            true,
-        );
-        sync_cube();
-        mma_slab(&a_s, &b_s, &mut acc);
-        sync_cube();
-    }
+    contract::<F, f32>(
+        um,
+        ubase,
+        um.stride(3),
+        um.stride(1),
+        qlim,
+        st,
+        sbase,
+        st.stride(4),
+        st.stride(3),
+        head_dim - p0,
+        dstate,
+        &mut a_s,
+        &mut b_s,
+        &mut acc,
+        true,
+        true,
+    );
     #[unroll]
     for i in 0..4usize {
         let sc = rs_s[tile_row(i)];
@@ -463,21 +456,25 @@ fn ssd_scan_tile_kernel<F: Float>(
     // Within the chunk: K = positions.
     let cbbase = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2);
     let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
-    for s in 0..(qlim + KT - 1) / KT {
+    // The slab loop of `contract`, the left operand being M (staged from CB, `cs` and `dt`).
+    let nk = (qlim + KT - 1) / KT;
+    let (xs1, xs3) = (xin.stride(1), xin.stride(3));
+    let mut av = fetch_cb(cb, cbbase, 0, qlim, transposed);
+    let mut bv = fetch_slab::<F>(xin, xbase, xs1, xs3, 0, qlim, head_dim - p0, false);
+    for s in 0..nk {
         let k0 = s * KT;
-        load_mix(cb, cbbase, &cs_s, &dt_s, k0, qlim, &mut a_s, transposed);
-        load_slab::<F>(
-            xin,
-            xbase,
-            xin.stride(1),
-            xin.stride(3),
-            k0,
-            qlim,
-            head_dim - p0,
-            &mut b_s,
-            false,
+        store_slab(
+            &mut a_s,
+            mix_scale(av, &cs_s, &dt_s, k0, transposed),
+            comptime!(!transposed),
         );
+        store_slab(&mut b_s, bv, false);
         sync_cube();
+        if s + 1 < nk {
+            let k1 = k0 + KT;
+            av = fetch_cb(cb, cbbase, k1, qlim, transposed);
+            bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k1, qlim, head_dim - p0, false);
+        }
         mma_slab(&a_s, &b_s, &mut acc);
         sync_cube();
     }

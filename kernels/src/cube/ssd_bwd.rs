@@ -10,8 +10,9 @@
 //!    chunk's own state contribution (`dstates`), of the initial state, and of each chunk's total
 //!    decay;
 //! 3. per `(b, chunk, group)`, head by head: `W = exp(cs_i − cs_j) dy_i · x_j` (`j ≤ i`), kept
-//!    only as `Wg = Σ_h W_h dt_h[j]` (what `dB` and `dC` read) and as the two sums over `CB ∘ W`
-//!    that the gradient of `cs` needs (`Σ_j CB[q, j] dt_j W[q, j]`, `Σ_i CB[i, q] W[i, q]`);
+//!    only as `Wg = Σ_h W_h dt_h[j]` (what `dB` and `dC` read), as the two sums over `CB ∘ W`
+//!    that the gradient of `cs` needs (`Σ_j CB[q, j] dt_j W[q, j]`, `Σ_i CB[i, q] W[i, q]`), and
+//!    as its diagonal `dy_q · x_q`, whose sum is `D`'s gradient;
 //! 4. `dx = exp(L − cs) dt ∘ (B · dstatesᵀ) + Mᵀ · dy + D dy` (the forward's chunk-scan kernel,
 //!    transposed);
 //! 5. `dC = Σ_h exp(cs) ∘ (dy_h · prev_h) + Wg · B` and `dB = Σ_h exp(L − cs) dt ∘
@@ -37,15 +38,20 @@ use super::ssd::{
     chunk_len, empty_like_device, kernels_apply, parts, scan_tiles, state_tiles, tiles, Parts,
     Prims,
 };
-use super::tile::{load_slab, mma_slab, tile_col, tile_row, zero_acc, KT, SLAB, THREADS, TILE};
+use super::tile::{contract, tile_col, tile_row, zero_acc, SLAB, THREADS, TILE, V4};
 use super::{elemwise, prim, wrap};
 use crate::{SsdGrads, SsdInput};
 
-/// Kernel 2, one thread per `(b, h, p, n)`, chunks last to first. With `G` the gradient of the
-/// state leaving chunk `c` (the final state's gradient for the last chunk):
-/// `dstates_c = G`, `dlast_c = G · exp(L_c) · prev_c` (summed over `p, n` later: the gradient of
-/// `L_c`), then `G ← exp(L_c) G + dprev_loc_c`; what is left at the start is the initial
-/// state's gradient.
+/// State entries (`n`) one thread of kernel 2 carries, so that it sums its share of `dlast`
+/// before writing it.
+pub const NQ: usize = 8;
+
+/// Kernel 2, one thread per `(b, h, p, j)`, carrying the [`NQ`] state entries
+/// `n = j + e · nq` (`nq = ⌈state / NQ⌉`, so a warp reads consecutive `n`), chunks last to
+/// first. With `G` the gradient of the state leaving chunk `c` (the final state's gradient for
+/// the last chunk): `dstates_c = G`, `G ← exp(L_c) G + dprev_loc_c`; what is left at the start is
+/// the initial state's gradient. The gradient of `L_c` is `Σ_{p, n} G · exp(L_c) · prev_c`; the
+/// thread writes its share (over its entries) to `dlast[b, c, h, p · nq + j]`.
 #[cube(launch)]
 fn ssd_bwd_state_passing_kernel<F: Float>(
     dprev_loc: &Tensor<f32>, // [batch, chunks, heads, head_dim, state]
@@ -53,7 +59,7 @@ fn ssd_bwd_state_passing_kernel<F: Float>(
     da_cs: &Tensor<f32>,     // [batch, heads, chunks, chunk]
     d_final: &ComptimeOption<Tensor<F>>, // [batch, heads, head_dim, state]
     dstates: &mut Tensor<f32>, // [batch, chunks, heads, head_dim, state]
-    dlast: &mut Tensor<f32>, // [batch, chunks, heads, head_dim, state]
+    dlast: &mut Tensor<f32>, // [batch, chunks, heads, head_dim · nq]
     dinit: &mut Tensor<F>,   // [batch, heads, head_dim, state]
     #[define(F)] _dtype: StorageType,
 ) {
@@ -62,49 +68,73 @@ fn ssd_bwd_state_passing_kernel<F: Float>(
     let dstate = dinit.shape(3);
     let nchunks = prev.shape(1);
     let q_len = da_cs.shape(3);
-    if ABSOLUTE_POS >= dinit.shape(0) * heads * head_dim * dstate {
+    let nq = (dstate + NQ - 1) / NQ;
+    if ABSOLUTE_POS >= dinit.shape(0) * heads * head_dim * nq {
         terminate!();
     }
-    let n = ABSOLUTE_POS % dstate;
-    let p = (ABSOLUTE_POS / dstate) % head_dim;
-    let h = (ABSOLUTE_POS / (dstate * head_dim)) % heads;
-    let b = ABSOLUTE_POS / (dstate * head_dim * heads);
+    let j = ABSOLUTE_POS % nq;
+    let p = (ABSOLUTE_POS / nq) % head_dim;
+    let h = (ABSOLUTE_POS / (nq * head_dim)) % heads;
+    let b = ABSOLUTE_POS / (nq * head_dim * heads);
 
-    let mut g = 0.0f32;
-    #[comptime]
-    if let ComptimeOption::Some(df) = d_final {
-        g = f32::cast_from(
-            df[b * df.stride(0) + h * df.stride(1) + p * df.stride(2) + n * df.stride(3)],
-        );
+    let mut g = Array::<f32>::new(NQ);
+    #[unroll]
+    for e in 0..NQ {
+        let n = j + e * nq;
+        let mut v = 0.0f32;
+        #[comptime]
+        if let ComptimeOption::Some(df) = d_final {
+            if n < dstate {
+                v = f32::cast_from(
+                    df[b * df.stride(0) + h * df.stride(1) + p * df.stride(2) + n * df.stride(3)],
+                );
+            }
+        }
+        g[e] = v;
     }
     for k in 0..nchunks {
         let c = nchunks - 1 - k;
-        let idx = b * prev.stride(0)
-            + c * prev.stride(1)
-            + h * prev.stride(2)
-            + p * prev.stride(3)
-            + n * prev.stride(4);
-        let oidx = b * dstates.stride(0)
+        let base =
+            b * prev.stride(0) + c * prev.stride(1) + h * prev.stride(2) + p * prev.stride(3);
+        let obase = b * dstates.stride(0)
             + c * dstates.stride(1)
             + h * dstates.stride(2)
-            + p * dstates.stride(3)
-            + n * dstates.stride(4);
+            + p * dstates.stride(3);
+        let lbase = b * dprev_loc.stride(0)
+            + c * dprev_loc.stride(1)
+            + h * dprev_loc.stride(2)
+            + p * dprev_loc.stride(3);
         let decay = da_cs[b * da_cs.stride(0)
             + h * da_cs.stride(1)
             + c * da_cs.stride(2)
             + (q_len - 1) * da_cs.stride(3)]
         .exp();
-        dstates[oidx] = g;
-        dlast[oidx] = g * decay * prev[idx];
-        g = decay * g
-            + dprev_loc[b * dprev_loc.stride(0)
-                + c * dprev_loc.stride(1)
-                + h * dprev_loc.stride(2)
-                + p * dprev_loc.stride(3)
-                + n * dprev_loc.stride(4)];
+        let mut dl = 0.0f32;
+        #[unroll]
+        for e in 0..NQ {
+            let n = j + e * nq;
+            if n < dstate {
+                let ge = g[e];
+                dstates[obase + n * dstates.stride(4)] = ge;
+                dl += ge * prev[base + n * prev.stride(4)];
+                g[e] = decay * ge + dprev_loc[lbase + n * dprev_loc.stride(4)];
+            }
+        }
+        dlast[b * dlast.stride(0)
+            + c * dlast.stride(1)
+            + h * dlast.stride(2)
+            + (p * nq + j) * dlast.stride(3)] = dl * decay;
     }
-    dinit[b * dinit.stride(0) + h * dinit.stride(1) + p * dinit.stride(2) + n * dinit.stride(3)] =
-        F::cast_from(g);
+    #[unroll]
+    for e in 0..NQ {
+        let n = j + e * nq;
+        if n < dstate {
+            dinit[b * dinit.stride(0)
+                + h * dinit.stride(1)
+                + p * dinit.stride(2)
+                + n * dinit.stride(3)] = F::cast_from(g[e]);
+        }
+    }
 }
 
 /// Most heads one cube of kernels 3 and 5 takes (their `cs` and `dt` are staged at once).
@@ -171,6 +201,7 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
     wg: &mut Tensor<f32>,     // [splits, batch, chunks, groups, chunk, chunk]
     rowsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk, 16]
     colsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk, 16]
+    ddiag: &mut Tensor<f32>,  // [batch, heads, chunks, 16]
     #[define(F)] _dtype: StorageType,
 ) {
     let splits = wg.shape(0);
@@ -203,8 +234,8 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
 
     let mut cs_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * (TILE + 1)));
     let mut dt_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * TILE));
-    let mut a_s = SharedMemory::<f32>::new(SLAB);
-    let mut b_s = SharedMemory::<f32>::new(SLAB);
+    let mut a_s = SharedMemory::<V4>::new(SLAB);
+    let mut b_s = SharedMemory::<V4>::new(SLAB);
     stage_heads(dt_c, da_cs, b, c, h_lo, h_hi - h_lo, &mut cs_s, &mut dt_s);
     for h in h_lo..h_hi {
         let cso = (h - h_lo) * (TILE + 1);
@@ -212,33 +243,35 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
         let mut acc = zero_acc();
         let ybase = b * dy.stride(0) + t0 * dy.stride(1) + h * dy.stride(2);
         let xbase = b * x.stride(0) + t0 * x.stride(1) + h * x.stride(2);
-        for s in 0..(head_dim + KT - 1) / KT {
-            let k0 = s * KT;
-            load_slab::<F>(
-                dy,
-                ybase,
-                dy.stride(3),
-                dy.stride(1),
-                k0,
-                head_dim,
-                qlim,
-                &mut a_s,
-                true,
-            );
-            load_slab::<F>(
-                x,
-                xbase,
-                x.stride(3),
-                x.stride(1),
-                k0,
-                head_dim,
-                qlim,
-                &mut b_s,
-                true,
-            );
-            sync_cube();
-            mma_slab(&a_s, &b_s, &mut acc);
-            sync_cube();
+        contract::<F, F>(
+            dy,
+            ybase,
+            dy.stride(3),
+            dy.stride(1),
+            qlim,
+            x,
+            xbase,
+            x.stride(3),
+            x.stride(1),
+            qlim,
+            head_dim,
+            &mut a_s,
+            &mut b_s,
+            &mut acc,
+            true,
+            true,
+        );
+        // W's diagonal before the decay, Σ_p dy_q · x_q: shares of D's gradient.
+        if tr == tc {
+            let mut dsum = 0.0f32;
+            #[unroll]
+            for i in 0..4usize {
+                dsum += acc[i * 4 + i];
+            }
+            ddiag[b * ddiag.stride(0)
+                + h * ddiag.stride(1)
+                + c * ddiag.stride(2)
+                + tr * ddiag.stride(3)] = dsum;
         }
         let mut cpart = Array::<f32>::new(4usize);
         #[unroll]
@@ -341,8 +374,8 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
 
     let mut cs_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * (TILE + 1)));
     let mut dt_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * TILE));
-    let mut a_s = SharedMemory::<f32>::new(SLAB);
-    let mut b_s = SharedMemory::<f32>::new(SLAB);
+    let mut a_s = SharedMemory::<V4>::new(SLAB);
+    let mut b_s = SharedMemory::<V4>::new(SLAB);
     stage_heads(dt_c, da_cs, b, c, h_lo, h_hi - h_lo, &mut cs_s, &mut dt_s);
     let mut total = zero_acc();
     for h in h_lo..h_hi {
@@ -351,34 +384,24 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
         let mut acc = zero_acc();
         let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2);
         let sbase = b * st.stride(0) + c * st.stride(1) + h * st.stride(2) + n0 * st.stride(4);
-        for s in 0..(head_dim + KT - 1) / KT {
-            let k0 = s * KT;
-            load_slab::<F>(
-                xin,
-                xbase,
-                xin.stride(3),
-                xin.stride(1),
-                k0,
-                head_dim,
-                qlim,
-                &mut a_s,
-                true,
-            );
-            load_slab::<f32>(
-                st,
-                sbase,
-                st.stride(3),
-                st.stride(4),
-                k0,
-                head_dim,
-                dstate - n0,
-                &mut b_s,
-                false,
-            );
-            sync_cube();
-            mma_slab(&a_s, &b_s, &mut acc);
-            sync_cube();
-        }
+        contract::<F, f32>(
+            xin,
+            xbase,
+            xin.stride(3),
+            xin.stride(1),
+            qlim,
+            st,
+            sbase,
+            st.stride(3),
+            st.stride(4),
+            dstate - n0,
+            head_dim,
+            &mut a_s,
+            &mut b_s,
+            &mut acc,
+            true,
+            false,
+        );
         let pbase = b * part.stride(0) + h * part.stride(2) + (nt * 16 + tc) * part.stride(3);
         #[unroll]
         for i in 0..4usize {
@@ -413,34 +436,24 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
             wsk = wg.stride(3);
             wsr = wg.stride(4);
         }
-        for s in 0..(qlim + KT - 1) / KT {
-            let k0 = s * KT;
-            load_slab::<f32>(
-                wg,
-                wbase,
-                wsk,
-                wsr,
-                k0,
-                qlim,
-                qlim,
-                &mut a_s,
-                comptime!(!for_b),
-            );
-            load_slab::<F>(
-                vm,
-                vbase,
-                vm.stride(1),
-                vm.stride(3),
-                k0,
-                qlim,
-                dstate - n0,
-                &mut b_s,
-                false,
-            );
-            sync_cube();
-            mma_slab(&a_s, &b_s, &mut total);
-            sync_cube();
-        }
+        contract::<f32, F>(
+            wg,
+            wbase,
+            wsk,
+            wsr,
+            qlim,
+            vm,
+            vbase,
+            vm.stride(1),
+            vm.stride(3),
+            dstate - n0,
+            qlim,
+            &mut a_s,
+            &mut b_s,
+            &mut total,
+            comptime!(!for_b),
+            false,
+        );
     }
 
     let obase = split * out.stride(0) + b * out.stride(1) + t0 * out.stride(2) + g * out.stride(3);
@@ -592,7 +605,6 @@ where
     }
     type T<R, F, I, BT, const D: usize> = BTensor<CubeBackend<R, F, I, BT>, D>;
     let has_init = input.initial_state.is_some();
-    let x_t: T<R, F, I, BT, 4> = input.x.clone();
     let p = Prims::new(input);
     let [batch, seqlen, heads, head_dim, groups, dstate] = p.dims();
     let nchunks = p.nchunks;
@@ -605,18 +617,17 @@ where
         cb,
         ..
     } = parts(&p);
-    let dy_t = dy;
-    let dy = prim(dy_t.clone());
+    let dy = prim(dy);
 
     // 1. dprev_loc
     let dprev_loc = state_tiles(&p, &dy, &p.cm, &dt_c, &da_cs, false);
 
     // 2. Reverse state passing.
-    let state_shape = vec![batch, nchunks, heads, head_dim, dstate];
-    let dstates = empty(state_shape.clone(), DType::F32);
-    let dlast = empty(state_shape, DType::F32);
+    let nq = dstate.div_ceil(NQ);
+    let dstates = empty(vec![batch, nchunks, heads, head_dim, dstate], DType::F32);
+    let dlast = empty(vec![batch, nchunks, heads, head_dim * nq], DType::F32);
     let dinit = empty(vec![batch, heads, head_dim, dstate], dtype);
-    let n = batch * heads * head_dim * dstate;
+    let n = batch * heads * head_dim * nq;
     if n > 0 {
         let (count, dim) = elemwise(&client, n);
         ssd_bwd_state_passing_kernel::launch::<R>(
@@ -634,8 +645,8 @@ where
         );
     }
     // Σ_{p, n}: [batch, chunks, heads]
-    let dlast: T<R, F, I, BT, 5> = wrap(dlast);
-    let dlast = prim(dlast.sum_dim(4).sum_dim(3).reshape([batch, nchunks, heads]));
+    let dlast: T<R, F, I, BT, 4> = wrap(dlast);
+    let dlast = prim(dlast.sum_dim(3).reshape([batch, nchunks, heads]));
 
     // 3. Wg and the two CB ∘ W sums.
     let splits = head_splits(&client, batch * nchunks * groups, heads / groups);
@@ -643,6 +654,7 @@ where
     let wg_parts = empty(vec![splits, batch, nchunks, groups, TILE, TILE], DType::F32);
     let rowsum = empty(pos_shape.clone(), DType::F32);
     let colsum = empty(pos_shape, DType::F32);
+    let ddiag = empty(vec![batch, heads, nchunks, 16], DType::F32);
     if batch * groups > 0 {
         let (count, dim) = tiles(batch * nchunks, groups, splits);
         ssd_bwd_w_tile_kernel::launch::<R>(
@@ -657,6 +669,7 @@ where
             wg_parts.clone().into_tensor_arg(),
             rowsum.clone().into_tensor_arg(),
             colsum.clone().into_tensor_arg(),
+            ddiag.clone().into_tensor_arg(),
             dtype.into(),
         );
     }
@@ -752,11 +765,8 @@ where
         let t: T<R, F, I, BT, 3> = wrap(t);
         t.sum_dim(2).sum_dim(0).reshape([heads]).cast(dtype)
     };
-    let dd: T<R, F, I, BT, 1> = (dy_t * x_t)
-        .sum_dim(3)
-        .sum_dim(1)
-        .sum_dim(0)
-        .reshape([heads]);
+    let ddiag: T<R, F, I, BT, 4> = wrap(ddiag);
+    let dd = per_head(prim(ddiag.sum_dim(3).reshape([batch, heads, nchunks])));
     SsdGrads {
         x: wrap(dx),
         dt: wrap(ddt_raw),

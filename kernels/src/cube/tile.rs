@@ -2,14 +2,23 @@
 //! [`TILE`] × [`TILE`] output tile, each thread a 4 × 4 block of it, reading `K` in slabs of
 //! [`KT`] staged in shared memory.
 //!
-//! Thread `u` (`UNIT_POS`) owns rows `u / 16 + 16 a` and columns `u % 16 + 16 b` (`a, b < 4`),
-//! so a warp reads consecutive shared addresses and writes consecutive output columns. A slab
-//! holds `K`-index `k` and row `r` at `k * PITCH + r`; the pitch of `TILE + 1` keeps a
-//! `K`-contiguous load (consecutive threads on consecutive `k`) free of bank conflicts.
+//! Thread `u` (`UNIT_POS`) owns rows `4 (u / 16) + a` and columns `4 (u % 16) + b` (`a, b < 4`).
+//! A slab holds `K`-index `k` and rows `4 v .. 4 v + 4` as one 4-vector at `k * PITCH4 + v`, so
+//! per `k` a thread reads its four rows of the left operand and its four columns of the right one
+//! with two 128-bit shared loads, against 16 FMAs (a scalar layout needs eight loads). The
+//! pitch of [`PITCH4`] = 17 vectors (68 floats) keeps
+//! both the vector reads and the loader's stores free of bank conflicts, whichever index of the
+//! global operand is contiguous.
 //!
-//! Operands are read straight from strided global tensors ([`load_slab`]): `base` plus
+//! Operands are read straight from strided global tensors ([`fetch_slab`]): `base` plus
 //! `k * sk + r * sr`, zero outside `k < klim` and `r < rlim`, so ragged edges (a sequence that
 //! ends inside a chunk, a head size that is not a multiple of the tile) need no padding copies.
+//! Each thread loads exactly one 4-vector of each slab, one slab ahead: [`contract`] fetches
+//! slab `s + 1` into registers before multiplying slab `s`, so global latency overlaps the
+//! arithmetic.
+
+// Kernel code spells ceil-division out: `usize::div_ceil` is not a cube function.
+#![allow(clippy::manual_div_ceil)]
 
 use cubecl::prelude::*;
 
@@ -17,53 +26,59 @@ use cubecl::prelude::*;
 pub const TILE: usize = 64;
 /// `K` per shared-memory slab.
 pub const KT: usize = 16;
-/// Row pitch of a slab in shared memory.
-pub const PITCH: usize = TILE + 1;
+/// Row pitch of a slab in shared memory, in 4-vectors (`TILE / 4` plus one of padding).
+pub const PITCH4: usize = TILE / 4 + 1;
 /// Threads per cube (16 × 16, each owning 4 × 4 outputs).
 pub const THREADS: u32 = 256;
-/// Floats of one slab.
-pub const SLAB: usize = KT * PITCH;
+/// 4-vectors of one slab.
+pub const SLAB: usize = KT * PITCH4;
+
+/// Four f32 lanes: one shared-memory slab entry.
+pub type V4 = Vector<f32, Const<4>>;
 
 /// Row of a thread's `a`-th output row within the tile.
 #[cube]
 pub fn tile_row(a: usize) -> usize {
-    UNIT_POS as usize / 16 + 16 * a
+    (UNIT_POS as usize / 16) * 4 + a
 }
 
 /// Column of a thread's `b`-th output column within the tile.
 #[cube]
 pub fn tile_col(b: usize) -> usize {
-    UNIT_POS as usize % 16 + 16 * b
+    (UNIT_POS as usize % 16) * 4 + b
 }
 
-/// `K` index of the `e`-th element this thread loads into a slab.
+/// `K` index of the slab vector this thread loads: consecutive threads take consecutive `k`
+/// when `k` is the contiguous index of the global operand, else consecutive row quads.
 #[cube]
-pub fn slab_k(e: usize, #[comptime] k_contig: bool) -> usize {
-    let idx = UNIT_POS as usize + e * THREADS as usize;
-    let mut k = idx / TILE;
+pub fn slab_k(#[comptime] k_contig: bool) -> usize {
+    let u = UNIT_POS as usize;
+    let mut k = u / 16;
     if k_contig {
-        k = idx % KT;
+        k = u % KT;
     }
     k
 }
 
-/// Row index of the `e`-th element this thread loads into a slab.
+/// Row quad (rows `4 v .. 4 v + 4`) of the slab vector this thread loads.
 #[cube]
-pub fn slab_r(e: usize, #[comptime] k_contig: bool) -> usize {
-    let idx = UNIT_POS as usize + e * THREADS as usize;
-    let mut r = idx % TILE;
+pub fn slab_v(#[comptime] k_contig: bool) -> usize {
+    let u = UNIT_POS as usize;
+    let mut v = u % 16;
     if k_contig {
-        r = idx / KT;
+        v = u / KT;
     }
-    r
+    v
 }
 
-/// Loads slab `k0 .. k0 + KT` of a strided operand: `smem[k][r] = g[base + (k0 + k) sk + r sr]`
-/// as f32, zero where `k0 + k >= klim` or `r >= rlim`. `k_contig` says which index is
-/// contiguous in memory, so that consecutive threads read consecutive addresses.
+/// The vector of slab `k0 .. k0 + KT` of a strided operand this thread loads: lane `i` is row
+/// `r = 4 v + i` at index `k` (`slab_k`, `slab_v`), `g[base + (k0 + k) sk + r sr]` as f32, zero
+/// where `k0 + k >= klim` or `r >= rlim`. `k_contig` says which index is contiguous in memory,
+/// so that consecutive threads read consecutive addresses. Kept in registers until
+/// [`store_slab`], so the next slab's loads are in flight while the current one is multiplied.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn load_slab<F: Float>(
+pub fn fetch_slab<F: Float>(
     g: &Tensor<F>,
     base: usize,
     sk: usize,
@@ -71,51 +86,38 @@ pub fn load_slab<F: Float>(
     k0: usize,
     klim: usize,
     rlim: usize,
-    smem: &mut SharedMemory<f32>,
     #[comptime] k_contig: bool,
-) {
+) -> V4 {
+    let k = slab_k(k_contig);
+    let v = slab_v(k_contig);
+    let mut vec = V4::empty();
     #[unroll]
-    for e in 0..4usize {
-        let k = slab_k(e, k_contig);
-        let r = slab_r(e, k_contig);
-        let mut v = 0.0f32;
+    for i in 0..4usize {
+        let r = v * 4 + i;
+        let mut x = 0.0f32;
         if k0 + k < klim && r < rlim {
-            v = f32::cast_from(g[base + (k0 + k) * sk + r * sr]);
+            x = f32::cast_from(g[base + (k0 + k) * sk + r * sr]);
         }
-        smem[k * PITCH + r] = v;
+        vec[i] = x;
     }
+    vec
 }
 
-/// Multiplies the elements this thread loaded by [`load_slab`] by `scale[k0 + k]`.
+/// Stores this thread's vector of a slab (from [`fetch_slab`]) in shared memory.
 #[cube]
-pub fn scale_slab_k(
-    smem: &mut SharedMemory<f32>,
-    scale: &SharedMemory<f32>,
-    k0: usize,
-    #[comptime] k_contig: bool,
-) {
-    #[unroll]
-    for e in 0..4usize {
-        let k = slab_k(e, k_contig);
-        let r = slab_r(e, k_contig);
-        smem[k * PITCH + r] *= scale[k0 + k];
-    }
+pub fn store_slab(smem: &mut SharedMemory<V4>, vec: V4, #[comptime] k_contig: bool) {
+    smem[slab_k(k_contig) * PITCH4 + slab_v(k_contig)] = vec;
 }
 
 /// `acc[a][b] += Σ_k a_s[k][row a] · b_s[k][col b]` over one slab.
 #[cube]
-pub fn mma_slab(a_s: &SharedMemory<f32>, b_s: &SharedMemory<f32>, acc: &mut Array<f32>) {
+pub fn mma_slab(a_s: &SharedMemory<V4>, b_s: &SharedMemory<V4>, acc: &mut Array<f32>) {
     let tr = UNIT_POS as usize / 16;
     let tc = UNIT_POS as usize % 16;
     #[unroll]
     for k in 0..KT {
-        let mut av = Array::<f32>::new(4usize);
-        let mut bv = Array::<f32>::new(4usize);
-        #[unroll]
-        for i in 0..4usize {
-            av[i] = a_s[k * PITCH + tr + 16 * i];
-            bv[i] = b_s[k * PITCH + tc + 16 * i];
-        }
+        let av = a_s[k * PITCH4 + tr];
+        let bv = b_s[k * PITCH4 + tc];
         #[unroll]
         for i in 0..4usize {
             #[unroll]
@@ -135,4 +137,45 @@ pub fn zero_acc() -> Array<f32> {
         acc[i] = 0.0f32;
     }
     acc
+}
+
+/// `acc[a][b] += Σ_{k < klim} A[k][row a] · B[k][col b]` for two strided operands read through
+/// [`fetch_slab`] (`A[k][r] = a[abase + k ask + r asr]`, zero for `r >= arlim`; `B` likewise):
+/// the slab loop of every plain tiled contraction, with the next slab fetched into registers
+/// while the current one is multiplied.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn contract<FA: Float, FB: Float>(
+    a: &Tensor<FA>,
+    abase: usize,
+    ask: usize,
+    asr: usize,
+    arlim: usize,
+    b: &Tensor<FB>,
+    bbase: usize,
+    bsk: usize,
+    bsr: usize,
+    brlim: usize,
+    klim: usize,
+    a_s: &mut SharedMemory<V4>,
+    b_s: &mut SharedMemory<V4>,
+    acc: &mut Array<f32>,
+    #[comptime] a_kc: bool,
+    #[comptime] b_kc: bool,
+) {
+    let nk = (klim + KT - 1) / KT;
+    let mut av = fetch_slab::<FA>(a, abase, ask, asr, 0, klim, arlim, a_kc);
+    let mut bv = fetch_slab::<FB>(b, bbase, bsk, bsr, 0, klim, brlim, b_kc);
+    for s in 0..nk {
+        store_slab(a_s, av, a_kc);
+        store_slab(b_s, bv, b_kc);
+        sync_cube();
+        if s + 1 < nk {
+            let k1 = (s + 1) * KT;
+            av = fetch_slab::<FA>(a, abase, ask, asr, k1, klim, arlim, a_kc);
+            bv = fetch_slab::<FB>(b, bbase, bsk, bsr, k1, klim, brlim, b_kc);
+        }
+        mma_slab(a_s, b_s, acc);
+        sync_cube();
+    }
 }
