@@ -174,20 +174,14 @@ fn ssd_state_tile_kernel<F: Float>(
     let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
     let ybase = b * ym.stride(0) + t0 * ym.stride(1) + g * ym.stride(2) + n0 * ym.stride(3);
     // The slab loop of `contract`, with x scaled by `dt_s[k]` on its way to shared memory.
-    let nk = (qlim + KT - 1) / KT;
     let (xs1, xs3, ys1, ys3) = (xin.stride(1), xin.stride(3), ym.stride(1), ym.stride(3));
-    let mut av = fetch_slab::<F>(xin, xbase, xs1, xs3, 0, qlim, head_dim - p0, false);
-    let mut bv = fetch_slab::<F>(ym, ybase, ys1, ys3, 0, qlim, dstate - n0, false);
-    for s in 0..nk {
+    for s in 0..(qlim + KT - 1) / KT {
         let k0 = s * KT;
+        let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
+        let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
         store_slab(&mut a_s, av * V4::new(dt_s[k0 + slab_k(false)]), false);
         store_slab(&mut b_s, bv, false);
         sync_cube();
-        if s + 1 < nk {
-            let k1 = k0 + KT;
-            av = fetch_slab::<F>(xin, xbase, xs1, xs3, k1, qlim, head_dim - p0, false);
-            bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k1, qlim, dstate - n0, false);
-        }
         mma_slab(&a_s, &b_s, &mut acc);
         sync_cube();
     }
@@ -330,8 +324,7 @@ fn mix_pos(k0: usize, e: usize, #[comptime] transposed: bool) -> (usize, usize) 
 }
 
 /// This thread's vector of slab `k0 .. k0 + KT` of `CB` as the mixing matrix's operand (see
-/// [`mix_pos`]), zero outside `j ≤ i < qlim`: the global part of staging `M`, fetched a slab
-/// ahead like [`fetch_slab`].
+/// [`mix_pos`]), zero outside `j ≤ i < qlim`: the global part of staging `M`.
 #[cube]
 fn fetch_cb(
     cb: &Tensor<f32>,
@@ -457,12 +450,11 @@ fn ssd_scan_tile_kernel<F: Float>(
     let cbbase = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2);
     let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
     // The slab loop of `contract`, the left operand being M (staged from CB, `cs` and `dt`).
-    let nk = (qlim + KT - 1) / KT;
     let (xs1, xs3) = (xin.stride(1), xin.stride(3));
-    let mut av = fetch_cb(cb, cbbase, 0, qlim, transposed);
-    let mut bv = fetch_slab::<F>(xin, xbase, xs1, xs3, 0, qlim, head_dim - p0, false);
-    for s in 0..nk {
+    for s in 0..(qlim + KT - 1) / KT {
         let k0 = s * KT;
+        let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
+        let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
         store_slab(
             &mut a_s,
             mix_scale(av, &cs_s, &dt_s, k0, transposed),
@@ -470,11 +462,6 @@ fn ssd_scan_tile_kernel<F: Float>(
         );
         store_slab(&mut b_s, bv, false);
         sync_cube();
-        if s + 1 < nk {
-            let k1 = k0 + KT;
-            av = fetch_cb(cb, cbbase, k1, qlim, transposed);
-            bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k1, qlim, head_dim - p0, false);
-        }
         mma_slab(&a_s, &b_s, &mut acc);
         sync_cube();
     }

@@ -13,9 +13,9 @@
 //! Operands are read straight from strided global tensors ([`fetch_slab`]): `base` plus
 //! `k * sk + r * sr`, zero outside `k < klim` and `r < rlim`, so ragged edges (a sequence that
 //! ends inside a chunk, a head size that is not a multiple of the tile) need no padding copies.
-//! Each thread loads exactly one 4-vector of each slab, one slab ahead: [`contract`] fetches
-//! slab `s + 1` into registers before multiplying slab `s`, so global latency overlaps the
-//! arithmetic.
+//! Each thread loads exactly one 4-vector of each slab. (Fetching the next slab into registers
+//! while multiplying the current one was tried: on the H100 it made no kernel faster and the
+//! per-head W kernel 2.3× slower, from register pressure.)
 
 // Kernel code spells ceil-division out: `usize::div_ceil` is not a cube function.
 #![allow(clippy::manual_div_ceil)]
@@ -74,8 +74,7 @@ pub fn slab_v(#[comptime] k_contig: bool) -> usize {
 /// The vector of slab `k0 .. k0 + KT` of a strided operand this thread loads: lane `i` is row
 /// `r = 4 v + i` at index `k` (`slab_k`, `slab_v`), `g[base + (k0 + k) sk + r sr]` as f32, zero
 /// where `k0 + k >= klim` or `r >= rlim`. `k_contig` says which index is contiguous in memory,
-/// so that consecutive threads read consecutive addresses. Kept in registers until
-/// [`store_slab`], so the next slab's loads are in flight while the current one is multiplied.
+/// so that consecutive threads read consecutive addresses.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn fetch_slab<F: Float>(
@@ -141,8 +140,7 @@ pub fn zero_acc() -> Array<f32> {
 
 /// `acc[a][b] += Σ_{k < klim} A[k][row a] · B[k][col b]` for two strided operands read through
 /// [`fetch_slab`] (`A[k][r] = a[abase + k ask + r asr]`, zero for `r >= arlim`; `B` likewise):
-/// the slab loop of every plain tiled contraction, with the next slab fetched into registers
-/// while the current one is multiplied.
+/// the slab loop of every plain tiled contraction.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn contract<FA: Float, FB: Float>(
@@ -163,18 +161,19 @@ pub fn contract<FA: Float, FB: Float>(
     #[comptime] a_kc: bool,
     #[comptime] b_kc: bool,
 ) {
-    let nk = (klim + KT - 1) / KT;
-    let mut av = fetch_slab::<FA>(a, abase, ask, asr, 0, klim, arlim, a_kc);
-    let mut bv = fetch_slab::<FB>(b, bbase, bsk, bsr, 0, klim, brlim, b_kc);
-    for s in 0..nk {
-        store_slab(a_s, av, a_kc);
-        store_slab(b_s, bv, b_kc);
+    for s in 0..(klim + KT - 1) / KT {
+        let k0 = s * KT;
+        store_slab(
+            a_s,
+            fetch_slab::<FA>(a, abase, ask, asr, k0, klim, arlim, a_kc),
+            a_kc,
+        );
+        store_slab(
+            b_s,
+            fetch_slab::<FB>(b, bbase, bsk, bsr, k0, klim, brlim, b_kc),
+            b_kc,
+        );
         sync_cube();
-        if s + 1 < nk {
-            let k1 = (s + 1) * KT;
-            av = fetch_slab::<FA>(a, abase, ask, asr, k1, klim, arlim, a_kc);
-            bv = fetch_slab::<FB>(b, bbase, bsk, bsr, k1, klim, brlim, b_kc);
-        }
         mma_slab(a_s, b_s, acc);
         sync_cube();
     }
