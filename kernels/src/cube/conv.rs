@@ -11,6 +11,9 @@
 //! `[batch, seq + width - 1, channels]`: `y[t] = sum_k w[k] * ext[t + k]` and the final state is
 //! the last `width - 1` rows of `ext`. [`ext_value`] reads `ext` without materialising it.
 
+// Kernel code spells ceil-division out: `usize::div_ceil` is not a cube function.
+#![allow(clippy::manual_div_ceil)]
+
 use super::{elemwise, prim, wrap};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Shape, Tensor as BTensor};
