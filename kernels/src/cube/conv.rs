@@ -374,6 +374,8 @@ where
     if !same_dtype(&input)
         || dy.dtype() != input.x.dtype()
         || input.weight.dims()[1] < 1
+        // The kernel's initial-state gradient assumes it all lies in the first block.
+        || input.weight.dims()[1] > BLOCK
         || input.x.dims()[1] == 0
     {
         return crate::reference::causal_conv1d_backward(input, dy);
