@@ -82,14 +82,19 @@ fn channel_weights<F: Float>(
 }
 
 /// `(b, block, c)` of a thread of the blocked kernels, channel fastest (`b` may be past the
-/// batch for the last cube's spare threads).
+/// batch for the last cube's spare threads), and the block's positions `t0 .. t1`.
 #[cube]
-fn block_coords(seqlen: usize, channels: usize) -> (usize, usize, usize) {
+fn block_coords(seqlen: usize, channels: usize) -> (usize, usize, usize, usize, usize) {
     let nblocks = (seqlen + BLOCK - 1) / BLOCK;
     let c = ABSOLUTE_POS % channels;
     let tb = (ABSOLUTE_POS / channels) % nblocks;
     let b = ABSOLUTE_POS / (channels * nblocks);
-    (b, tb, c)
+    let t0 = tb * BLOCK;
+    let mut t1 = t0 + BLOCK;
+    if t1 > seqlen {
+        t1 = seqlen;
+    }
+    (b, tb, c, t0, t1)
 }
 
 /// Forward: one thread per `(b, block of BLOCK positions, c)`, channel fastest. The window
@@ -108,17 +113,12 @@ fn conv_forward_kernel<F: Float>(
     let batch = y.shape(0);
     let seqlen = y.shape(1);
     let channels = y.shape(2);
-    let (b, tb, c) = block_coords(seqlen, channels);
+    let (b, _, c, t0, t1) = block_coords(seqlen, channels);
     if b >= batch {
         terminate!();
     }
     let wm1 = comptime!(width - 1);
     let wm1r = width.runtime() - 1;
-    let t0 = tb * BLOCK;
-    let mut t1 = t0 + BLOCK;
-    if t1 > seqlen {
-        t1 = seqlen;
-    }
     let (w, bv) = channel_weights::<F>(weight, bias, c, width);
     let mut win = Array::<f32>::new(width);
     #[unroll]
@@ -190,18 +190,13 @@ fn conv_backward_kernel<F: Float>(
     let batch = dx.shape(0);
     let seqlen = dx.shape(1);
     let channels = dx.shape(2);
-    let (b, tb, c) = block_coords(seqlen, channels);
+    let (b, tb, c, t0, t1) = block_coords(seqlen, channels);
     if b >= batch {
         terminate!();
     }
     let wm1 = comptime!(width - 1);
     let wm1r = width.runtime() - 1;
     let nblocks = (seqlen + BLOCK - 1) / BLOCK;
-    let t0 = tb * BLOCK;
-    let mut t1 = t0 + BLOCK;
-    if t1 > seqlen {
-        t1 = seqlen;
-    }
     let (w, bv) = channel_weights::<F>(weight, bias, c, width);
     // win[k] = ext[u + k], gw[k] = g[u - wm1 + k] (zero before the block).
     let mut win = Array::<f32>::new(width);
