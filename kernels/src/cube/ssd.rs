@@ -126,6 +126,26 @@ fn ssd_chunk_cumsum_kernel<F: Float>(
     }
 }
 
+/// Per-position scales of a staged chunk: `rs[q] = exp(cs_q)`, or with `to_end`
+/// `exp(L − cs_q) dt_q` (the decay from position `q` to the chunk's end). Ends synced.
+#[cube]
+pub(crate) fn row_scales(
+    cs_s: &SharedMemory<f32>,
+    dt_s: &SharedMemory<f32>,
+    rs_s: &mut SharedMemory<f32>,
+    #[comptime] to_end: bool,
+) {
+    let u = UNIT_POS as usize;
+    if u < TILE {
+        let mut s = cs_s[u].exp();
+        if to_end {
+            s = (cs_s[TILE] - cs_s[u]).exp() * dt_s[u];
+        }
+        rs_s[u] = s;
+    }
+    sync_cube();
+}
+
 /// Kernel 2 (and the backward's `dprev`), one cube per `(b·chunk, h, p tile × n tile)`:
 /// `out[b, c, h, p, n] = Σ_q xin[t_q, h, p] s_q ym[t_q, g, n]` with `s_q = exp(L − cs_q) dt_q`
 /// (`to_end`: the chunk's own state, from `x` and `B`) or `s_q = exp(cs_q)` (the state gradient
@@ -157,29 +177,22 @@ fn ssd_state_tile_kernel<F: Float>(
 
     let mut cs_s = SharedMemory::<f32>::new(comptime!(TILE + 1));
     let mut dt_s = SharedMemory::<f32>::new(TILE);
+    let mut rs_s = SharedMemory::<f32>::new(TILE);
     stage_chunk(dt_c, da_cs, b, h, c, &mut cs_s, &mut dt_s);
-    let u = UNIT_POS as usize;
-    if u < TILE {
-        let mut s = cs_s[u].exp();
-        if to_end {
-            s = (cs_s[TILE] - cs_s[u]).exp() * dt_s[u];
-        }
-        dt_s[u] = s;
-    }
-    sync_cube();
+    row_scales(&cs_s, &dt_s, &mut rs_s, to_end);
 
     let mut a_s = SharedMemory::<V4>::new(SLAB);
     let mut b_s = SharedMemory::<V4>::new(SLAB);
     let mut acc = zero_acc();
     let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
     let ybase = b * ym.stride(0) + t0 * ym.stride(1) + g * ym.stride(2) + n0 * ym.stride(3);
-    // The slab loop of `contract`, with x scaled by `dt_s[k]` on its way to shared memory.
+    // The slab loop of `contract`, with x scaled by `rs_s[k]` on its way to shared memory.
     let (xs1, xs3, ys1, ys3) = (xin.stride(1), xin.stride(3), ym.stride(1), ym.stride(3));
     for s in 0..(qlim + KT - 1) / KT {
         let k0 = s * KT;
         let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
         let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
-        store_slab(&mut a_s, av * V4::new(dt_s[k0 + slab_k(false)]), false);
+        store_slab(&mut a_s, av * V4::new(rs_s[k0 + slab_k(false)]), false);
         store_slab(&mut b_s, bv, false);
         sync_cube();
         mma_slab(&a_s, &b_s, &mut acc);
@@ -402,15 +415,7 @@ fn ssd_scan_tile_kernel<F: Float>(
     let mut dt_s = SharedMemory::<f32>::new(TILE);
     let mut rs_s = SharedMemory::<f32>::new(TILE);
     stage_chunk(dt_c, da_cs, b, h, c, &mut cs_s, &mut dt_s);
-    let u = UNIT_POS as usize;
-    if u < TILE {
-        let mut s = cs_s[u].exp();
-        if transposed {
-            s = (cs_s[TILE] - cs_s[u]).exp() * dt_s[u];
-        }
-        rs_s[u] = s;
-    }
-    sync_cube();
+    row_scales(&cs_s, &dt_s, &mut rs_s, transposed);
 
     let mut a_s = SharedMemory::<V4>::new(SLAB);
     let mut b_s = SharedMemory::<V4>::new(SLAB);
