@@ -17,7 +17,7 @@ use mamba_burn::kernels::{
 
 #[path = "common/kernels.rs"]
 mod kcommon;
-use kcommon::{check, poison, random, rel_err, Cpu, Gpu, REL_TOL};
+use kcommon::{check, grad_or_zeros, poison, random, rel_err, Cpu, Gpu, Uses, REL_TOL};
 
 /// One conv case: the data, shared by every backend.
 #[derive(Debug, Clone, Copy)]
@@ -547,12 +547,14 @@ fn ssd_backward_op_matches_reference() {
     }
 }
 
-/// Outputs and input gradients of a loss through the SSD scan on `Autodiff<B>`.
+/// Outputs and input gradients of a loss through the SSD scan on `Autodiff<B>`, reading the
+/// outputs `uses` names.
 fn ssd_autodiff<B: AutodiffBackend + MambaBackend>(
     data: &SsdData,
     case: &SsdCase,
     r: &TensorData,
     r2: &TensorData,
+    uses: Uses,
     device: &B::Device,
 ) -> Named<B::InnerBackend> {
     let i = data.input::<B>(case, device);
@@ -568,23 +570,25 @@ fn ssd_autodiff<B: AutodiffBackend + MambaBackend>(
         ..i
     };
     let out = B::ssd_chunk_scan(i.clone());
-    let loss = (out.y.clone() * Tensor::from_data(r.clone(), device)).sum()
-        + (out.final_state.clone() * Tensor::from_data(r2.clone(), device)).sum();
+    let loss_y = || (out.y.clone() * Tensor::from_data(r.clone(), device)).sum();
+    let loss_s = || (out.final_state.clone() * Tensor::from_data(r2.clone(), device)).sum();
+    let loss = match uses {
+        Uses::Both => loss_y() + loss_s(),
+        Uses::Y => loss_y(),
+        Uses::FinalState => loss_s(),
+    };
     let grads = loss.backward();
-    let g = |t: &Tensor<B, 4>| t.grad(&grads).expect("a gradient");
+    let g = |t: &Tensor<B, 4>| grad_or_zeros(t, &grads);
     let mut v = vec![
         ("y", out.y.inner()),
         ("final_state", out.final_state.inner()),
         ("dx", g(&i.x)),
-        ("ddt", i.dt.grad(&grads).expect("ddt").unsqueeze()),
-        ("dA", i.a.grad(&grads).expect("dA").unsqueeze()),
+        ("ddt", grad_or_zeros(&i.dt, &grads).unsqueeze()),
+        ("dA", grad_or_zeros(&i.a, &grads).unsqueeze()),
         ("dB", g(&i.b)),
         ("dC", g(&i.c)),
-        ("dD", i.d.grad(&grads).expect("dD").unsqueeze()),
-        (
-            "ddt_bias",
-            i.dt_bias.grad(&grads).expect("ddt_bias").unsqueeze(),
-        ),
+        ("dD", grad_or_zeros(&i.d, &grads).unsqueeze()),
+        ("ddt_bias", grad_or_zeros(&i.dt_bias, &grads).unsqueeze()),
     ];
     if let Some(s) = &i.initial_state {
         v.push(("dinit", g(s)));
@@ -599,15 +603,16 @@ fn ssd_autodiff_matches_reference() {
     use_ssd_kernels();
     let gpu = Default::default();
     let cpu = Default::default();
-    for case in ssd_cases() {
+    for (k, case) in ssd_cases().into_iter().enumerate() {
         let data = SsdData::new(&case);
         let [bs, l, h, p, n] = [case.batch, case.seq, case.heads, case.head_dim, case.state];
         let r = random(&[bs, l, h, p], 1.0);
         let r2 = random(&[bs, h, p, n], 1.0);
-        let want = ssd_autodiff::<Autodiff<Cpu>>(&data, &case, &r, &r2, &cpu);
+        let uses = Uses::nth(k);
+        let want = ssd_autodiff::<Autodiff<Cpu>>(&data, &case, &r, &r2, uses, &cpu);
         poison(bs * l * h * p);
-        let got = ssd_autodiff::<Autodiff<Gpu>>(&data, &case, &r, &r2, &gpu);
-        compare_named(format!("{case:?}"), got, want);
+        let got = ssd_autodiff::<Autodiff<Gpu>>(&data, &case, &r, &r2, uses, &gpu);
+        compare_named(format!("{case:?} {uses:?}"), got, want);
     }
 }
 

@@ -3,7 +3,7 @@
 //! and fresh random data.
 
 use burn::backend::{NdArray, Wgpu};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor, TensorData};
 
 pub type Cpu = NdArray<f32>;
@@ -68,4 +68,32 @@ pub fn random(shape: &[usize], scale: f32) -> TensorData {
         &device,
     ) * scale;
     TensorData::new(t.into_data().to_vec::<f32>().unwrap(), shape.to_vec())
+}
+
+/// Which outputs of a two-output op (`y` and the final state) a test loss reads. They are two
+/// graph nodes, and a loss that reads only one of them takes its own path through the backward
+/// (the other's gradient is absent, not zero).
+#[derive(Debug, Clone, Copy)]
+pub enum Uses {
+    Both,
+    Y,
+    FinalState,
+}
+
+impl Uses {
+    /// Cycles through the three by case number, so that every kind of case meets each.
+    pub fn nth(i: usize) -> Self {
+        [Uses::Both, Uses::Y, Uses::FinalState][i % 3]
+    }
+}
+
+/// The gradient of `t`, or zeros where none reached it: with a loss that reads only the final
+/// state, the reference leaves the inputs only `y` depends on (`C`, `D`) without a gradient,
+/// while the kernel op registers zeros for them.
+pub fn grad_or_zeros<B: AutodiffBackend, const D: usize>(
+    t: &Tensor<B, D>,
+    grads: &B::Gradients,
+) -> Tensor<B::InnerBackend, D> {
+    t.grad(grads)
+        .unwrap_or_else(|| t.clone().inner().zeros_like())
 }

@@ -10,8 +10,11 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
+
+use std::sync::{Arc, Mutex};
 
 use crate::{
     ConvGrads, ConvInput, ConvOutput, MambaBackend, SelectiveScanGrads, SelectiveScanInput,
@@ -19,6 +22,13 @@ use crate::{
 };
 
 type Ad<B, C> = Autodiff<B, C>;
+
+/// An `Autodiff<B>` float primitive (whatever the checkpoint strategy): a tensor and its node.
+type AdTensor<B> = FloatTensor<Autodiff<B>>;
+
+/// The gradient of an op's second output (a final state), handed by that output's node to the
+/// op's own node. See [`SecondOutput`].
+type GradSlot<B> = Arc<Mutex<Option<FloatTensor<B>>>>;
 
 /// A decode step's two outputs (the output and the new state) on `Autodiff<B>`.
 type StepOut<B, C, const D1: usize, const D2: usize> = (Tensor<Ad<B, C>, D1>, Tensor<Ad<B, C>, D2>);
@@ -199,15 +209,75 @@ fn register<B: MambaBackend, const D: usize>(
     }
 }
 
+/// The gradient registered for the node of `ops`, or `None` where nothing reached it
+/// (`Gradients::consume` panics then). `like` is any inner tensor: only the node is looked up.
+fn take_grad<B: Backend, S, const N: usize>(
+    grads: &mut Gradients,
+    ops: &Ops<S, N>,
+    like: FloatTensor<B>,
+) -> Option<FloatTensor<B>> {
+    let key = AdTensor::<B> {
+        primitive: like,
+        node: ops.node.clone(),
+        rc: Arc::new(ops.node.id),
+    };
+    grads.remove::<B>(&key)
+}
+
+/// Backward step of an op's second output (its final state). The op's own node carries the
+/// first output; this node's one parent is that node, so it is deeper in the graph and its step
+/// runs first. It parks its gradient in the [`GradSlot`] the op's step reads, and registers
+/// nothing: the op's step takes both gradients at once.
+///
+/// This is how one op gets two outputs without packing them into one tensor: packing cost a
+/// copy of `y` in the forward and, in the backward, a zero-filled full-size gradient per
+/// `narrow` plus a copy back out (0.2–0.3 ms per SSD call at the bench shapes on an H100).
+#[derive(Debug)]
+struct SecondOutput;
+
+impl<B: Backend> Backward<B, 1> for SecondOutput {
+    type State = GradSlot<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = grads.consume::<B>(&ops.node);
+        *ops.state.lock().expect("gradient slot poisoned") = Some(g);
+    }
+}
+
+/// The op's first output `first` (already a graph node) and its second output `out`, as a node
+/// whose gradient goes to `slot` (see [`SecondOutput`]).
+fn second_output<B: Backend, C: CheckpointStrategy>(
+    first: &FloatTensor<Ad<B, C>>,
+    slot: GradSlot<B>,
+    out: FloatTensor<B>,
+) -> FloatTensor<Ad<B, C>> {
+    match SecondOutput
+        .prepare::<C>([first.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(slot, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+fn outer<B: MambaBackend, C: CheckpointStrategy, const D: usize>(
+    t: FloatTensor<Ad<B, C>>,
+) -> Tensor<Ad<B, C>, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
 /// Everything the SSD backward needs of its forward: the inner inputs and the static arguments.
 #[derive(Debug, Clone)]
 struct SsdSaved<B: MambaBackend> {
     input: SsdInput<B>,
+    /// The final state's gradient, from its [`SecondOutput`] node.
+    d_final: GradSlot<B>,
 }
 
-/// Backward step of the SSD scan. Its one output is `y` and the final state packed side by side
-/// per batch row (`[batch, seq·heads·head_dim + heads·head_dim·state]`), so that a single graph
-/// node carries both; parents are `[x, dt, a, b, c, d, dt_bias, initial_state]`.
+/// Backward step of the SSD scan. Its node carries `y`; the final state is a
+/// [`SecondOutput`] node whose gradient arrives through the saved slot. Parents are
+/// `[x, dt, a, b, c, d, dt_bias, initial_state]`.
 #[derive(Debug)]
 struct SsdBackward;
 
@@ -215,19 +285,21 @@ impl<B: MambaBackend> Backward<B, 8> for SsdBackward {
     type State = SsdSaved<B>;
 
     fn backward(self, ops: Ops<Self::State, 8>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let x_like = ops.state.input.x.clone().into_primitive().tensor();
+        let dy = take_grad::<B, _, 8>(grads, &ops, x_like);
+        let d_final = ops
+            .state
+            .d_final
+            .lock()
+            .expect("gradient slot poisoned")
+            .take();
         let [nx, ndt, na, nb, nc, nd, nbias, ns] = ops.parents.map(|n| n.map(|n| n.id));
-        let packed: Tensor<B, 2> = inner(grads.consume::<B>(&ops.node));
         let input = ops.state.input;
-        let [batch, seqlen, heads, head_dim] = input.x.dims();
-        let dstate = input.b.dims()[3];
-        let ny = seqlen * heads * head_dim;
-        let dy = packed
-            .clone()
-            .narrow(1, 0, ny)
-            .reshape([batch, seqlen, heads, head_dim]);
-        let d_final = packed
-            .narrow(1, ny, heads * head_dim * dstate)
-            .reshape([batch, heads, head_dim, dstate]);
+        // Only the final state reached the loss: y's gradient is zero.
+        let dy: Tensor<B, 4> = match dy {
+            Some(dy) => inner(dy),
+            None => input.x.zeros_like(),
+        };
         let SsdGrads {
             x,
             dt,
@@ -237,7 +309,7 @@ impl<B: MambaBackend> Backward<B, 8> for SsdBackward {
             d,
             dt_bias,
             initial_state,
-        } = B::ssd_chunk_scan_backward(input, dy, Some(d_final));
+        } = B::ssd_chunk_scan_backward(input, dy, d_final.map(inner));
         register(grads, nx, Some(x));
         register(grads, ndt, Some(dt));
         register(grads, na, Some(a));
@@ -253,7 +325,7 @@ impl<B: MambaBackend> Backward<B, 8> for SsdBackward {
 pub fn ssd_chunk_scan<B: MambaBackend, C: CheckpointStrategy>(
     input: SsdInput<Ad<B, C>>,
 ) -> SsdOutput<Ad<B, C>> {
-    let [batch, seqlen, heads, head_dim] = input.x.dims();
+    let [batch, _seqlen, heads, head_dim] = input.x.dims();
     let dstate = input.b.dims()[3];
     let device = input.x.device();
     let has_init = input.initial_state.is_some();
@@ -281,50 +353,46 @@ pub fn ssd_chunk_scan<B: MambaBackend, C: CheckpointStrategy>(
         initial_state: has_init.then(|| inner(s.primitive.clone())),
         chunk_size: input.chunk_size,
     };
-    let forward = |input: SsdInput<B>| {
-        let out = B::ssd_chunk_scan(input);
-        Tensor::cat(
-            vec![
-                out.y.reshape([batch, seqlen * heads * head_dim]),
-                out.final_state.reshape([batch, heads * head_dim * dstate]),
-            ],
-            1,
-        )
-        .into_primitive()
-        .tensor()
-    };
     let nodes = [
         x.node, dt.node, a.node, b.node, c.node, d.node, bias.node, s.node,
     ];
-    let packed = match SsdBackward.prepare::<C>(nodes).compute_bound().stateful() {
+    let slot = GradSlot::<B>::default();
+    let (y, final_state) = match SsdBackward.prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
             let saved = SsdSaved {
                 input: inner_input.clone(),
+                d_final: slot.clone(),
             };
-            prep.finish(saved, forward(inner_input))
+            let out = B::ssd_chunk_scan(inner_input);
+            (
+                prep.finish(saved, out.y.into_primitive().tensor()),
+                out.final_state.into_primitive().tensor(),
+            )
         }
-        OpsKind::UnTracked(prep) => prep.finish(forward(inner_input)),
+        OpsKind::UnTracked(prep) => {
+            let out = B::ssd_chunk_scan(inner_input);
+            (
+                prep.finish(out.y.into_primitive().tensor()),
+                out.final_state.into_primitive().tensor(),
+            )
+        }
     };
-    let packed: Tensor<Ad<B, C>, 2> = Tensor::from_primitive(TensorPrimitive::Float(packed));
-    let ny = seqlen * heads * head_dim;
+    let final_state = second_output::<B, C>(&y, slot, final_state);
     SsdOutput {
-        y: packed
-            .clone()
-            .narrow(1, 0, ny)
-            .reshape([batch, seqlen, heads, head_dim]),
-        final_state: packed
-            .narrow(1, ny, heads * head_dim * dstate)
-            .reshape([batch, heads, head_dim, dstate]),
+        y: outer(y),
+        final_state: outer(final_state),
     }
 }
 
 #[derive(Debug, Clone)]
 struct ScanSaved<B: MambaBackend> {
     input: SelectiveScanInput<B>,
+    /// The final state's gradient, from its [`SecondOutput`] node.
+    d_final: GradSlot<B>,
 }
 
-/// Backward step of the selective scan, packed as the SSD's (`y` then the final state);
-/// parents are `[u, delta, a, b, c, d, z, delta_bias, initial_state]`.
+/// Backward step of the selective scan, with `y` and the final state as the SSD's; parents are
+/// `[u, delta, a, b, c, d, z, delta_bias, initial_state]`.
 #[derive(Debug)]
 struct ScanBackward;
 
@@ -332,20 +400,22 @@ impl<B: MambaBackend> Backward<B, 9> for ScanBackward {
     type State = ScanSaved<B>;
 
     fn backward(self, ops: Ops<Self::State, 9>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let u_like = ops.state.input.u.clone().into_primitive().tensor();
+        let dy = take_grad::<B, _, 9>(grads, &ops, u_like);
+        let d_final = ops
+            .state
+            .d_final
+            .lock()
+            .expect("gradient slot poisoned")
+            .take();
         let [nu, ndelta, na, nb, nc, nd, nz, nbias, ns] = ops.parents.map(|n| n.map(|n| n.id));
-        let packed: Tensor<B, 2> = inner(grads.consume::<B>(&ops.node));
         let input = ops.state.input;
-        let [batch, seqlen, channels] = input.u.dims();
-        let dstate = input.a.dims()[1];
-        let ny = seqlen * channels;
-        let dy = packed
-            .clone()
-            .narrow(1, 0, ny)
-            .reshape([batch, seqlen, channels]);
-        let d_final = packed
-            .narrow(1, ny, channels * dstate)
-            .reshape([batch, channels, dstate]);
-        let g: SelectiveScanGrads<B> = B::selective_scan_backward(input, dy, Some(d_final));
+        // Only the final state reached the loss: y's gradient is zero.
+        let dy: Tensor<B, 3> = match dy {
+            Some(dy) => inner(dy),
+            None => input.u.zeros_like(),
+        };
+        let g: SelectiveScanGrads<B> = B::selective_scan_backward(input, dy, d_final.map(inner));
         register(grads, nu, Some(g.u));
         register(grads, ndelta, Some(g.delta));
         register(grads, na, Some(g.a));
@@ -401,40 +471,34 @@ pub fn selective_scan<B: MambaBackend, C: CheckpointStrategy>(
         delta_softplus: input.delta_softplus,
         initial_state: has_init.then(|| inner(s.primitive.clone())),
     };
-    let forward = |input: SelectiveScanInput<B>| {
-        let out = B::selective_scan(input);
-        Tensor::cat(
-            vec![
-                out.y.reshape([batch, seqlen * channels]),
-                out.final_state.reshape([batch, channels * dstate]),
-            ],
-            1,
-        )
-        .into_primitive()
-        .tensor()
-    };
     let nodes = [
         u.node, delta.node, a.node, b.node, c.node, d.node, z.node, bias.node, s.node,
     ];
-    let packed = match ScanBackward.prepare::<C>(nodes).compute_bound().stateful() {
+    let slot = GradSlot::<B>::default();
+    let (y, final_state) = match ScanBackward.prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
             let saved = ScanSaved {
                 input: inner_input.clone(),
+                d_final: slot.clone(),
             };
-            prep.finish(saved, forward(inner_input))
+            let out = B::selective_scan(inner_input);
+            (
+                prep.finish(saved, out.y.into_primitive().tensor()),
+                out.final_state.into_primitive().tensor(),
+            )
         }
-        OpsKind::UnTracked(prep) => prep.finish(forward(inner_input)),
+        OpsKind::UnTracked(prep) => {
+            let out = B::selective_scan(inner_input);
+            (
+                prep.finish(out.y.into_primitive().tensor()),
+                out.final_state.into_primitive().tensor(),
+            )
+        }
     };
-    let packed: Tensor<Ad<B, C>, 2> = Tensor::from_primitive(TensorPrimitive::Float(packed));
-    let ny = seqlen * channels;
+    let final_state = second_output::<B, C>(&y, slot, final_state);
     SelectiveScanOutput {
-        y: packed
-            .clone()
-            .narrow(1, 0, ny)
-            .reshape([batch, seqlen, channels]),
-        final_state: packed
-            .narrow(1, ny, channels * dstate)
-            .reshape([batch, channels, dstate]),
+        y: outer(y),
+        final_state: outer(final_state),
     }
 }
 
