@@ -16,6 +16,8 @@ use burn::tensor::{Tensor, TensorPrimitive};
 
 use std::sync::{Arc, Mutex};
 
+use super::prim;
+
 use crate::{
     ConvGrads, ConvInput, ConvOutput, MambaBackend, SelectiveScanGrads, SelectiveScanInput,
     SelectiveScanOutput, SsdGrads, SsdInput, SsdOutput, SsdStepInput,
@@ -231,7 +233,8 @@ fn take_grad<B: Backend, S, const N: usize>(
 ///
 /// This is how one op gets two outputs without packing them into one tensor: packing cost a
 /// copy of `y` in the forward and, in the backward, a zero-filled full-size gradient per
-/// `narrow` plus a copy back out (0.2–0.3 ms per SSD call at the bench shapes on an H100).
+/// `narrow` plus a copy back out: 0.24 / 0.45 / 0.55 ms of an SSD forward+backward at the
+/// three bench shapes on an H100.
 #[derive(Debug)]
 struct SecondOutput;
 
@@ -244,21 +247,42 @@ impl<B: Backend> Backward<B, 1> for SecondOutput {
     }
 }
 
-/// The op's first output `first` (already a graph node) and its second output `out`, as a node
-/// whose gradient goes to `slot` (see [`SecondOutput`]).
-fn second_output<B: Backend, C: CheckpointStrategy>(
-    first: &FloatTensor<Ad<B, C>>,
-    slot: GradSlot<B>,
-    out: FloatTensor<B>,
-) -> FloatTensor<Ad<B, C>> {
-    match SecondOutput
-        .prepare::<C>([first.node.clone()])
+/// Finishes a two-output op whose preparation is `kind`: `forward(input)` gives the inner
+/// outputs `(y, final_state)`; `y` becomes the op's node, saving `saved(&input, slot)` for its
+/// backward step, and the final state a [`SecondOutput`] node whose gradient goes to `slot`.
+fn finish_two<B, C, BO, S, I, const N: usize>(
+    kind: OpsKind<BO, B, S, C, N>,
+    input: I,
+    saved: impl FnOnce(&I, GradSlot<B>) -> S,
+    forward: impl FnOnce(I) -> (FloatTensor<B>, FloatTensor<B>),
+) -> (FloatTensor<Ad<B, C>>, FloatTensor<Ad<B, C>>)
+where
+    B: Backend,
+    C: CheckpointStrategy,
+    BO: Backward<B, N, State = S>,
+    S: Clone + Send + std::fmt::Debug + 'static,
+{
+    let slot = GradSlot::<B>::default();
+    let (y, last) = match kind {
+        OpsKind::Tracked(prep) => {
+            let state = saved(&input, slot.clone());
+            let (y, last) = forward(input);
+            (prep.finish(state, y), last)
+        }
+        OpsKind::UnTracked(prep) => {
+            let (y, last) = forward(input);
+            (prep.finish(y), last)
+        }
+    };
+    let last = match SecondOutput
+        .prepare::<C>([y.node.clone()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish(slot, out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
+        OpsKind::Tracked(prep) => prep.finish(slot, last),
+        OpsKind::UnTracked(prep) => prep.finish(last),
+    };
+    (y, last)
 }
 
 fn outer<B: MambaBackend, C: CheckpointStrategy, const D: usize>(
@@ -356,28 +380,18 @@ pub fn ssd_chunk_scan<B: MambaBackend, C: CheckpointStrategy>(
     let nodes = [
         x.node, dt.node, a.node, b.node, c.node, d.node, bias.node, s.node,
     ];
-    let slot = GradSlot::<B>::default();
-    let (y, final_state) = match SsdBackward.prepare::<C>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => {
-            let saved = SsdSaved {
-                input: inner_input.clone(),
-                d_final: slot.clone(),
-            };
-            let out = B::ssd_chunk_scan(inner_input);
-            (
-                prep.finish(saved, out.y.into_primitive().tensor()),
-                out.final_state.into_primitive().tensor(),
-            )
-        }
-        OpsKind::UnTracked(prep) => {
-            let out = B::ssd_chunk_scan(inner_input);
-            (
-                prep.finish(out.y.into_primitive().tensor()),
-                out.final_state.into_primitive().tensor(),
-            )
-        }
-    };
-    let final_state = second_output::<B, C>(&y, slot, final_state);
+    let (y, final_state) = finish_two(
+        SsdBackward.prepare::<C>(nodes).compute_bound().stateful(),
+        inner_input,
+        |input, d_final| SsdSaved {
+            input: input.clone(),
+            d_final,
+        },
+        |input| {
+            let out = B::ssd_chunk_scan(input);
+            (prim(out.y), prim(out.final_state))
+        },
+    );
     SsdOutput {
         y: outer(y),
         final_state: outer(final_state),
@@ -474,28 +488,18 @@ pub fn selective_scan<B: MambaBackend, C: CheckpointStrategy>(
     let nodes = [
         u.node, delta.node, a.node, b.node, c.node, d.node, z.node, bias.node, s.node,
     ];
-    let slot = GradSlot::<B>::default();
-    let (y, final_state) = match ScanBackward.prepare::<C>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => {
-            let saved = ScanSaved {
-                input: inner_input.clone(),
-                d_final: slot.clone(),
-            };
-            let out = B::selective_scan(inner_input);
-            (
-                prep.finish(saved, out.y.into_primitive().tensor()),
-                out.final_state.into_primitive().tensor(),
-            )
-        }
-        OpsKind::UnTracked(prep) => {
-            let out = B::selective_scan(inner_input);
-            (
-                prep.finish(out.y.into_primitive().tensor()),
-                out.final_state.into_primitive().tensor(),
-            )
-        }
-    };
-    let final_state = second_output::<B, C>(&y, slot, final_state);
+    let (y, final_state) = finish_two(
+        ScanBackward.prepare::<C>(nodes).compute_bound().stateful(),
+        inner_input,
+        |input, d_final| ScanSaved {
+            input: input.clone(),
+            d_final,
+        },
+        |input| {
+            let out = B::selective_scan(input);
+            (prim(out.y), prim(out.final_state))
+        },
+    );
     SelectiveScanOutput {
         y: outer(y),
         final_state: outer(final_state),
