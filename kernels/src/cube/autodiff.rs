@@ -247,6 +247,9 @@ impl<B: Backend> Backward<B, 1> for SecondOutput {
     }
 }
 
+/// An op's two outputs (`y`, final state) as `Autodiff` primitives.
+type TwoOutputs<B, C> = (FloatTensor<Ad<B, C>>, FloatTensor<Ad<B, C>>);
+
 /// Finishes a two-output op whose preparation is `kind`: `forward(input)` gives the inner
 /// outputs `(y, final_state)`; `y` becomes the op's node, saving `saved(&input, slot)` for its
 /// backward step, and the final state a [`SecondOutput`] node whose gradient goes to `slot`.
@@ -255,7 +258,7 @@ fn finish_two<B, C, BO, S, I, const N: usize>(
     input: I,
     saved: impl FnOnce(&I, GradSlot<B>) -> S,
     forward: impl FnOnce(I) -> (FloatTensor<B>, FloatTensor<B>),
-) -> (FloatTensor<Ad<B, C>>, FloatTensor<Ad<B, C>>)
+) -> TwoOutputs<B, C>
 where
     B: Backend,
     C: CheckpointStrategy,
