@@ -32,3 +32,14 @@ pub(crate) fn elemwise<R: CubeRuntime>(
     let cube_dim = CubeDim::new(client, n);
     (calculate_cube_count_elemwise(client, n, cube_dim), cube_dim)
 }
+
+/// Launch configuration for `n` independent threads in cubes of 64, for kernels with few
+/// threads that each run a long sequential loop: small cubes spread them over every
+/// multiprocessor instead of crowding a few.
+pub(crate) fn spread(n: usize) -> (CubeCount, CubeDim) {
+    const DIM: usize = 64;
+    (
+        CubeCount::Static(n.div_ceil(DIM) as u32, 1, 1),
+        CubeDim::new_1d(DIM as u32),
+    )
+}

@@ -25,7 +25,7 @@ use super::tile::{
     contract, fetch_slab, mma_slab, slab_k, slab_v, store_slab, tile_col, tile_row, zero_acc, KT,
     SLAB, THREADS, TILE, V4,
 };
-use super::{elemwise, prim, wrap};
+use super::{elemwise, prim, spread, wrap};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Shape};
 use burn_cubecl::{
@@ -35,6 +35,9 @@ use burn_cubecl::{
 use cubecl::prelude::*;
 
 use crate::{SsdInput, SsdOutput};
+
+/// Positions per unrolled run in the per-chunk sequential kernels (a divisor of [`TILE`]).
+pub(crate) const RUN: usize = 16;
 
 /// Positions of the chunk starting at `t0` that lie inside a sequence of `seqlen`.
 #[cube]
@@ -72,6 +75,28 @@ pub(crate) fn stage_chunk(
     sync_cube();
 }
 
+/// `dt` after its bias: softplus (exact to f32 past 20), then the `time_step_limit` clamp.
+#[cube]
+pub(crate) fn dt_activation(
+    v: f32,
+    dt_min: f32,
+    dt_max: f32,
+    #[comptime] clamp_min: bool,
+    #[comptime] clamp_max: bool,
+) -> f32 {
+    let mut dtv = v;
+    if v <= 20.0f32 {
+        dtv = (1.0f32 + v.exp()).ln();
+    }
+    if clamp_min && dtv < dt_min {
+        dtv = dt_min;
+    }
+    if clamp_max && dtv > dt_max {
+        dtv = dt_max;
+    }
+    dtv
+}
+
 /// Kernel 1: one thread per `(b, h, chunk)` (heads fastest, so that `dt` is read in runs),
 /// sequential over the chunk's positions.
 #[cube(launch)]
@@ -102,27 +127,33 @@ fn ssd_chunk_cumsum_kernel<F: Float>(
     let bias = f32::cast_from(dt_bias[h * dt_bias.stride(0)]);
     let base = b * dt_out.stride(0) + h * dt_out.stride(1) + c * dt_out.stride(2);
     let mut cs = 0.0f32;
-    for q in 0..q_len {
-        let t = c * q_len + q;
-        let mut dtv = 0.0f32;
-        if t < seqlen {
-            let v =
-                f32::cast_from(dt[b * dt.stride(0) + t * dt.stride(1) + h * dt.stride(2)]) + bias;
-            // softplus, exact to f32 past 20
-            dtv = v;
-            if v <= 20.0f32 {
-                dtv = (1.0f32 + v.exp()).ln();
+    // Runs of RUN positions: a run's raw dt values are loaded first, all together, then used.
+    // A rolled loop (or one that interleaves the loads with the stores, which the compiler may
+    // not reorder past them) waits for each load in turn, and with one thread per chunk that
+    // latency is the kernel's whole time.
+    let mut raw = Array::<f32>::new(RUN);
+    for r in 0..q_len / RUN {
+        #[unroll]
+        for e in 0..RUN {
+            let t = c * q_len + r * RUN + e;
+            let mut v = 0.0f32;
+            if t < seqlen {
+                v = f32::cast_from(dt[b * dt.stride(0) + t * dt.stride(1) + h * dt.stride(2)]);
             }
-            if clamp_min && dtv < dt_min {
-                dtv = dt_min;
-            }
-            if clamp_max && dtv > dt_max {
-                dtv = dt_max;
-            }
+            raw[e] = v;
         }
-        cs += dtv * a_h;
-        dt_out[base + q * dt_out.stride(3)] = dtv;
-        da_cs[base + q * da_cs.stride(3)] = cs;
+        #[unroll]
+        for e in 0..RUN {
+            let q = r * RUN + e;
+            let t = c * q_len + q;
+            let mut dtv = 0.0f32;
+            if t < seqlen {
+                dtv = dt_activation(raw[e] + bias, dt_min, dt_max, clamp_min, clamp_max);
+            }
+            cs += dtv * a_h;
+            dt_out[base + q * dt_out.stride(3)] = dtv;
+            da_cs[base + q * da_cs.stride(3)] = cs;
+        }
     }
 }
 
@@ -680,7 +711,7 @@ pub(crate) fn parts<R: CubeRuntime>(p: &Prims<R>) -> Parts<R> {
     let (lo, hi) = p.dt_limit;
     let n = batch * heads * nchunks;
     if n > 0 {
-        let (count, dim) = elemwise(&client, n);
+        let (count, dim) = spread(n);
         ssd_chunk_cumsum_kernel::launch::<R>(
             &client,
             count,

@@ -5,6 +5,7 @@
 //! the thread), every tensor indexed through its strides and every sum accumulated in f32. The
 //! new state is written to a fresh tensor (the inputs are left untouched).
 
+use super::ssd::dt_activation;
 use super::{elemwise, prim, wrap};
 use burn::tensor::{Shape, Tensor as BTensor};
 use burn_cubecl::{
@@ -108,17 +109,7 @@ fn ssd_step_kernel<F: Float>(
 
     let v = f32::cast_from(dt[b * dt.stride(0) + h * dt.stride(1)])
         + f32::cast_from(dt_bias[h * dt_bias.stride(0)]);
-    // softplus, exact to f32 past 20
-    let mut dtv = v;
-    if v <= 20.0f32 {
-        dtv = (1.0f32 + v.exp()).ln();
-    }
-    if clamp_min && dtv < dt_min {
-        dtv = dt_min;
-    }
-    if clamp_max && dtv > dt_max {
-        dtv = dt_max;
-    }
+    let dtv = dt_activation(v, dt_min, dt_max, clamp_min, clamp_max);
     let da = (dtv * f32::cast_from(a[h * a.stride(0)])).exp();
     let xv = f32::cast_from(x[b * x.stride(0) + h * x.stride(1) + p * x.stride(2)]);
     let xdt = xv * dtv;
