@@ -268,8 +268,8 @@ fn selective_scan_forward_matches_reference() {
 }
 
 /// Forward outputs and the gradients of `loss = Σ y·r + Σ final_state·r2` (the terms `uses`
-/// names) on an autodiff backend, in the order y, final_state, du, ddelta, dA, dB/dC (of the unnarrowed `bc`), dD,
-/// then dz, d delta_bias, d initial_state when present.
+/// names) on an autodiff backend, in the order y, final_state, du, ddelta, dA, dB/dC (of the
+/// unnarrowed `bc`), dD, then dz, d delta_bias, d initial_state when present.
 fn scan_autodiff<B: AutodiffBackend + MambaBackend>(
     data: &ScanData,
     uses: Uses,

@@ -36,8 +36,8 @@ use cubecl::prelude::*;
 
 use crate::{SsdInput, SsdOutput};
 
-/// Positions per unrolled run in the per-chunk sequential kernels (a divisor of [`TILE`]).
-pub(crate) const RUN: usize = 16;
+/// Positions the chunk cumsum loads at once before using them (a divisor of [`TILE`]).
+const RUN: usize = 16;
 
 /// Positions of the chunk starting at `t0` that lie inside a sequence of `seqlen`.
 #[cube]
