@@ -38,7 +38,9 @@ use super::ssd::{
     chunk_len, empty_like_device, kernels_apply, parts, scan_tiles, state_tiles, tiles, Parts,
     Prims,
 };
-use super::tile::{contract, tile_col, tile_row, zero_acc, SLAB, THREADS, TILE, V4};
+use super::tile::{
+    contract, stage_tile, tile_col, tile_get, tile_row, zero_acc, SLAB, THREADS, TILE, V4,
+};
 use super::{elemwise, prim, wrap};
 use crate::{SsdGrads, SsdInput};
 
@@ -134,6 +136,27 @@ fn ssd_bwd_state_passing_kernel<F: Float>(
                 + p * dinit.stride(2)
                 + n * dinit.stride(3)] = F::cast_from(g[e]);
         }
+    }
+}
+
+/// Per row of a tile, the 16 threads that hold parts of it each leave one share in shared memory
+/// at `row * PITCH_SHARES + k`; a thread per row sums them ([`sum_shares`]).
+const PITCH_SHARES: usize = 17;
+/// Shared memory for one tile's shares.
+const SHARES: usize = TILE * PITCH_SHARES;
+
+/// Thread `u < TILE` writes the sum of row `u`'s 16 shares to `out[base + u * stride]`. The
+/// shares must be synced.
+#[cube]
+fn sum_shares(shares: &SharedMemory<f32>, out: &mut Tensor<f32>, base: usize, stride: usize) {
+    let u = UNIT_POS as usize;
+    if u < TILE {
+        let mut sum = 0.0f32;
+        #[unroll]
+        for k in 0..16usize {
+            sum += shares[u * PITCH_SHARES + k];
+        }
+        out[base + u * stride] = sum;
     }
 }
 
@@ -315,12 +338,13 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
 }
 
 /// Kernel 5, one cube per `(b·chunk, g, split × 64 columns of n)`, looping over its share of
-/// the group's heads; the caller sums the splits (`out`) and the per-thread shares (`part`).
+/// the group's heads; the caller sums the splits (`out`) and the `n` tiles (`part`).
 /// `dC` (`for_b` false): `out[t_q, g, n] = Σ_h exp(cs_q) Σ_p dy[t_q, h, p] prev[h, p, n]
-/// + Σ_j Wg[q, j] B[t_j, n]`, and per head `part[t_q, h, ·] = exp(cs_q) Σ_n C[t_q, n] (…)[q, n]`
-/// (shares of `oy`). `dB` (`for_b`): `out[t_j, g, n] = Σ_h exp(L − cs_j) dt_j
-/// Σ_p x[t_j, h, p] dstates[h, p, n] + Σ_i Wg[i, j] C[t_i, n]`, and the shares of `sx`,
-/// `exp(L − cs_j) Σ_n B[t_j, n] (…)[j, n]`. The `Wg` term goes to split 0.
+/// + Σ_j Wg[q, j] B[t_j, n]`, and per head
+/// `part[t_q, h, tile] = exp(cs_q) Σ_n C[t_q, n] (…)[q, n]` (the tile's part of `oy`).
+/// `dB` (`for_b`): `out[t_j, g, n] = Σ_h exp(L − cs_j) dt_j Σ_p x[t_j, h, p] dstates[h, p, n]
+/// + Σ_i Wg[i, j] C[t_i, n]`, and the parts of `sx`, `exp(L − cs_j) Σ_n B[t_j, n] (…)[j, n]`.
+/// The `Wg` term goes to split 0.
 #[cube(launch)]
 fn ssd_bwd_dbc_tile_kernel<F: Float>(
     xin: &Tensor<F>,        // [batch, seq, heads, head_dim]: dy (dC) or x (dB)
@@ -331,7 +355,7 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
     dt_c: &Tensor<f32>,     // [batch, heads, chunks, chunk]
     da_cs: &Tensor<f32>,    // [batch, heads, chunks, chunk]
     out: &mut Tensor<f32>,  // [splits, batch, seq, groups, state]
-    part: &mut Tensor<f32>, // [batch, seq, heads, n tiles × 16]
+    part: &mut Tensor<f32>, // [batch, seq, heads, n tiles]
     #[comptime] for_b: bool,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -355,28 +379,27 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
     let (h_lo, h_hi) = split_heads(g, hpg, split, splits);
     let tc = UNIT_POS as usize % 16;
 
-    // This thread's um[t_q, g, n] values.
-    let ubase = b * um.stride(0) + t0 * um.stride(1) + g * um.stride(2);
-    let mut uv = Array::<f32>::new(16usize);
-    #[unroll]
-    for i in 0..4usize {
-        let q = tile_row(i);
-        #[unroll]
-        for j in 0..4usize {
-            let n = n0 + tile_col(j);
-            let mut v = 0.0f32;
-            if q < qlim && n < dstate {
-                v = f32::cast_from(um[ubase + q * um.stride(1) + n * um.stride(3)]);
-            }
-            uv[i * 4 + j] = v;
-        }
-    }
+    // um[t_q, g, n] at the cube's output positions, in shared memory. Held in registers beside
+    // the running total and the per-head accumulator, it took the kernel to 123-127 registers
+    // and two cubes per multiprocessor; staged here, 77-80 registers and three.
+    let ubase = b * um.stride(0) + t0 * um.stride(1) + g * um.stride(2) + n0 * um.stride(3);
+    let mut u_s = SharedMemory::<V4>::new(comptime!(TILE * TILE / 4));
+    stage_tile::<F>(
+        um,
+        ubase,
+        um.stride(1),
+        um.stride(3),
+        qlim,
+        dstate - n0,
+        &mut u_s,
+    );
 
     let mut cs_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * (TILE + 1)));
     let mut dt_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * TILE));
     let mut a_s = SharedMemory::<V4>::new(SLAB);
     let mut b_s = SharedMemory::<V4>::new(SLAB);
     stage_heads(dt_c, da_cs, b, c, h_lo, h_hi - h_lo, &mut cs_s, &mut dt_s);
+    let mut part_s = SharedMemory::<f32>::new(SHARES);
     let mut total = zero_acc();
     for h in h_lo..h_hi {
         let cso = (h - h_lo) * (TILE + 1);
@@ -402,7 +425,6 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
             true,
             false,
         );
-        let pbase = b * part.stride(0) + h * part.stride(2) + (nt * 16 + tc) * part.stride(3);
         #[unroll]
         for i in 0..4usize {
             let q = tile_row(i);
@@ -414,15 +436,23 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
             if for_b {
                 sc = e * dt_s[dto + q];
             }
+            let u4 = tile_get(&u_s, i);
             let mut r = 0.0f32;
             #[unroll]
             for j in 0..4usize {
                 total[i * 4 + j] += sc * acc[i * 4 + j];
-                r += uv[i * 4 + j] * acc[i * 4 + j];
+                r += u4[j] * acc[i * 4 + j];
             }
-            if q < qlim {
-                part[pbase + (t0 + q) * part.stride(1)] = e * r;
-            }
+            part_s[q * PITCH_SHARES + tc] = e * r;
+        }
+        sync_cube();
+        // Each head's shares are summed in the cube, not left to a reduction over a
+        // `[batch, seq, heads, 16 n tiles]` tensor. Positions past the sequence's end are not
+        // written. The next head rewrites `part_s` only after `contract`'s syncs, which every
+        // thread reaches after this.
+        if (UNIT_POS as usize) < qlim {
+            let pbase = b * part.stride(0) + t0 * part.stride(1) + h * part.stride(2);
+            sum_shares(&part_s, part, pbase + nt * part.stride(3), part.stride(1));
         }
     }
 
@@ -694,7 +724,7 @@ where
                vm: &CubeTensor<R>,
                for_b: bool| {
         let out = empty(vec![splits, batch, seqlen, groups, dstate], DType::F32);
-        let part = empty(vec![batch, seqlen, heads, ntiles.max(1) * 16], DType::F32);
+        let part = empty(vec![batch, seqlen, heads, ntiles.max(1)], DType::F32);
         if batch * seqlen * groups * dstate > 0 {
             let (count, dim) = tiles(batch * nchunks, groups, splits * ntiles);
             ssd_bwd_dbc_tile_kernel::launch::<R>(
@@ -722,7 +752,11 @@ where
         let part: T<R, F, I, BT, 4> = wrap(part);
         (
             prim(out),
-            prim(part.sum_dim(3).reshape([batch, seqlen, heads])),
+            prim(if ntiles > 1 {
+                part.sum_dim(3).reshape([batch, seqlen, heads])
+            } else {
+                part.reshape([batch, seqlen, heads])
+            }),
         )
     };
     let (dc, oy) = dbc(&dy, &prev, &p.cm, &p.bm, false);

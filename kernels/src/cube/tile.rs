@@ -178,3 +178,46 @@ pub fn contract<FA: Float, FB: Float>(
         sync_cube();
     }
 }
+
+/// Stages a whole `TILE × TILE` tile of a strided operand in shared memory, row-major by
+/// 4-vectors (`smem[row * TILE / 4 + col / 4][col % 4]`): element `(row, col)` is
+/// `g[base + row * s_row + col * s_col]` as f32, zero outside `row < rlim` and `col < clim`.
+/// It holds per-element values a kernel reads at its output positions ([`tile_get`]) outside
+/// registers. Not synced.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn stage_tile<F: Float>(
+    g: &Tensor<F>,
+    base: usize,
+    s_row: usize,
+    s_col: usize,
+    rlim: usize,
+    clim: usize,
+    smem: &mut SharedMemory<V4>,
+) {
+    let quads = TILE / 4;
+    #[unroll]
+    for m in 0..comptime!(TILE * TILE / 4 / THREADS as usize) {
+        let w = m * THREADS as usize + UNIT_POS as usize;
+        let row = w / quads;
+        let quad = w % quads;
+        let mut vec = V4::empty();
+        #[unroll]
+        for i in 0..4usize {
+            let col = quad * 4 + i;
+            let mut x = 0.0f32;
+            if row < rlim && col < clim {
+                x = f32::cast_from(g[base + row * s_row + col * s_col]);
+            }
+            vec[i] = x;
+        }
+        smem[w] = vec;
+    }
+}
+
+/// This thread's output row `a` of a tile staged by [`stage_tile`]: lane `b` is column
+/// `tile_col(b)`.
+#[cube]
+pub fn tile_get(smem: &SharedMemory<V4>, a: usize) -> V4 {
+    smem[tile_row(a) * (TILE / 4) + UNIT_POS as usize % 16]
+}
