@@ -160,7 +160,7 @@ fn sum_shares(shares: &SharedMemory<f32>, out: &mut Tensor<f32>, base: usize, st
     }
 }
 
-/// Most heads one cube of kernels 3 and 5 takes (their `cs` and `dt` are staged at once).
+/// Most heads one cube of kernels 3 and 5 takes (kernel 3 stages their `cs` and `dt` at once).
 pub const HEADS_PER_CUBE: usize = 8;
 
 /// Stages `cs` (pitch `TILE + 1`, `L` last) and `dt` (pitch `TILE`) of heads
@@ -394,16 +394,21 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
         &mut u_s,
     );
 
-    let mut cs_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * (TILE + 1)));
-    let mut dt_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * TILE));
+    // One head's `cs` and `dt` at a time: with the staged `um` tile and the shares, all heads'
+    // at once would take the cube past 32 KiB of shared memory, more than some devices (Mesa's
+    // lavapipe among them) give a workgroup.
+    let mut cs_s = SharedMemory::<f32>::new(comptime!(TILE + 1));
+    let mut dt_s = SharedMemory::<f32>::new(TILE);
     let mut a_s = SharedMemory::<V4>::new(SLAB);
     let mut b_s = SharedMemory::<V4>::new(SLAB);
-    stage_heads(dt_c, da_cs, b, c, h_lo, h_hi - h_lo, &mut cs_s, &mut dt_s);
     let mut part_s = SharedMemory::<f32>::new(SHARES);
     let mut total = zero_acc();
     for h in h_lo..h_hi {
-        let cso = (h - h_lo) * (TILE + 1);
-        let dto = (h - h_lo) * TILE;
+        // Rewriting `cs_s` is safe: every thread read the previous head's values before the
+        // sync that precedes its shares' sum.
+        stage_heads(dt_c, da_cs, b, c, h, 1, &mut cs_s, &mut dt_s);
+        let cso = 0;
+        let dto = 0;
         let mut acc = zero_acc();
         let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2);
         let sbase = b * st.stride(0) + c * st.stride(1) + h * st.stride(2) + n0 * st.stride(4);
