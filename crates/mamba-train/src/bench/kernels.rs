@@ -25,7 +25,7 @@ use mamba_kernels::{
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{catch, host, rel_err, time_ms, worst, Num, RunInfo};
+use super::{catch, host, rel_err, time_issue_ms, time_ms, worst, Num, RunInfo};
 
 /// Which shapes to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -472,6 +472,12 @@ impl<B: MambaBackend> Case<B> for ScanCase<B> {
 pub struct Timing {
     pub fwd_ms: Option<f64>,
     pub fwd_bwd_ms: Option<f64>,
+    /// Median host time to issue the forward / forward+backward (see
+    /// [`super::time_issue_ms`]): near the wall time, the device waited on the host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fwd_issue_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fwd_bwd_issue_ms: Option<f64>,
     /// Conv only: achieved bandwidth (the op's minimum bytes over the time), GB/s ...
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fwd_gbps: Option<f64>,
@@ -586,7 +592,7 @@ fn measure<B: MambaBackend, C: Case<B>>(
     let mut m = Measured::default();
     let (warmup, iters) = (opts.warmup, opts.iters);
     let forward = catch(|| {
-        let ms = time_ms::<B>(device, warmup, iters, || {
+        let ms = time_issue_ms::<B>(device, warmup, iters, || {
             case.forward(false);
         });
         let values: Vec<_> = case
@@ -597,15 +603,16 @@ fn measure<B: MambaBackend, C: Case<B>>(
         (ms, values)
     });
     match forward {
-        Ok((ms, values)) => {
+        Ok(((ms, issue), values)) => {
             m.timing.fwd_ms = Some(ms);
+            m.timing.fwd_issue_ms = Some(issue);
             m.tensors.extend(values);
         }
         Err(e) => m.notes.push(format!("{mode} forward failed: {e}")),
     }
     B::memory_cleanup(device);
     let backward = catch(|| {
-        let ms = time_ms::<B>(device, warmup, iters, || {
+        let ms = time_issue_ms::<B>(device, warmup, iters, || {
             case.forward_backward(false);
         });
         let values: Vec<_> = case
@@ -616,8 +623,9 @@ fn measure<B: MambaBackend, C: Case<B>>(
         (ms, values)
     });
     match backward {
-        Ok((ms, values)) => {
+        Ok(((ms, issue), values)) => {
             m.timing.fwd_bwd_ms = Some(ms);
+            m.timing.fwd_bwd_issue_ms = Some(issue);
             m.tensors.extend(values);
         }
         Err(e) => m.notes.push(format!("{mode} forward+backward failed: {e}")),

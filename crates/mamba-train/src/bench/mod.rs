@@ -24,22 +24,36 @@ pub fn time_ms<B: Backend>(
     device: &B::Device,
     warmup: usize,
     iters: usize,
-    mut f: impl FnMut(),
+    f: impl FnMut(),
 ) -> f64 {
+    time_issue_ms::<B>(device, warmup, iters, f).0
+}
+
+/// As [`time_ms`], and beside the wall time the median time the host took to issue the work,
+/// from the start until `f` returns (before the closing sync). An issue time close to the wall
+/// time says the device waited on the host: the op is bound by its launches, not its kernels.
+pub fn time_issue_ms<B: Backend>(
+    device: &B::Device,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut(),
+) -> (f64, f64) {
     let sync = || B::sync(device).expect("device sync");
     for _ in 0..warmup {
         f();
         sync();
     }
     let mut times = Vec::with_capacity(iters.max(1));
+    let mut issued = Vec::with_capacity(iters.max(1));
     for _ in 0..iters.max(1) {
         sync();
         let start = Instant::now();
         f();
+        issued.push(start.elapsed().as_secs_f64() * 1e3);
         sync();
         times.push(start.elapsed().as_secs_f64() * 1e3);
     }
-    median(times)
+    (median(times), median(issued))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
