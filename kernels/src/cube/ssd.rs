@@ -177,7 +177,7 @@ pub(crate) fn row_scales(
     sync_cube();
 }
 
-/// Kernel 2 (and the backward's `dprev`), one cube per `(b·chunk, h, p tile × n tile)`:
+/// Kernel 2 (and the backward's `dprev`), one cube per `(b·chunk·(p tile × n tile), h)`:
 /// `out[b, c, h, p, n] = Σ_q xin[t_q, h, p] s_q ym[t_q, g, n]` with `s_q = exp(L − cs_q) dt_q`
 /// (`to_end`: the chunk's own state, from `x` and `B`) or `s_q = exp(cs_q)` (the state gradient
 /// the chunk's outputs send back, from `dy` and `C`).
@@ -196,13 +196,17 @@ fn ssd_state_tile_kernel<F: Float>(
     let head_dim = out.shape(3);
     let dstate = out.shape(4);
     let seqlen = xin.shape(1);
-    let c = CUBE_POS_X as usize % nchunks;
-    let b = CUBE_POS_X as usize / nchunks;
+    // The tile index runs fastest, so that the cubes reading one chunk's `xin` tile run
+    // together and all but the first find it in L2.
+    let ntiles = (dstate + TILE - 1) / TILE;
+    let z = CUBE_POS_X as usize % (ntiles * ((head_dim + TILE - 1) / TILE));
+    let bc = CUBE_POS_X as usize / (ntiles * ((head_dim + TILE - 1) / TILE));
+    let c = bc % nchunks;
+    let b = bc / nchunks;
     let h = CUBE_POS_Y as usize;
     let g = h / (heads / ym.shape(2));
-    let ntiles = (dstate + TILE - 1) / TILE;
-    let p0 = (CUBE_POS_Z as usize / ntiles) * TILE;
-    let n0 = (CUBE_POS_Z as usize % ntiles) * TILE;
+    let p0 = (z / ntiles) * TILE;
+    let n0 = (z % ntiles) * TILE;
     let t0 = c * TILE;
     let qlim = chunk_len(seqlen, t0);
 
@@ -631,7 +635,7 @@ pub(crate) fn state_tiles<R: CubeRuntime>(
     );
     let z = head_dim.div_ceil(TILE) * dstate.div_ceil(TILE);
     if batch * heads * z > 0 {
-        let (count, dim) = tiles(batch * nchunks, heads, z);
+        let (count, dim) = tiles(batch * nchunks * z, heads, 1);
         ssd_state_tile_kernel::launch::<R>(
             &xin.client,
             count,

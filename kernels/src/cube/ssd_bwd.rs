@@ -197,7 +197,7 @@ fn stage_heads(
     sync_cube();
 }
 
-/// The heads `[lo, hi)` that split `CUBE_POS_Z / per_split` of `splits` takes of group `g`.
+/// The heads `[lo, hi)` that split `split` of `splits` takes of group `g`.
 #[cube]
 fn split_heads(g: usize, hpg: usize, split: usize, splits: usize) -> (usize, usize) {
     let hs = (hpg + splits - 1) / splits;
@@ -337,7 +337,7 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
     }
 }
 
-/// Kernel 5, one cube per `(b·chunk, g, split × 64 columns of n)`, looping over its share of
+/// Kernel 5, one cube per `(b·chunk, g, split, 64 columns of n)`, looping over its share of
 /// the group's heads; the caller sums the splits (`out`) and the `n` tiles (`part`).
 /// `dC` (`for_b` false): `out[t_q, g, n] = Σ_h exp(cs_q) Σ_p dy[t_q, h, p] prev[h, p, n]
 /// + Σ_j Wg[q, j] B[t_j, n]`, and per head
@@ -368,11 +368,15 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
     let head_dim = xin.shape(3);
     let hpg = heads / groups;
     let ntiles = (dstate + TILE - 1) / TILE;
-    let c = CUBE_POS_X as usize % nchunks;
-    let b = CUBE_POS_X as usize / nchunks;
-    let g = CUBE_POS_Y as usize;
-    let split = CUBE_POS_Z as usize / ntiles;
-    let nt = CUBE_POS_Z as usize % ntiles;
+    // One flat index, `n` tile fastest, then split, group, chunk: the cubes that read one
+    // head's `xin` tile, or one group's `um`/`vm`/`Wg`, run together and share them in L2.
+    let pos = CUBE_POS_X as usize;
+    let nt = pos % ntiles;
+    let split = (pos / ntiles) % splits;
+    let g = (pos / (ntiles * splits)) % groups;
+    let bc = pos / (ntiles * splits * groups);
+    let c = bc % nchunks;
+    let b = bc / nchunks;
     let n0 = nt * TILE;
     let t0 = c * TILE;
     let qlim = chunk_len(seqlen, t0);
@@ -731,7 +735,7 @@ where
         let out = empty(vec![splits, batch, seqlen, groups, dstate], DType::F32);
         let part = empty(vec![batch, seqlen, heads, ntiles.max(1)], DType::F32);
         if batch * seqlen * groups * dstate > 0 {
-            let (count, dim) = tiles(batch * nchunks, groups, splits * ntiles);
+            let (count, dim) = tiles(batch * nchunks * groups * splits * ntiles, 1, 1);
             ssd_bwd_dbc_tile_kernel::launch::<R>(
                 &client,
                 count,
