@@ -199,8 +199,9 @@ fn ssd_state_tile_kernel<F: Float>(
     // The tile index runs fastest, so that the cubes reading one chunk's `xin` tile run
     // together and all but the first find it in L2.
     let ntiles = (dstate + TILE - 1) / TILE;
-    let z = CUBE_POS_X as usize % (ntiles * ((head_dim + TILE - 1) / TILE));
-    let bc = CUBE_POS_X as usize / (ntiles * ((head_dim + TILE - 1) / TILE));
+    let tiles_per_head = ntiles * ((head_dim + TILE - 1) / TILE);
+    let z = CUBE_POS_X as usize % tiles_per_head;
+    let bc = CUBE_POS_X as usize / tiles_per_head;
     let c = bc % nchunks;
     let b = bc / nchunks;
     let h = CUBE_POS_Y as usize;

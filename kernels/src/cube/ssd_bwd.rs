@@ -411,8 +411,6 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
         // Rewriting `cs_s` is safe: every thread read the previous head's values before the
         // sync that precedes its shares' sum.
         stage_heads(dt_c, da_cs, b, c, h, 1, &mut cs_s, &mut dt_s);
-        let cso = 0;
-        let dto = 0;
         let mut acc = zero_acc();
         let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2);
         let sbase = b * st.stride(0) + c * st.stride(1) + h * st.stride(2) + n0 * st.stride(4);
@@ -437,13 +435,13 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
         #[unroll]
         for i in 0..4usize {
             let q = tile_row(i);
-            let mut e = cs_s[cso + q].exp();
+            let mut e = cs_s[q].exp();
             if for_b {
-                e = (cs_s[cso + TILE] - cs_s[cso + q]).exp();
+                e = (cs_s[TILE] - cs_s[q]).exp();
             }
             let mut sc = e;
             if for_b {
-                sc = e * dt_s[dto + q];
+                sc = e * dt_s[q];
             }
             let u4 = tile_get(&u_s, i);
             let mut r = 0.0f32;
