@@ -15,10 +15,13 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::tensor::{backend::Backend, Tensor};
 
+pub mod memory;
+pub mod norm;
 pub mod reference;
 mod seed;
 
-pub use seed::backward_with;
+pub use memory::MemoryStats;
+pub use seed::{backward_with, BackwardWith};
 
 /// Which implementation of the hot ops the model uses (`--ops auto|reference|kernels`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -261,6 +264,31 @@ pub struct SelectiveScanGrads<B: Backend> {
 /// The backend extension carrying Mamba's hot ops. Every method defaults to the reference
 /// implementation in plain tensor ops.
 pub trait MambaBackend: Backend {
+    /// The device's memory as the allocator sees it; `None` where the backend does not say
+    /// (the CPU backend).
+    fn memory_stats(_device: &Self::Device) -> Option<MemoryStats> {
+        None
+    }
+
+    /// RMSNorm over the last dimension: `w · x / sqrt(mean(x²) + eps)`, `x` `[b, l, width]`.
+    /// Autodiff backends make it one node that keeps only `x` and `w` ([`norm`]).
+    fn rms_norm(x: Tensor<Self, 3>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+        norm::rms_norm_reference(x, w, eps)
+    }
+
+    /// Mamba2's gated RMSNorm: `w · norm(y · silu(z))`, the RMS over each of `groups` groups of
+    /// the last dimension. `y`, `z` `[b, l, width]`. One node keeping `y`, `z`, `w` under
+    /// autodiff.
+    fn gated_rms_norm(
+        y: Tensor<Self, 3>,
+        z: Tensor<Self, 3>,
+        w: Tensor<Self, 1>,
+        groups: usize,
+        eps: f64,
+    ) -> Tensor<Self, 3> {
+        norm::gated_rms_norm_reference(y, z, w, groups, eps)
+    }
+
     /// Whether this backend overrides the ops with kernels. Kernel impls also honour
     /// [`ops_mode`]: under `OpsMode::Reference` they run the reference.
     fn has_kernels() -> bool {
@@ -344,6 +372,24 @@ pub trait MambaBackend: Backend {
 impl<B: MambaBackend, C: CheckpointStrategy> MambaBackend for Autodiff<B, C> {
     fn has_kernels() -> bool {
         B::has_kernels()
+    }
+
+    fn memory_stats(device: &Self::Device) -> Option<MemoryStats> {
+        B::memory_stats(device)
+    }
+
+    fn rms_norm(x: Tensor<Self, 3>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+        norm::rms_norm::<B, C>(x, w, eps)
+    }
+
+    fn gated_rms_norm(
+        y: Tensor<Self, 3>,
+        z: Tensor<Self, 3>,
+        w: Tensor<Self, 1>,
+        groups: usize,
+        eps: f64,
+    ) -> Tensor<Self, 3> {
+        norm::gated_rms_norm::<B, C>(y, z, w, groups, eps)
     }
 
     /// With kernels active in `B`, a custom autodiff step runs `B`'s forward and backward ops;
@@ -439,6 +485,21 @@ where
 {
     fn has_kernels() -> bool {
         true
+    }
+
+    fn memory_stats(device: &Self::Device) -> Option<MemoryStats> {
+        let client = R::client(device);
+        let usage = client.memory_usage().ok()?;
+        // CUDA sizes its largest page as a quarter of the device's memory (cubecl-cuda's
+        // runtime); other runtimes size it from their own limits, so no total is claimed there.
+        let total = std::any::type_name::<R>()
+            .contains("Cuda")
+            .then(|| client.properties().memory.max_page_size * 4);
+        Some(MemoryStats {
+            in_use: usage.bytes_in_use,
+            reserved: usage.bytes_reserved,
+            total,
+        })
     }
 
     fn causal_conv1d(input: ConvInput<Self>) -> ConvOutput<Self> {

@@ -54,6 +54,35 @@ pub fn backward_with<B: Backend, C: CheckpointStrategy, const D: usize>(
     Tensor::<Autodiff<B, C>, 1>::from_primitive(TensorPrimitive::Float(root)).backward()
 }
 
+/// `backward_with` and a tracking test on a generic autodiff backend, for code that drives
+/// several backward passes itself (segments of a model run and re-run in backward: gradient
+/// checkpointing, a chunked loss head). Implemented for every `Autodiff<B, C>`.
+pub trait BackwardWith: burn::tensor::backend::AutodiffBackend {
+    /// The gradients of every tracked tensor `y` depends on, seeded with `dy` at `y`.
+    fn backward_with<const D: usize>(
+        y: Tensor<Self, D>,
+        dy: Tensor<Self::InnerBackend, D>,
+    ) -> Self::Gradients;
+
+    /// Whether any tracked tensor (a leaf that requires a gradient) reaches `t`.
+    fn is_tracked<const D: usize>(t: &Tensor<Self, D>) -> bool;
+}
+
+impl<B: Backend, C: CheckpointStrategy> BackwardWith for Autodiff<B, C> {
+    fn backward_with<const D: usize>(y: Tensor<Self, D>, dy: Tensor<B, D>) -> Self::Gradients {
+        backward_with(y, dy)
+    }
+
+    fn is_tracked<const D: usize>(t: &Tensor<Self, D>) -> bool {
+        !t.clone()
+            .into_primitive()
+            .tensor()
+            .node
+            .requirement
+            .is_none()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
