@@ -2,6 +2,7 @@
 //! recurrent inference and greedy generation. The hot ops go through
 //! [`mamba_kernels::MambaBackend`]; this crate never depends on training code.
 
+pub mod backprop;
 pub mod cache;
 pub mod config;
 pub mod generate;
@@ -12,6 +13,7 @@ pub mod mamba2;
 pub mod model;
 pub mod nn;
 
+pub use backprop::{BackpropOptions, LossAndGrads};
 pub use cache::{LayerState, ModelCache};
 pub use config::{ConfigError, Mamba1Config, Mamba2Config, ModelConfig, NormMode};
 pub use mamba_kernels::MambaBackend;

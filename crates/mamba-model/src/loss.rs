@@ -1,10 +1,27 @@
-//! Causal-LM loss as transformers computes it.
+//! Causal-LM loss as transformers computes it, whole or in chunks of tokens.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{backend::Backend, Int, Tensor};
+use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor};
 
 /// Label value that is not counted.
 pub const IGNORE_INDEX: i64 = -100;
+
+/// Elements of one chunk's logits (`tokens × vocab`) when the chunk size is left to us: 2^26,
+/// 256 MiB in f32 (1,334 tokens at mamba2-130m's vocab of 50,288; 2,048 at Codestral's 32,768).
+pub const LOGITS_CHUNK_ELEMENTS: usize = 1 << 26;
+
+/// Tokens per chunk of the LM head over `n` tokens: `chunk` if set; else at most
+/// [`LOGITS_CHUNK_ELEMENTS`] / `vocab`, evened out over the chunks `n` needs (8,184 tokens at
+/// 50,288 vocab: 7 chunks of 1,170 and one of 1,164, rather than 6 of 1,334 and one of 180), so
+/// that the chunks' matmuls share one shape and one autotune result on GPUs.
+pub fn chunk_tokens(chunk: usize, vocab: usize, n: usize) -> usize {
+    if chunk > 0 {
+        return chunk;
+    }
+    let max = (LOGITS_CHUNK_ELEMENTS / vocab.max(1)).max(1);
+    let count = n.div_ceil(max).max(1);
+    n.div_ceil(count).max(1)
+}
 
 /// Next-token cross-entropy: `logits` `[batch, seq, vocab]`, `labels` `[batch, seq]` (not yet
 /// shifted; `-100` ignored). Position `t` predicts `labels[t + 1]`; the mean runs over counted
@@ -15,16 +32,76 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
         // Nothing to predict: transformers returns NaN (0/0); so do we.
         return Tensor::<B, 1>::zeros([1], &logits.device()) / 0.0;
     }
-    let logits = logits.narrow(1, 0, seq - 1); // [b, l-1, V]
-    let labels = labels.narrow(1, 1, seq - 1); // [b, l-1]
-    let counted = labels.clone().not_equal_elem(IGNORE_INDEX); // [b, l-1]
-    let safe = labels.mask_fill(counted.clone().bool_not(), 0); // [b, l-1]
-    let logp = log_softmax(logits, 2);
-    let picked = logp
-        .gather(2, safe.reshape([batch, seq - 1, 1]))
-        .reshape([batch, seq - 1]); // [b, l-1]
-    let weights = counted.float();
-    let total = (picked * weights.clone()).sum().neg();
-    let _ = vocab;
-    total / weights.sum()
+    let logits = logits.narrow(1, 0, seq - 1).reshape([batch * (seq - 1), vocab]); // [n, V]
+    let labels = shift_labels(labels); // [n]
+    let counted = labels.clone().not_equal_elem(IGNORE_INDEX).float().sum();
+    nll_sum(logits, labels) / counted
+}
+
+/// `labels` `[batch, seq]` → the targets of positions `0..seq-1`, flattened `[batch·(seq-1)]`.
+pub fn shift_labels<B: Backend>(labels: Tensor<B, 2, Int>) -> Tensor<B, 1, Int> {
+    let [batch, seq] = labels.dims();
+    labels
+        .narrow(1, 1, seq - 1)
+        .reshape([batch * (seq - 1)])
+}
+
+/// Summed negative log-likelihood of `labels` `[n]` under `logits` `[n, vocab]`, `-100`
+/// skipped. Returns `[1]`.
+pub fn nll_sum<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let [n, _] = logits.dims();
+    let counted = labels.clone().not_equal_elem(IGNORE_INDEX); // [n]
+    let safe = labels.mask_fill(counted.clone().bool_not(), 0); // [n]
+    let picked = log_softmax(logits, 1)
+        .gather(1, safe.reshape([n, 1]))
+        .reshape([n]); // [n]
+    (picked * counted.float()).sum().neg()
+}
+
+/// The number of counted (not `-100`) targets after the shift.
+pub fn counted_targets<B: Backend>(labels: &Tensor<B, 2, Int>) -> usize {
+    let [_, seq] = labels.dims();
+    if seq < 2 {
+        return 0;
+    }
+    shift_labels(labels.clone())
+        .not_equal_elem(IGNORE_INDEX)
+        .int()
+        .sum()
+        .into_scalar()
+        .elem::<i64>() as usize
+}
+
+/// [`causal_lm_loss`] from the final hidden states `h` `[batch, seq, hidden]` and a head
+/// `logits_of` (`[n, hidden]` → `[n, vocab]`), `chunk` tokens at a time, so that the logits of
+/// all positions never exist at once. The same value as the whole-tensor loss.
+pub fn chunked_causal_lm_loss<B: Backend>(
+    h: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+    chunk: usize,
+    logits_of: impl Fn(Tensor<B, 2>) -> Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let [batch, seq, hidden] = h.dims();
+    if seq < 2 {
+        return Tensor::<B, 1>::zeros([1], &h.device()) / 0.0;
+    }
+    let n = batch * (seq - 1);
+    let h = h.narrow(1, 0, seq - 1).reshape([n, hidden]); // [n, d]
+    let labels = shift_labels(labels); // [n]
+    let counted = labels.clone().not_equal_elem(IGNORE_INDEX).float().sum();
+    let mut total: Option<Tensor<B, 1>> = None;
+    let mut start = 0;
+    while start < n {
+        let len = chunk.max(1).min(n - start);
+        let part = nll_sum(
+            logits_of(h.clone().narrow(0, start, len)),
+            labels.clone().narrow(0, start, len),
+        );
+        total = Some(match total {
+            Some(t) => t + part,
+            None => part,
+        });
+        start += len;
+    }
+    total.expect("n > 0") / counted
 }

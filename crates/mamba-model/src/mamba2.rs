@@ -1,12 +1,11 @@
 //! The Mamba2 mixer: in_proj → causal conv + SiLU → SSD scan → gated RMSNorm → out_proj.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use mamba_kernels::{ConvInput, MambaBackend, SsdInput, SsdStepInput};
 
 use crate::config::{Mamba2Config, NormMode};
-use crate::nn::{rms_normalize, Linear};
+use crate::nn::Linear;
 
 /// Shapes of a Mamba2 mixer, fixed at construction.
 #[derive(Debug, Clone, Copy)]
@@ -254,22 +253,14 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
     }
 
     /// Gate first (`y · silu(z)`), then RMS over groups of `I / G` channels (or over all `I`
-    /// with [`NormMode::Hf`]), then the weight.
+    /// with [`NormMode::Hf`]), then the weight: one [`MambaBackend::gated_rms_norm`].
     fn gated_norm(&self, y: Tensor<B, 3>, z: Tensor<B, 3>) -> Tensor<B, 3> {
         let d = &self.dims;
-        let [batch, seq, width] = y.dims();
-        let gated = y * silu(z);
         let groups = match d.norm {
             NormMode::Grouped => d.groups,
             NormMode::Hf => 1,
         };
-        let normed = if groups == 1 {
-            rms_normalize(gated, d.eps)
-        } else {
-            let g = gated.reshape([batch, seq, groups, width / groups]);
-            rms_normalize(g, d.eps).reshape([batch, seq, width])
-        };
-        normed * self.norm_weight.val().unsqueeze::<3>()
+        B::gated_rms_norm(y, z, self.norm_weight.val(), groups, d.eps)
     }
 
     pub fn zero_state(&self, batch: usize, device: &B::Device) -> Mamba2State<B> {

@@ -6,7 +6,7 @@ use mamba_kernels::MambaBackend;
 
 use crate::cache::{LayerState, ModelCache};
 use crate::config::{ConfigError, ModelConfig};
-use crate::loss::causal_lm_loss;
+use crate::loss::{causal_lm_loss, chunk_tokens, chunked_causal_lm_loss};
 use crate::mamba1::Mamba1Mixer;
 use crate::mamba2::Mamba2Mixer;
 use crate::nn::{Embedding, Linear, RmsNorm};
@@ -29,7 +29,7 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: MambaBackend> Block<B> {
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: Tensor<B, 3>,
         mask: Option<&Tensor<B, 3>>,
@@ -195,17 +195,17 @@ impl<B: MambaBackend> MambaLM<B> {
     }
 
     /// Mean next-token cross-entropy of `ids` against `labels` (`-100` ignored, shifted inside),
-    /// `[1]`.
+    /// `[1]`. The LM head runs over chunks of tokens, so the logits of the whole batch never
+    /// exist at once (the same value as `forward_with` with labels).
     pub fn loss(&self, ids: Tensor<B, 2, Int>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-        self.forward_with(
-            ids,
-            ForwardArgs {
-                labels: Some(labels),
-                ..Default::default()
-            },
-        )
-        .loss
-        .expect("labels were given")
+        let mut x = self.embeddings.forward(ids); // [b, l, d]
+        for layer in &self.layers {
+            x = layer.forward(x, None, None, false).0;
+        }
+        let h = self.norm_f.forward(x);
+        let [batch, seq, _] = h.dims();
+        let chunk = chunk_tokens(0, self.config.vocab_size(), batch * seq.saturating_sub(1));
+        chunked_causal_lm_loss(h, labels, chunk, |h| self.lm_logits(h))
     }
 
     /// Prefill: logits of the last position `[batch, vocab]` and the cache.

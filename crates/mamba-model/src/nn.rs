@@ -3,6 +3,8 @@
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Distribution, Int, Tensor};
 
+use mamba_kernels::MambaBackend;
+
 use crate::lora::{LoraEmbedding, LoraLinear};
 
 /// A linear layer storing `weight` as `[out, in]` (PyTorch's layout), so Hugging Face
@@ -89,14 +91,15 @@ impl<B: Backend> RmsNorm<B> {
             eps,
         }
     }
-
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        rms_normalize(x, self.eps) * self.weight.val().unsqueeze::<D>()
-    }
 }
 
-/// `x / sqrt(mean(x², last) + eps)`.
-pub fn rms_normalize<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
-    let var = x.clone().square().mean_dim(D - 1);
-    x * (var + eps).sqrt().recip()
+impl<B: MambaBackend> RmsNorm<B> {
+    /// Over the last dimension (`[.., width]`, any rank), through [`MambaBackend::rms_norm`].
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dims = x.dims();
+        let width = dims[D - 1];
+        let rows: usize = dims[..D - 1].iter().product();
+        let y = B::rms_norm(x.reshape([rows, 1, width]), self.weight.val(), self.eps); // [rows, 1, w]
+        y.reshape(dims)
+    }
 }
