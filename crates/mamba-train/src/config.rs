@@ -112,8 +112,15 @@ pub struct TrainSection {
     pub checkpoint_every: u64,
     /// Complete checkpoints kept.
     pub keep_checkpoints: usize,
-    /// Recompute activations in backward instead of keeping them.
+    /// Keep only each block's input and re-run the block in backward (transformers'
+    /// `gradient_checkpointing`): the same loss and gradients in far less memory.
     pub gradient_checkpointing: bool,
+    /// With `gradient_checkpointing`: checkpoint blocks `0, k, 2k, …` only (1: every block;
+    /// larger trades memory back for speed).
+    pub checkpoint_every_k_blocks: usize,
+    /// Tokens per chunk of the LM head + loss (the logits of one chunk exist at a time); 0
+    /// picks 2^26 logits per chunk.
+    pub loss_chunk_tokens: usize,
 }
 
 impl Default for TrainSection {
@@ -137,6 +144,8 @@ impl Default for TrainSection {
             checkpoint_every: 50,
             keep_checkpoints: 2,
             gradient_checkpointing: false,
+            checkpoint_every_k_blocks: 1,
+            loss_chunk_tokens: 0,
         }
     }
 }
@@ -316,6 +325,9 @@ impl RunConfig {
         let t = &self.train;
         if t.steps == 0 || t.batch_size == 0 || t.grad_accum == 0 {
             bail!("`train.steps`, `train.batch_size` and `train.grad_accum` must be positive");
+        }
+        if t.checkpoint_every_k_blocks == 0 {
+            bail!("`train.checkpoint_every_k_blocks`: expected 1 or more (1 checkpoints every block), got 0");
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             bail!("`train.lr`: must be a positive number, got {}", t.lr);

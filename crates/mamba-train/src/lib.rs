@@ -2,11 +2,16 @@
 //! The binaries in `src/bin` stay thin: argument parsing and a call into this crate.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
 pub mod evaluate;
+pub mod export;
+pub mod memory;
+pub mod metrics;
 pub mod plot;
+pub mod step;
 pub mod train;
 
 pub use device::{run_on, select_ops, BackendJob, DeviceSpec};

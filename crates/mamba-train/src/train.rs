@@ -3,36 +3,38 @@
 //! A plain loop over burn's `AdamW`, not burn-train's `Learner`: the loop needs things the
 //! Learner of burn 0.21 does not express together — gradient accumulation with *global*-norm
 //! clipping (burn's `GradientClipping` clips per parameter), weight decay that skips A_log, D,
-//! dt_bias, norms and biases (AdamW's decay applies to every parameter), token-based metrics,
-//! exports in Hugging Face / PEFT formats, and resumable checkpoints that also hold the data
-//! position. Everything it does is ordinary burn: autodiff, `GradientsParams`, optimizer records.
+//! dt_bias, norms and biases (AdamW's decay applies to every parameter), a backward pass driven
+//! segment by segment (block checkpointing, the chunked LM head: `mamba_model::backprop`),
+//! token-based metrics, exports in Hugging Face / PEFT formats, and resumable checkpoints that
+//! also hold the data position. The pieces live beside this file: `step` (one optimizer step),
+//! `checkpoint` (save / resume), `metrics` (metrics.jsonl, throughput), `memory` (estimate,
+//! out-of-memory message), `export` (PEFT adapter, merged model).
 
-use std::collections::HashSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use burn::backend::autodiff::checkpoint::strategy::{
-    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
-};
 use burn::backend::Autodiff;
-use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::optim::AdamWConfig;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use mamba_data::{batch_stream, collate, Batch, Row};
-use mamba_hf::{load_config, load_model_dir, resolve_model_dir, save_model, SaveDtype};
-use mamba_model::lora::{apply_lora, merge, LoraConfig, LoraTargets};
-use mamba_model::{MambaBackend, MambaLM, Mixer, NormMode};
+use burn::tensor::{ElementConversion, Tensor};
+use mamba_data::{batch_stream, collate, Row};
+use mamba_hf::{load_config, load_model_dir, resolve_model_dir, SaveDtype};
+use mamba_kernels::memory::{peaks, reset_peaks, set_tracking};
+use mamba_kernels::BackwardWith;
+use mamba_model::lora::{apply_lora, LoraConfig, LoraTargets};
+use mamba_model::{BackpropOptions, MambaBackend, MambaLM, NormMode};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::checkpoint::{self, list_checkpoints, BaseFingerprint, Rec, TrainState};
 use crate::config::RunConfig;
 use crate::data::{prepare, Prepared};
-
-type Rec = NamedMpkFileRecorder<FullPrecisionSettings>;
+use crate::memory::{estimate, gib, oom_message};
+use crate::metrics::{Metrics, Throughput};
+use crate::step::{
+    batch_tensors, no_decay_ids, optimizer_step, quiet_oom_panics, StepError, StepSettings,
+};
 
 /// What a finished run reports (also written to `<output>/summary.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,15 +45,15 @@ pub struct Summary {
     pub final_val_perplexity: Option<f64>,
     pub trainable_params: usize,
     pub total_params: usize,
+    /// Input tokens (rows × seq_len) per second over the last steps' window.
     pub tokens_per_s: f64,
+    /// The same since the first step (its kernel compilation included).
+    pub tokens_per_s_cumulative: f64,
+    /// Highest bytes in live tensors seen at the step's sample points (`None` on the CPU).
+    pub peak_in_use_bytes: Option<u64>,
+    /// Highest bytes the allocator held from the device.
+    pub peak_reserved_bytes: Option<u64>,
     pub output: PathBuf,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct TrainState {
-    /// Optimizer steps completed.
-    step: u64,
-    initial_val_loss: Option<f64>,
 }
 
 pub fn norm_of(cfg: &RunConfig) -> NormMode {
@@ -100,88 +102,6 @@ pub fn base_model<B: Backend>(
     }
 }
 
-/// Ids of parameters that never get weight decay: A_log, D, dt_bias, norm weights, biases.
-fn no_decay_ids<B: Backend>(model: &MambaLM<B>) -> HashSet<ParamId> {
-    let mut ids = HashSet::new();
-    ids.insert(model.norm_f.weight.id);
-    let mut bias = |l: &mamba_model::nn::Linear<B>| {
-        if let Some(b) = &l.bias {
-            ids.insert(b.id);
-        }
-    };
-    let mut biases = Vec::new();
-    for layer in &model.layers {
-        match &layer.mixer {
-            Mixer::Mamba2(m) => {
-                bias(&m.in_proj);
-                bias(&m.out_proj);
-                biases.extend([m.a_log.id, m.d.id, m.dt_bias.id, m.norm_weight.id]);
-                biases.extend(m.conv1d_bias.as_ref().map(|b| b.id));
-            }
-            Mixer::Mamba1(m) => {
-                for l in [&m.in_proj, &m.x_proj, &m.dt_proj, &m.out_proj] {
-                    bias(l);
-                }
-                biases.extend([m.a_log.id, m.d.id]);
-                biases.extend(m.conv1d_bias.as_ref().map(|b| b.id));
-            }
-        }
-    }
-    ids.extend(biases);
-    for layer in &model.layers {
-        ids.insert(layer.norm.weight.id);
-    }
-    ids
-}
-
-/// Decoupled weight decay `p ← p (1 − lr·wd)` on trainable parameters not in `skip`.
-struct Decay<'a> {
-    skip: &'a HashSet<ParamId>,
-    factor: f64,
-}
-
-impl<B: AutodiffBackend> ModuleMapper<B> for Decay<'_> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        if self.skip.contains(&param.id) || !param.is_require_grad() {
-            return param;
-        }
-        let factor = self.factor;
-        param.map(|t| Tensor::from_inner(t.inner() * factor).require_grad())
-    }
-}
-
-/// Sum of squared gradients.
-struct SquaredNorm<'a, B: AutodiffBackend> {
-    grads: &'a GradientsParams,
-    total: Option<Tensor<B::InnerBackend, 1>>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            let s = g.square().sum();
-            self.total = Some(match self.total.take() {
-                Some(t) => t + s,
-                None => s,
-            });
-        }
-    }
-}
-
-/// Multiply every gradient by `factor`.
-struct Scale<'a> {
-    grads: &'a mut GradientsParams,
-    factor: f64,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-            self.grads.register(param.id, g * self.factor);
-        }
-    }
-}
-
 struct Counter {
     total: usize,
     trainable: usize,
@@ -205,18 +125,6 @@ pub fn count_params<B: Backend>(model: &MambaLM<B>) -> (usize, usize) {
     };
     model.visit(&mut c);
     (c.total, c.trainable)
-}
-
-fn batch_tensors<B: Backend>(
-    b: &Batch,
-    device: &B::Device,
-) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
-    let ids = Tensor::from_data(TensorData::new(b.ids.clone(), [b.batch, b.seq_len]), device);
-    let labels = Tensor::from_data(
-        TensorData::new(b.labels.clone(), [b.batch, b.seq_len]),
-        device,
-    );
-    (ids, labels)
 }
 
 /// Mean loss over rows (token-weighted), in batches; `max_batches` 0 means all.
@@ -248,100 +156,36 @@ pub fn evaluate_rows<B: MambaBackend>(
     Ok((nll / tokens as f64, tokens))
 }
 
-fn checkpoints_dir(out: &Path) -> PathBuf {
-    out.join("checkpoints")
-}
 
-/// Complete checkpoints (`step-NNNNNNNN` directories), oldest first.
-pub fn list_checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
-    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(checkpoints_dir(out))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let step = name.strip_prefix("step-")?.parse().ok()?;
-            e.path()
-                .join("state.json")
-                .is_file()
-                .then_some((step, e.path()))
-        })
-        .collect();
-    v.sort();
-    v
-}
 
 fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     mamba_hf::checkpoint::write_atomic(path, bytes)?;
     Ok(())
 }
 
-struct Metrics {
-    path: PathBuf,
-    file: std::fs::File,
-}
-
-impl Metrics {
-    /// Open `metrics.jsonl`, keeping only the records up to `keep_until` (the resumed step).
-    fn open(out: &Path, keep_until: u64) -> Result<Self> {
-        let path = out.join("metrics.jsonl");
-        if keep_until == 0 {
-            write_file_atomic(&path, b"")?;
-        } else if path.exists() {
-            let text = std::fs::read_to_string(&path)?;
-            let kept: String = text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v["step"].as_u64())
-                        .is_some_and(|s| s <= keep_until)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect();
-            write_file_atomic(&path, kept.as_bytes())?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { path, file })
-    }
-
-    fn write(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}").with_context(|| format!("writing {}", self.path.display()))
+/// The backprop settings of a run (checkpointing, LM-head chunk, dropout seed).
+pub fn backprop_options(cfg: &RunConfig) -> BackpropOptions {
+    let t = &cfg.train;
+    BackpropOptions {
+        checkpoint_every: if t.gradient_checkpointing {
+            t.checkpoint_every_k_blocks.max(1)
+        } else {
+            0
+        },
+        loss_chunk: t.loss_chunk_tokens,
+        seed: t.seed,
     }
 }
 
-/// Train as `cfg` says on backend `B` (its autodiff wrapper is chosen here: gradient
-/// checkpointing recomputes activations in backward).
+/// Train as `cfg` says on backend `B` (under burn's autodiff; checkpointing is ours, see
+/// `mamba_model::backprop`).
 pub fn train<B: MambaBackend>(cfg: &RunConfig, device: B::Device, resume: bool) -> Result<Summary> {
-    if cfg.train.gradient_checkpointing {
-        train_with::<B, BalancedCheckpointing>(cfg, device, resume)
-    } else {
-        train_with::<B, NoCheckpointing>(cfg, device, resume)
-    }
-}
-
-fn train_with<B: MambaBackend, C: CheckpointStrategy>(
-    cfg: &RunConfig,
-    device: B::Device,
-    resume: bool,
-) -> Result<Summary> {
-    type_check::<Autodiff<B, C>>();
-    run::<Autodiff<B, C>>(cfg, device, resume)
-}
-
-fn type_check<A: AutodiffBackend + MambaBackend>()
-where
-    A::InnerBackend: MambaBackend,
-{
+    run::<Autodiff<B>>(cfg, device, resume)
 }
 
 fn run<A>(cfg: &RunConfig, device: A::Device, resume: bool) -> Result<Summary>
 where
-    A: AutodiffBackend + MambaBackend,
+    A: AutodiffBackend + MambaBackend + BackwardWith,
     A::InnerBackend: MambaBackend,
 {
     let out = cfg.output.dir.clone();
@@ -378,41 +222,36 @@ where
 
     let lora = cfg.lora.enabled.then(|| lora_config(cfg));
     let mut model = match &lora {
-        Some(l) => {
-            let unmatched = mamba_model::lora::unmatched_targets(&model, &l.targets);
-            if !unmatched.is_empty() {
-                eprintln!(
-                    "lora: no module of this {} model is named {}; skipped",
-                    model.config.model_type(),
-                    unmatched.join(", ")
-                );
-            }
-            // Adapter init draws from the backend RNG: seed it so runs repeat.
-            A::seed(&device, cfg.train.seed);
-            let (m, keys) = apply_lora(model, l, &device)?;
-            if keys.iter().any(|k| k.ends_with(".out_proj")) {
-                eprintln!(
-                    "lora: note: PEFT 0.21 refuses adapters on Mamba `out_proj` (mamba_ssm's fused kernel would bypass them); the merged export carries them"
-                );
-            }
-            eprintln!(
-                "lora: r={} alpha={} on {} modules ({})",
-                l.r,
-                l.alpha,
-                keys.len(),
-                summarize_keys(&keys)
-            );
-            m
-        }
+        Some(l) => with_lora(model, l, cfg, &device)?,
         None => model,
     };
     let (total, trainable) = count_params(&model);
     eprintln!("params: {total} total, {trainable} trainable");
 
+    let t = &cfg.train;
+    let backprop = backprop_options(cfg);
+    let est = estimate(
+        &model,
+        t.batch_size,
+        cfg.data.seq_len,
+        backprop.checkpoint_every,
+        backprop.loss_chunk,
+    );
+    let device_total = A::memory_stats(&device).and_then(|m| m.total);
+    eprintln!("memory: estimated peak {}", est.line());
+    if let Some(total) = device_total {
+        if est.total > total {
+            eprintln!(
+                "memory: warning: the estimate exceeds the device's {:.1} GiB; consider train.gradient_checkpointing = true, a smaller train.batch_size with train.grad_accum, or a shorter data.seq_len",
+                gib(total)
+            );
+        }
+    }
+
     let mut optim = AdamWConfig::new()
-        .with_beta_1(cfg.train.beta1 as f32)
-        .with_beta_2(cfg.train.beta2 as f32)
-        .with_epsilon(cfg.train.eps as f32)
+        .with_beta_1(t.beta1 as f32)
+        .with_beta_2(t.beta2 as f32)
+        .with_epsilon(t.eps as f32)
         .with_weight_decay(0.0)
         .init::<A, MambaLM<A>>();
     let recorder = Rec::new();
@@ -420,31 +259,25 @@ where
     let mut initial_val_loss = None;
     if resume {
         if let Some((step, dir)) = existing.last() {
-            model = model
-                .load_file(dir.join("model"), &recorder, &device)
-                .with_context(|| format!("loading checkpoint {}", dir.display()))?;
-            if lora.is_some() {
-                model = mamba_model::lora::freeze_base(model);
-            }
-            let rec = recorder
-                .load(dir.join("optimizer"), &device)
-                .with_context(|| format!("loading optimizer state from {}", dir.display()))?;
-            optim = optim.load_record(rec);
-            let state: TrainState =
-                serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
+            let (m, o, state) = checkpoint::load(dir, model, optim, &recorder, &device)?;
+            model = if lora.is_some() {
+                mamba_model::lora::freeze_base(m)
+            } else {
+                m
+            };
+            optim = o;
             start = state.step;
             initial_val_loss = state.initial_val_loss;
             eprintln!("resumed from {} (step {step})", dir.display());
         } else {
             eprintln!(
                 "--resume: no checkpoint in {}, starting from scratch",
-                checkpoints_dir(&out).display()
+                checkpoint::checkpoints_dir(&out).display()
             );
         }
     }
     let mut metrics = Metrics::open(&out, start)?;
     let skip_decay = no_decay_ids(&model);
-    let t = &cfg.train;
     let val_bs = t.batch_size;
 
     // Validation loss, logged and written to metrics.jsonl.
@@ -470,80 +303,94 @@ where
         t.seed,
         start * t.grad_accum as u64,
     );
-    let started = Instant::now();
-    let mut tokens_seen = 0usize;
+    let mut next_batch = || -> Result<mamba_data::Batch> {
+        Ok(stream.recv().context("the batch thread stopped")?.1)
+    };
+    let settings = StepSettings {
+        grad_accum: t.grad_accum,
+        max_grad_norm: t.max_grad_norm,
+        weight_decay: t.weight_decay,
+        backprop,
+    };
+    let adapter_only = lora.is_some();
+    let base = adapter_only.then(|| BaseFingerprint::of(&model));
+    set_tracking(A::memory_stats(&device).is_some());
+    reset_peaks();
+    quiet_oom_panics();
+    let mut speed = Throughput::new(t.log_every.max(1) as usize);
     let mut window_loss = 0.0;
     let mut window_n = 0usize;
     let mut last_val = None;
+    let last_checkpoint = |out: &Path| {
+        list_checkpoints(out)
+            .last()
+            .map(|c| c.1.display().to_string())
+            .unwrap_or_else(|| "none written yet".into())
+    };
     for step in start..t.steps {
-        A::seed(
-            &device,
-            t.seed
-                .wrapping_add(step)
-                .wrapping_mul(0x2545_F491_4F6C_DD1D),
-        );
-        let mut accum = GradientsAccumulator::<MambaLM<A>>::new();
-        let mut step_loss = 0.0;
-        for _ in 0..t.grad_accum {
-            let (_, batch) = stream.recv().context("the batch thread stopped")?;
-            let (ids, labels) = batch_tensors::<A>(&batch, &device);
-            let loss = model.loss(ids, labels);
-            let value: f64 = loss.clone().into_scalar().elem();
-            if !value.is_finite() {
-                let last = list_checkpoints(&out)
-                    .last()
-                    .map(|c| c.1.display().to_string())
-                    .unwrap_or_else(|| "none written yet".into());
-                bail!("the loss is {value} at step {}: stopping (last checkpoint: {last}, left intact). Lower train.lr or check the data.", step + 1);
-            }
-            step_loss += value / t.grad_accum as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accum.accumulate(&model, grads);
-            tokens_seen += batch.tokens;
-        }
-        let mut grads = accum.grads();
-        // Average the micro-batches, then clip by the global norm.
-        let mut sq = SquaredNorm::<A> {
-            grads: &grads,
-            total: None,
-        };
-        model.visit(&mut sq);
-        let norm = sq
-            .total
-            .map(|t| t.into_scalar().elem::<f64>().sqrt())
-            .unwrap_or(0.0)
-            / t.grad_accum as f64;
-        let clip = if t.max_grad_norm > 0.0 && norm > t.max_grad_norm {
-            t.max_grad_norm / (norm + 1e-6)
-        } else {
-            1.0
-        };
-        let factor = clip / t.grad_accum as f64;
-        if factor != 1.0 {
-            model.visit(&mut Scale {
-                grads: &mut grads,
-                factor,
-            });
-        }
         let lr = cfg.lr_at(step);
-        if t.weight_decay > 0.0 {
-            model = model.map(&mut Decay {
-                skip: &skip_decay,
-                factor: 1.0 - lr * t.weight_decay,
-            });
-        }
-        model = optim.step(lr, model, grads);
+        let (m, report) = match optimizer_step(
+            model,
+            &mut optim,
+            &mut next_batch,
+            step,
+            lr,
+            &settings,
+            &skip_decay,
+            &device,
+        ) {
+            Ok(r) => r,
+            Err(StepError::OutOfMemory(msg)) => bail!(
+                "{}",
+                oom_message(
+                    step + 1,
+                    t.batch_size,
+                    cfg.data.seq_len,
+                    &msg,
+                    device_total,
+                    &est,
+                    t.gradient_checkpointing,
+                    &last_checkpoint(&out)
+                )
+            ),
+            Err(StepError::NonFinite(value)) => bail!(
+                "the loss is {value} at step {}: stopping (last checkpoint: {}, left intact). Lower train.lr or check the data.",
+                step + 1,
+                last_checkpoint(&out)
+            ),
+            Err(StepError::Other(e)) => return Err(e),
+        };
+        model = m;
         let done = step + 1;
-        window_loss += step_loss;
+        let step_s = speed.step(report.tokens);
+        if step == start {
+            eprintln!("step {done}: first step took {step_s:.1} s (on a GPU this includes compiling and autotuning the kernels)");
+        }
+        window_loss += report.loss;
         window_n += 1;
 
         if done % t.log_every.max(1) == 0 || done == t.steps {
-            let elapsed = started.elapsed().as_secs_f64();
-            let tps = tokens_seen as f64 / elapsed.max(1e-9);
-            let eta = elapsed / (done - start) as f64 * (t.steps - done) as f64;
+            let tps = speed.windowed();
+            let eta = speed.step_seconds() * (t.steps - done) as f64;
             let mean = window_loss / window_n as f64;
-            metrics.write(json!({"step": done, "loss": mean, "perplexity": mean.exp(), "lr": lr, "grad_norm": norm, "tokens_per_s": tps, "elapsed_s": elapsed}))?;
-            eprintln!("step {done}/{}: loss {mean:.4} lr {lr:.2e} |g| {norm:.3} {tps:.0} tok/s ETA {eta:.0}s", t.steps);
+            let (in_use, reserved) = peaks();
+            let mem = (reserved > 0).then(|| {
+                json!({"peak_in_use_bytes": in_use, "peak_reserved_bytes": reserved})
+            });
+            let mut rec = json!({"step": done, "loss": mean, "perplexity": mean.exp(), "lr": lr, "grad_norm": report.grad_norm, "tokens_per_s": tps, "tokens_per_s_cumulative": speed.cumulative(), "step_s": speed.step_seconds(), "elapsed_s": speed.elapsed()});
+            if let (Some(m), Some(obj)) = (mem, rec.as_object_mut()) {
+                obj.extend(m.as_object().cloned().unwrap_or_default());
+            }
+            metrics.write(rec)?;
+            let mem_text = if reserved > 0 {
+                format!(" mem {:.2}/{:.2} GiB", gib(in_use), gib(reserved))
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "step {done}/{}: loss {mean:.4} lr {lr:.2e} |g| {:.3} {tps:.0} tok/s{mem_text} ETA {eta:.0}s",
+                t.steps, report.grad_norm
+            );
             window_loss = 0.0;
             window_n = 0;
         }
@@ -552,54 +399,29 @@ where
             last_val = Some(validate(&model, done, &mut metrics)?);
         }
         if t.checkpoint_every > 0 && (done % t.checkpoint_every == 0 || done == t.steps) {
-            save_checkpoint(
+            let state = TrainState {
+                step: done,
+                initial_val_loss,
+                base: base.clone(),
+            };
+            checkpoint::save(
                 &out,
-                done,
                 &model,
                 &optim,
                 &recorder,
-                initial_val_loss,
+                &state,
                 t.keep_checkpoints,
+                adapter_only,
             )?;
         }
     }
-    let tokens_per_s = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
     drop(metrics);
     crate::plot::plot_metrics(&out.join("metrics.jsonl"), &out.join("loss.png"))
         .context("drawing loss.png")?;
 
-    // Exports.
-    let inner = model.valid();
-    let dtype = save_dtype(cfg);
-    let base_name = cfg
-        .model
-        .source
-        .clone()
-        .unwrap_or_else(|| out.join("base").display().to_string());
-    let copy_tokenizer = |dir: &Path| -> Result<()> {
-        std::fs::copy(&data.tokenizer, dir.join("tokenizer.json"))
-            .with_context(|| format!("copying the tokenizer into {}", dir.display()))?;
-        Ok(())
-    };
-    match &lora {
-        Some(l) => {
-            let dir = out.join("adapter");
-            mamba_hf::peft::save_adapter(&inner, l, &base_name, &dir)?;
-            eprintln!("wrote {}", dir.display());
-            if cfg.output.export_merged {
-                let dir = out.join("merged");
-                save_model(&merge(inner.clone()), &dir, dtype)?;
-                copy_tokenizer(&dir)?;
-                eprintln!("wrote {}", dir.display());
-            }
-        }
-        None => {
-            let dir = out.join("model");
-            save_model(&inner, &dir, dtype)?;
-            copy_tokenizer(&dir)?;
-            eprintln!("wrote {}", dir.display());
-        }
-    }
+    crate::export::export_run(cfg, &model.valid(), lora.as_ref(), &data.tokenizer)?;
+    let (in_use, reserved) = peaks();
+    set_tracking(false);
     let summary = Summary {
         steps: t.steps,
         initial_val_loss,
@@ -607,7 +429,10 @@ where
         final_val_perplexity: last_val.map(f64::exp),
         trainable_params: trainable,
         total_params: total,
-        tokens_per_s,
+        tokens_per_s: speed.windowed(),
+        tokens_per_s_cumulative: speed.cumulative(),
+        peak_in_use_bytes: (reserved > 0).then_some(in_use),
+        peak_reserved_bytes: (reserved > 0).then_some(reserved),
         output: out.clone(),
     };
     write_file_atomic(
@@ -617,49 +442,42 @@ where
     Ok(summary)
 }
 
+/// Adapters on `model` as `l` says, with the messages a PEFT user expects.
+pub fn with_lora<B: MambaBackend>(
+    model: MambaLM<B>,
+    l: &LoraConfig,
+    cfg: &RunConfig,
+    device: &B::Device,
+) -> Result<MambaLM<B>> {
+    let unmatched = mamba_model::lora::unmatched_targets(&model, &l.targets);
+    if !unmatched.is_empty() {
+        eprintln!(
+            "lora: no module of this {} model is named {}; skipped",
+            model.config.model_type(),
+            unmatched.join(", ")
+        );
+    }
+    // Adapter init draws from the backend RNG: seed it so runs repeat.
+    B::seed(device, cfg.train.seed);
+    let (m, keys) = apply_lora(model, l, device)?;
+    if keys.iter().any(|k| k.ends_with(".out_proj")) {
+        eprintln!(
+            "lora: note: PEFT 0.21 refuses adapters on Mamba `out_proj` (mamba_ssm's fused kernel would bypass them); the merged export carries them"
+        );
+    }
+    eprintln!(
+        "lora: r={} alpha={} on {} modules ({})",
+        l.r,
+        l.alpha,
+        keys.len(),
+        summarize_keys(&keys)
+    );
+    Ok(m)
+}
+
 fn summarize_keys(keys: &[String]) -> String {
     let mut names: Vec<&str> = keys.iter().filter_map(|k| k.rsplit('.').next()).collect();
     names.sort();
     names.dedup();
     names.join(", ")
-}
-
-/// Write `checkpoints/step-N` atomically: into a temporary directory, then renamed. Older
-/// checkpoints beyond `keep` are removed only after the new one is complete.
-fn save_checkpoint<A: AutodiffBackend + MambaBackend, O: Optimizer<MambaLM<A>, A>>(
-    out: &Path,
-    step: u64,
-    model: &MambaLM<A>,
-    optim: &O,
-    recorder: &Rec,
-    initial_val_loss: Option<f64>,
-    keep: usize,
-) -> Result<()> {
-    let root = checkpoints_dir(out);
-    let tmp = root.join(format!(".tmp-step-{step:08}"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    model
-        .clone()
-        .save_file(tmp.join("model"), recorder)
-        .context("saving the model record")?;
-    recorder
-        .record(optim.to_record(), tmp.join("optimizer"))
-        .context("saving the optimizer record")?;
-    let state = TrainState {
-        step,
-        initial_val_loss,
-    };
-    std::fs::write(tmp.join("state.json"), serde_json::to_string(&state)?)?;
-    let dst = root.join(format!("step-{step:08}"));
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::rename(&tmp, &dst)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
-    let all = list_checkpoints(out);
-    if all.len() > keep.max(1) {
-        for (_, old) in &all[..all.len() - keep.max(1)] {
-            let _ = std::fs::remove_dir_all(old);
-        }
-    }
-    Ok(())
 }

@@ -10,6 +10,7 @@
 
 pub mod kernels;
 pub mod model;
+pub mod train;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;

@@ -8,7 +8,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use mamba_model::MambaBackend;
-use mamba_train::bench::{kernels, model};
+use mamba_train::bench::{kernels, model, train};
 use mamba_train::{run_on, BackendJob, DeviceSpec};
 
 #[derive(Parser, Debug)]
@@ -72,6 +72,48 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Whole training steps (the `train` binary's optimizer step) of a randomly initialised
+    /// model on random tokens: first step, median step time, tokens/s and peak memory, as the
+    /// peer benchmark `peer_mssm.py` reports them.
+    Train {
+        #[arg(long, default_value = "auto")]
+        device: DeviceSpec,
+        /// mamba2-130m, mamba1-130m or a model config JSON.
+        #[arg(long, default_value = "mamba2-130m")]
+        config: String,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 1024)]
+        seq: usize,
+        /// LoRA rank (0: full fine-tuning).
+        #[arg(long, default_value_t = 8)]
+        lora_r: usize,
+        #[arg(long, value_delimiter = ',', default_value = "in_proj,out_proj,embeddings")]
+        lora_targets: Vec<String>,
+        /// Checkpoint every k-th block (0: no gradient checkpointing).
+        #[arg(long, default_value_t = 0)]
+        checkpoint_every: usize,
+        /// Tokens per LM-head chunk (0: 2^26 logits per chunk).
+        #[arg(long, default_value_t = 0)]
+        loss_chunk: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+struct TrainJob(train::Options);
+
+impl BackendJob for TrainJob {
+    type Output = train::Report;
+    fn run<B: MambaBackend>(self, device: B::Device, name: &str) -> Result<train::Report> {
+        train::run::<B>(&device, name, &self.0)
+    }
 }
 
 struct KernelsJob(kernels::Options);
@@ -144,6 +186,39 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 print!("{}", model::table(&report));
+            }
+        }
+        Command::Train {
+            device,
+            config,
+            batch,
+            seq,
+            lora_r,
+            lora_targets,
+            checkpoint_every,
+            loss_chunk,
+            warmup,
+            steps,
+            seed,
+            json,
+        } => {
+            let opts = train::Options {
+                config,
+                batch,
+                seq,
+                lora_r,
+                lora_targets,
+                checkpoint_every,
+                loss_chunk,
+                warmup,
+                steps,
+                seed,
+            };
+            let report = run_on(device, TrainJob(opts))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", train::line(&report));
             }
         }
     }

@@ -1,0 +1,220 @@
+//! `bench train`: whole training steps of a randomly initialised model on random tokens, the
+//! way the peer benchmark (`peer_mssm.py`) times mamba_ssm: the same optimizer step the `train`
+//! binary runs (`crate::step`: micro-batch forward + backward through the checkpointing driver
+//! and the chunked LM head, global-norm clipping, AdamW), LoRA adapters or full fine-tuning,
+//! checkpointing on or off. Reports the first step apart (kernel compilation and autotuning), the
+//! median of the timed steps, tokens/s from it, and memory: the allocator's high-water marks
+//! (bytes in live tensors, bytes reserved from the device) beside the estimate `train` prints.
+
+use anyhow::{Context, Result};
+use burn::backend::Autodiff;
+use burn::optim::AdamWConfig;
+use mamba_data::Batch;
+use mamba_kernels::memory::{peaks, reset_peaks, set_tracking};
+use mamba_model::lora::{apply_lora, LoraConfig, LoraTargets};
+use mamba_model::{BackpropOptions, MambaBackend, MambaLM};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use super::model::resolve_config;
+use super::RunInfo;
+use crate::memory::{estimate, Estimate};
+use crate::step::{no_decay_ids, optimizer_step, StepError, StepSettings};
+use crate::train::count_params;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// A preset name (`mamba2-130m`, `mamba1-130m`) or a config JSON path.
+    pub config: String,
+    pub batch: usize,
+    pub seq: usize,
+    /// LoRA rank; 0 trains every parameter.
+    pub lora_r: usize,
+    pub lora_targets: Vec<String>,
+    /// 0: no checkpointing; k: every k-th block.
+    pub checkpoint_every: usize,
+    pub loss_chunk: usize,
+    /// Untimed steps after the first.
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub bench: &'static str,
+    #[serde(flatten)]
+    pub info: RunInfo,
+    pub config: String,
+    pub model_type: &'static str,
+    pub params: usize,
+    pub trainable_params: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub lora_r: usize,
+    pub lora_targets: Vec<String>,
+    pub checkpoint_every: usize,
+    pub dtype: &'static str,
+    pub first_step_s: f64,
+    /// Median of the timed steps.
+    pub step_ms: f64,
+    /// `batch × seq / step time`.
+    pub tokens_per_s: f64,
+    pub steps_timed: usize,
+    pub loss_first: f64,
+    pub loss_last: f64,
+    pub peak_in_use_gib: Option<f64>,
+    pub peak_reserved_gib: Option<f64>,
+    pub device_total_gib: Option<f64>,
+    pub estimate: Estimate,
+    /// Set when a step ran out of memory (the runtime's message).
+    pub out_of_memory: Option<String>,
+}
+
+fn gib(b: u64) -> f64 {
+    crate::memory::gib(b)
+}
+
+/// Runs the training-step benchmark on backend `B`; `name` is what `--device` selected.
+pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> Result<Report> {
+    type A<B> = Autodiff<B>;
+    let config = resolve_config(&opts.config)?;
+    B::seed(device, opts.seed);
+    let model = MambaLM::<A<B>>::init(&config, device)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("--config {}", opts.config))?;
+    let model = if opts.lora_r > 0 {
+        let l = LoraConfig {
+            r: opts.lora_r,
+            alpha: 2.0 * opts.lora_r as f64,
+            dropout: 0.0,
+            use_rslora: false,
+            targets: LoraTargets::Names(opts.lora_targets.clone()),
+        };
+        apply_lora(model, &l, device)?.0
+    } else {
+        model
+    };
+    let (params, trainable) = count_params(&model);
+    let est = estimate(&model, opts.batch, opts.seq, opts.checkpoint_every, opts.loss_chunk);
+    let vocab = config.vocab_size();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    let mut next_batch = || -> Result<Batch> {
+        let n = opts.batch * opts.seq;
+        let ids: Vec<i64> = (0..n).map(|_| rng.random_range(0..vocab as i64)).collect();
+        Ok(Batch {
+            batch: opts.batch,
+            seq_len: opts.seq,
+            labels: ids.clone(),
+            ids,
+            tokens: n - opts.batch,
+        })
+    };
+    let mut optim = AdamWConfig::new().init::<A<B>, MambaLM<A<B>>>();
+    let settings = StepSettings {
+        grad_accum: 1,
+        max_grad_norm: 1.0,
+        weight_decay: 0.0,
+        backprop: BackpropOptions {
+            checkpoint_every: opts.checkpoint_every,
+            loss_chunk: opts.loss_chunk,
+            seed: opts.seed,
+        },
+    };
+    let skip = no_decay_ids(&model);
+    let device_total = B::memory_stats(device).and_then(|m| m.total);
+    set_tracking(B::memory_stats(device).is_some());
+    reset_peaks();
+    let mut model = Some(model);
+    let mut times = Vec::new();
+    let mut first_step_s = 0.0;
+    let mut losses = Vec::new();
+    let mut oom = None;
+    let total_steps = 1 + opts.warmup + opts.steps.max(1);
+    for step in 0..total_steps {
+        let start = std::time::Instant::now();
+        let m = model.take().expect("the model is back after each step");
+        match optimizer_step(
+            m,
+            &mut optim,
+            &mut next_batch,
+            step as u64,
+            1e-4,
+            &settings,
+            &skip,
+            device,
+        ) {
+            Ok((m, report)) => {
+                B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
+                let s = start.elapsed().as_secs_f64();
+                if step == 0 {
+                    first_step_s = s;
+                } else if step > opts.warmup {
+                    times.push(s * 1e3);
+                }
+                losses.push(report.loss);
+                model = Some(m);
+            }
+            Err(StepError::OutOfMemory(msg)) => {
+                oom = Some(msg.lines().next().unwrap_or_default().to_string());
+                break;
+            }
+            Err(StepError::NonFinite(v)) => anyhow::bail!("the loss is {v} at step {}", step + 1),
+            Err(StepError::Other(e)) => return Err(e),
+        }
+    }
+    set_tracking(false);
+    let (in_use, reserved) = peaks();
+    times.sort_by(f64::total_cmp);
+    let step_ms = if times.is_empty() {
+        f64::NAN
+    } else {
+        times[times.len() / 2]
+    };
+    let has_mem = reserved > 0;
+    Ok(Report {
+        bench: "train",
+        info: RunInfo::new::<B>(device, name),
+        config: opts.config.clone(),
+        model_type: config.model_type(),
+        params,
+        trainable_params: trainable,
+        batch: opts.batch,
+        seq: opts.seq,
+        lora_r: opts.lora_r,
+        lora_targets: opts.lora_targets.clone(),
+        checkpoint_every: opts.checkpoint_every,
+        dtype: "f32",
+        first_step_s,
+        step_ms,
+        tokens_per_s: (opts.batch * opts.seq) as f64 / (step_ms / 1e3),
+        steps_timed: times.len(),
+        loss_first: losses.first().copied().unwrap_or(f64::NAN),
+        loss_last: losses.last().copied().unwrap_or(f64::NAN),
+        peak_in_use_gib: has_mem.then(|| gib(in_use)),
+        peak_reserved_gib: has_mem.then(|| gib(reserved)),
+        device_total_gib: device_total.map(gib),
+        estimate: est,
+        out_of_memory: oom,
+    })
+}
+
+/// One line for a terminal.
+pub fn line(r: &Report) -> String {
+    format!(
+        "{} {}x{} lora r{} ckpt {}: first step {:.1} s, step {:.1} ms, {:.0} tok/s, peak in use {} GiB, reserved {} GiB (estimate {:.2} GiB){}",
+        r.config,
+        r.batch,
+        r.seq,
+        r.lora_r,
+        r.checkpoint_every,
+        r.first_step_s,
+        r.step_ms,
+        r.tokens_per_s,
+        r.peak_in_use_gib.map(|g| format!("{g:.2}")).unwrap_or("-".into()),
+        r.peak_reserved_gib.map(|g| format!("{g:.2}")).unwrap_or("-".into()),
+        gib(r.estimate.total),
+        r.out_of_memory.as_ref().map(|m| format!(" OUT OF MEMORY: {m}")).unwrap_or_default()
+    )
+}

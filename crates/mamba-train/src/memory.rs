@@ -1,0 +1,130 @@
+//! What a training step will hold on the device, estimated before the first step from the
+//! model's shapes (printed at start and compared with the device's memory), and the
+//! out-of-memory message that names sizes and what to try.
+
+use mamba_model::{MambaLM, ModelConfig};
+
+/// Bytes by category, f32 throughout.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Estimate {
+    /// Every parameter.
+    pub weights: u64,
+    /// Gradients and AdamW's two moments of the trainable parameters.
+    pub grads_optimizer: u64,
+    /// Activations kept for backward: every block's graph, or only the inputs of checkpointed
+    /// blocks plus one re-run block's graph.
+    pub activations: u64,
+    /// One LM-head chunk: its logits, their log-softmax and gradient.
+    pub logits: u64,
+    pub total: u64,
+}
+
+/// Elements one block keeps for backward per token when its graph is kept: the residual and
+/// its norm, the input projection's output, the conv's output, the SSD's inputs and output, the
+/// gated norm's intermediates and the output projection's input (counted from the ops the
+/// block runs; burn's autodiff keeps each op's inputs that its backward reads).
+fn block_elements_per_token(config: &ModelConfig) -> u64 {
+    match config {
+        ModelConfig::Mamba2(c) => {
+            let d = c.hidden_size as u64;
+            let i = c.intermediate_size() as u64;
+            let p = c.in_proj_size() as u64;
+            let conv = i + 2 * (c.n_groups * c.state_size) as u64;
+            4 * d + p + 2 * conv + 6 * i
+        }
+        ModelConfig::Mamba1(c) => {
+            let d = c.hidden_size as u64;
+            let i = c.intermediate_size as u64;
+            let n = c.state_size as u64;
+            let r = c.time_step_rank as u64;
+            4 * d + 2 * i + 3 * i + (r + 2 * n) + 3 * i + 2 * i
+        }
+    }
+}
+
+/// The estimate for micro-batches of `batch × seq` tokens.
+pub fn estimate<B: mamba_model::MambaBackend>(
+    model: &MambaLM<B>,
+    batch: usize,
+    seq: usize,
+    checkpoint_every: usize,
+    loss_chunk: usize,
+) -> Estimate {
+    let (total, trainable) = crate::train::count_params(model);
+    let config = &model.config;
+    let tokens = (batch * seq) as u64;
+    let layers = config.num_layers() as u64;
+    let block = 4 * tokens * block_elements_per_token(config);
+    let residual = 4 * tokens * config.hidden_size() as u64;
+    let activations = if checkpoint_every == 0 {
+        layers * block
+    } else {
+        let checkpointed = layers.div_ceil(checkpoint_every as u64);
+        checkpointed * residual + (layers - checkpointed) * block + 2 * block
+    };
+    let vocab = config.vocab_size() as u64;
+    let chunk = mamba_model::loss::chunk_tokens(loss_chunk, vocab as usize, tokens as usize) as u64;
+    let logits = 3 * 4 * chunk.min(tokens) * vocab;
+    let weights = 4 * total as u64;
+    let grads_optimizer = 12 * trainable as u64;
+    Estimate {
+        weights,
+        grads_optimizer,
+        activations,
+        logits,
+        total: weights + grads_optimizer + activations + logits,
+    }
+}
+
+pub fn gib(bytes: u64) -> f64 {
+    mamba_kernels::memory::gib(bytes)
+}
+
+impl Estimate {
+    pub fn line(&self) -> String {
+        format!(
+            "{:.2} GiB (weights {:.2}, grads + AdamW {:.2}, activations {:.2}, LM-head chunk {:.2})",
+            gib(self.total),
+            gib(self.weights),
+            gib(self.grads_optimizer),
+            gib(self.activations),
+            gib(self.logits)
+        )
+    }
+}
+
+/// The out-of-memory error text: where it happened, the sizes, and what to try.
+pub fn oom_message(
+    step: u64,
+    batch: usize,
+    seq: usize,
+    runtime_message: &str,
+    total: Option<u64>,
+    estimate: &Estimate,
+    checkpointing: bool,
+    last_checkpoint: &str,
+) -> String {
+    let what = runtime_message.lines().next().unwrap_or(runtime_message).trim();
+    let device = match total {
+        Some(t) => format!("the device has {:.1} GiB", gib(t)),
+        None => "the device's total memory is not reported by this backend".into(),
+    };
+    let mut advice = Vec::new();
+    if !checkpointing {
+        advice.push("train.gradient_checkpointing = true (keeps only each block's input)".to_string());
+    }
+    advice.push(format!(
+        "a smaller train.batch_size with a larger train.grad_accum (e.g. batch_size = {} and grad_accum = {}: the same tokens per step)",
+        (batch / 2).max(1),
+        2
+    ));
+    advice.push("a shorter data.seq_len".into());
+    advice.push(
+        "train.loss_chunk_tokens smaller than its default, if the LM head's chunk is large".into(),
+    );
+    format!(
+        "out of device memory at step {step} (micro-batch {batch} x {seq} tokens): {what}; {device}, and this run was estimated to need {}. Try: {}. Last checkpoint: {last_checkpoint} (left intact).",
+        estimate.line(),
+        advice.join("; ")
+    )
+}
