@@ -22,7 +22,7 @@ fn err_of(r: Result<impl std::fmt::Debug, mamba_burn::hf::HfError>) -> String {
 #[test]
 fn shared_configs_load() {
     // Bare `Infinity` token (older transformers).
-    let m2 = load_config(&shared().join("models/mamba2-130m-hf/config.json")).unwrap();
+    let m2 = load_config(&model_config("mamba2-130m-hf.json")).unwrap();
     let ModelConfig::Mamba2(c) = m2 else {
         panic!("not mamba2")
     };
@@ -39,7 +39,7 @@ fn shared_configs_load() {
     assert_eq!(c.time_step_limit, (0.0, f64::INFINITY));
     assert!(c.tie_word_embeddings);
 
-    let m1 = load_config(&shared().join("models/mamba-130m-hf/config.json")).unwrap();
+    let m1 = load_config(&model_config("mamba-130m-hf.json")).unwrap();
     let ModelConfig::Mamba1(c) = m1 else {
         panic!("not mamba")
     };
@@ -53,7 +53,7 @@ fn shared_configs_load() {
         (768, 1536, 48, 50280)
     );
 
-    let cs = load_config(&shared().join("models/mamba-codestral-7b-shape/config.json")).unwrap();
+    let cs = load_config(&model_config("mamba-codestral-7b-shape.json")).unwrap();
     let ModelConfig::Mamba2(c) = cs else {
         panic!("not mamba2")
     };
@@ -181,7 +181,7 @@ fn codestral_params_json() {
     let ModelConfig::Mamba2(c) = load_config(&p).unwrap() else {
         panic!("params.json is a Mamba2")
     };
-    let want = load_config(&shared().join("models/mamba-codestral-7b-shape/config.json")).unwrap();
+    let want = load_config(&model_config("mamba-codestral-7b-shape.json")).unwrap();
     let ModelConfig::Mamba2(w) = want else {
         panic!()
     };

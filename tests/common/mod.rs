@@ -15,8 +15,20 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-pub fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
+/// The repository's own root: the data the tests read (english_quotes, the GPT-NeoX tokenizer,
+/// model configs) is vendored there, so nothing outside the checkout is needed.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+/// The bundled english_quotes rows.
+pub fn quotes() -> PathBuf {
+    repo_root().join("datasets/english_quotes/quotes.jsonl")
+}
+
+/// A model config under `configs/models/`.
+pub fn model_config(name: &str) -> PathBuf {
+    repo_root().join("configs/models").join(name)
 }
 
 pub struct Reference {
