@@ -190,15 +190,10 @@ pub fn causal_conv1d<B: MambaBackend, C: CheckpointStrategy>(
     }
 }
 
-fn is_tracked<B: MambaBackend, const D: usize>(
-    t: &Tensor<Ad<B, impl CheckpointStrategy>, D>,
+fn is_tracked<B: MambaBackend, C: CheckpointStrategy, const D: usize>(
+    t: &Tensor<Ad<B, C>, D>,
 ) -> bool {
-    !t.clone()
-        .into_primitive()
-        .tensor()
-        .node
-        .requirement
-        .is_none()
+    <Ad<B, C> as crate::BackwardWith>::is_tracked(t)
 }
 
 fn register<B: MambaBackend, const D: usize>(

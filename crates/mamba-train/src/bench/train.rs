@@ -22,22 +22,38 @@ use crate::memory::{estimate, Estimate};
 use crate::step::{no_decay_ids, optimizer_step, StepError, StepSettings};
 use crate::train::count_params;
 
-#[derive(Debug, Clone)]
+/// What `bench train` runs (also its command-line flags).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
-    /// A preset name (`mamba2-130m`, `mamba1-130m`) or a config JSON path.
+    /// mamba2-130m, mamba1-130m or a model config JSON.
+    #[arg(long, default_value = "mamba2-130m")]
     pub config: String,
+    #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    #[arg(long, default_value_t = 1024)]
     pub seq: usize,
-    /// LoRA rank; 0 trains every parameter.
+    /// LoRA rank (0: full fine-tuning).
+    #[arg(long, default_value_t = 8)]
     pub lora_r: usize,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "in_proj,out_proj,embeddings"
+    )]
     pub lora_targets: Vec<String>,
-    /// 0: no checkpointing; k: every k-th block.
+    /// Checkpoint every k-th block (0: no gradient checkpointing).
+    #[arg(long, default_value_t = 0)]
     pub checkpoint_every: usize,
+    /// Tokens per LM-head chunk (0: 2^26 logits per chunk, evened out).
+    #[arg(long, default_value_t = 0)]
     pub loss_chunk: usize,
     /// Untimed steps after the first.
+    #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Timed steps.
+    #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
@@ -97,7 +113,13 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
         model
     };
     let (params, trainable) = count_params(&model);
-    let est = estimate(&model, opts.batch, opts.seq, opts.checkpoint_every, opts.loss_chunk);
+    let est = estimate(
+        &model,
+        opts.batch,
+        opts.seq,
+        opts.checkpoint_every,
+        opts.loss_chunk,
+    );
     let vocab = config.vocab_size();
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let mut next_batch = || -> Result<Batch> {

@@ -78,30 +78,8 @@ enum Command {
     Train {
         #[arg(long, default_value = "auto")]
         device: DeviceSpec,
-        /// mamba2-130m, mamba1-130m or a model config JSON.
-        #[arg(long, default_value = "mamba2-130m")]
-        config: String,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 1024)]
-        seq: usize,
-        /// LoRA rank (0: full fine-tuning).
-        #[arg(long, default_value_t = 8)]
-        lora_r: usize,
-        #[arg(long, value_delimiter = ',', default_value = "in_proj,out_proj,embeddings")]
-        lora_targets: Vec<String>,
-        /// Checkpoint every k-th block (0: no gradient checkpointing).
-        #[arg(long, default_value_t = 0)]
-        checkpoint_every: usize,
-        /// Tokens per LM-head chunk (0: 2^26 logits per chunk).
-        #[arg(long, default_value_t = 0)]
-        loss_chunk: usize,
-        #[arg(long, default_value_t = 1)]
-        warmup: usize,
-        #[arg(long, default_value_t = 5)]
-        steps: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        opts: train::Options,
         #[arg(long)]
         json: bool,
     },
@@ -188,32 +166,7 @@ fn main() -> Result<()> {
                 print!("{}", model::table(&report));
             }
         }
-        Command::Train {
-            device,
-            config,
-            batch,
-            seq,
-            lora_r,
-            lora_targets,
-            checkpoint_every,
-            loss_chunk,
-            warmup,
-            steps,
-            seed,
-            json,
-        } => {
-            let opts = train::Options {
-                config,
-                batch,
-                seq,
-                lora_r,
-                lora_targets,
-                checkpoint_every,
-                loss_chunk,
-                warmup,
-                steps,
-                seed,
-            };
+        Command::Train { device, opts, json } => {
             let report = run_on(device, TrainJob(opts))?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
