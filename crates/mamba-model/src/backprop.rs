@@ -216,7 +216,10 @@ where
                 );
                 let value = nll.clone().inner();
                 let mut g = (nll * scale).backward();
-                dh.push(part.grad_remove(&mut g).expect("the chunk is a tracked leaf"));
+                dh.push(
+                    part.grad_remove(&mut g)
+                        .expect("the chunk is a tracked leaf"),
+                );
                 merge::<A, _>(&mut grads, self, g);
                 sample::<A>(&device);
                 total = Some(match total {

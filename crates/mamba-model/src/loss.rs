@@ -32,7 +32,9 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
         // Nothing to predict: transformers returns NaN (0/0); so do we.
         return Tensor::<B, 1>::zeros([1], &logits.device()) / 0.0;
     }
-    let logits = logits.narrow(1, 0, seq - 1).reshape([batch * (seq - 1), vocab]); // [n, V]
+    let logits = logits
+        .narrow(1, 0, seq - 1)
+        .reshape([batch * (seq - 1), vocab]); // [n, V]
     let labels = shift_labels(labels); // [n]
     let counted = labels.clone().not_equal_elem(IGNORE_INDEX).float().sum();
     nll_sum(logits, labels) / counted
@@ -41,9 +43,7 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
 /// `labels` `[batch, seq]` → the targets of positions `0..seq-1`, flattened `[batch·(seq-1)]`.
 pub fn shift_labels<B: Backend>(labels: Tensor<B, 2, Int>) -> Tensor<B, 1, Int> {
     let [batch, seq] = labels.dims();
-    labels
-        .narrow(1, 1, seq - 1)
-        .reshape([batch * (seq - 1)])
+    labels.narrow(1, 1, seq - 1).reshape([batch * (seq - 1)])
 }
 
 /// Summed negative log-likelihood of `labels` `[n]` under `logits` `[n, vocab]`, `-100`

@@ -142,7 +142,9 @@ impl<B: burn::tensor::backend::Backend> ModuleMapper<B> for Restore<'_, B> {
         }
         let key = self.path.key();
         let Some((id, shape, values)) = self.saved.get(&key) else {
-            self.errors.push(format!("`{key}` is trainable here but not in the checkpoint"));
+            self.errors.push(format!(
+                "`{key}` is trainable here but not in the checkpoint"
+            ));
             return param;
         };
         if shape.as_slice() != param.shape().dims::<D>().as_slice() {
@@ -153,7 +155,8 @@ impl<B: burn::tensor::backend::Backend> ModuleMapper<B> for Restore<'_, B> {
             return param;
         }
         self.restored += 1;
-        let t = Tensor::<B, D>::from_data(TensorData::new(values.clone(), shape.clone()), &self.device);
+        let t =
+            Tensor::<B, D>::from_data(TensorData::new(values.clone(), shape.clone()), &self.device);
         Param::initialized(*id, t.require_grad())
     }
 }

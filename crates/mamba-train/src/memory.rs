@@ -104,14 +104,20 @@ pub fn oom_message(
     checkpointing: bool,
     last_checkpoint: &str,
 ) -> String {
-    let what = runtime_message.lines().next().unwrap_or(runtime_message).trim();
+    let what = runtime_message
+        .lines()
+        .next()
+        .unwrap_or(runtime_message)
+        .trim();
     let device = match total {
         Some(t) => format!("the device has {:.1} GiB", gib(t)),
         None => "the device's total memory is not reported by this backend".into(),
     };
     let mut advice = Vec::new();
     if !checkpointing {
-        advice.push("train.gradient_checkpointing = true (keeps only each block's input)".to_string());
+        advice.push(
+            "train.gradient_checkpointing = true (keeps only each block's input)".to_string(),
+        );
     }
     advice.push(format!(
         "a smaller train.batch_size with a larger train.grad_accum (e.g. batch_size = {} and grad_accum = {}: the same tokens per step)",

@@ -220,7 +220,10 @@ where
     A::InnerBackend: MambaBackend,
     O: Optimizer<MambaLM<A>, A>,
 {
-    if std::env::var(SIMULATE_OOM_ENV).ok().and_then(|v| v.parse::<u64>().ok()) == Some(step + 1)
+    if std::env::var(SIMULATE_OOM_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        == Some(step + 1)
     {
         return Err(StepError::OutOfMemory(format!(
             "can't allocate buffer of size: 1073741824 (simulated by {SIMULATE_OOM_ENV})"

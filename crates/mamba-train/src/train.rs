@@ -156,8 +156,6 @@ pub fn evaluate_rows<B: MambaBackend>(
     Ok((nll / tokens as f64, tokens))
 }
 
-
-
 fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     mamba_hf::checkpoint::write_atomic(path, bytes)?;
     Ok(())
@@ -374,9 +372,8 @@ where
             let eta = speed.step_seconds() * (t.steps - done) as f64;
             let mean = window_loss / window_n as f64;
             let (in_use, reserved) = peaks();
-            let mem = (reserved > 0).then(|| {
-                json!({"peak_in_use_bytes": in_use, "peak_reserved_bytes": reserved})
-            });
+            let mem = (reserved > 0)
+                .then(|| json!({"peak_in_use_bytes": in_use, "peak_reserved_bytes": reserved}));
             let mut rec = json!({"step": done, "loss": mean, "perplexity": mean.exp(), "lr": lr, "grad_norm": report.grad_norm, "tokens_per_s": tps, "tokens_per_s_cumulative": speed.cumulative(), "step_s": speed.step_seconds(), "elapsed_s": speed.elapsed()});
             if let (Some(m), Some(obj)) = (mem, rec.as_object_mut()) {
                 obj.extend(m.as_object().cloned().unwrap_or_default());
