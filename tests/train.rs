@@ -81,7 +81,7 @@ fn train_lowers_val_loss(sets: &[String], margin: f64, what: &str) -> Value {
 }
 
 fn eval_loss(model: &Path, adapter: Option<&Path>) -> f64 {
-    let data = shared().join("datasets/english_quotes/quotes.jsonl");
+    let data = quotes();
     let mut cmd = Command::new(EVAL);
     cmd.args([
         "--model",
@@ -196,6 +196,21 @@ fn quickstart_then_lora_on_its_export() {
     assert!(
         merged < base,
         "merged {merged} is not better than the base {base}"
+    );
+
+    // 5. `eval --run` evaluates the run on exactly its own validation split and settings: the
+    //    run's final validation loss.
+    let got = ok(Command::new(EVAL)
+        .current_dir(repo())
+        .args(["--run", lora.to_str().unwrap(), "--device", "cpu", "--json"])
+        .output()
+        .unwrap())["loss"]
+        .as_f64()
+        .unwrap();
+    let want = s["final_val_loss"].as_f64().unwrap();
+    assert!(
+        ((got - want) / want).abs() < 1e-6,
+        "eval --run {got} vs the run's final validation loss {want}"
     );
 }
 
@@ -345,9 +360,9 @@ fn losses(metrics: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-/// Kill a run after its first checkpoint; `--resume` continues the same loss curve.
-#[test]
-fn resume_after_kill_continues_the_same_curve() {
+/// Kill a run (with `extra` settings) after its first checkpoint; `--resume` continues the same
+/// loss curve. Returns the temporary directory and the interrupted run's output directory.
+fn resume_case(extra: &[&str]) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let sets = |dir: &Path| -> Vec<String> {
         let mut s = small(dir);
@@ -356,6 +371,7 @@ fn resume_after_kill_continues_the_same_curve() {
             "train.checkpoint_every=4".into(),
             "data.max_examples=120".into(),
         ]);
+        s.extend(extra.iter().map(|e| e.to_string()));
         s
     };
     let whole = tmp.path().join("whole");
@@ -414,6 +430,102 @@ fn resume_after_kill_continues_the_same_curve() {
             "step {sa}: {la} uninterrupted vs {lb} resumed"
         );
     }
+    (tmp, cut)
+}
+
+#[test]
+fn resume_after_kill_continues_the_same_curve() {
+    resume_case(&[]);
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                m.len()
+            }
+        })
+        .sum()
+}
+
+/// A LoRA run with gradient checkpointing: its checkpoints hold the adapters and their
+/// optimizer state, not the base; resume continues the same curve and refuses another base.
+#[test]
+fn lora_checkpoints_hold_adapters_and_resume_exactly() {
+    let lora = [
+        "lora.enabled=true",
+        "lora.r=4",
+        "lora.target_modules=[\"in_proj\", \"out_proj\"]",
+        "train.gradient_checkpointing=true",
+    ];
+    let (_tmp, cut) = resume_case(&lora);
+    let ckpt = cut.join("checkpoints/step-00000012");
+    assert!(ckpt.join("trainable.safetensors").is_file());
+    assert!(
+        !ckpt.join("model.mpk").exists(),
+        "the base model was written"
+    );
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(cut.join("summary.json")).unwrap()).unwrap();
+    let model_bytes = 4 * summary["total_params"].as_u64().unwrap();
+    let bytes = dir_bytes(&ckpt);
+    assert!(
+        bytes * 50 < model_bytes,
+        "checkpoint {bytes} bytes for a model of {model_bytes} bytes"
+    );
+    // The same run directory with another adapter rank is another model: refused.
+    let mut sets = small(&cut);
+    sets.extend([
+        "train.steps=12".to_string(),
+        "train.checkpoint_every=4".into(),
+        "data.max_examples=120".into(),
+    ]);
+    sets.extend(lora.iter().map(|s| s.replace("lora.r=4", "lora.r=2")));
+    let err = fails_with(
+        &mut train("configs/quickstart.toml", &sets, &["--resume"]),
+        "trained on another base model",
+    );
+    assert!(err.contains("trainable"), "{err}");
+}
+
+/// A device allocation failure mid-run stops with sizes and advice, and the last checkpoint
+/// stays loadable: `--resume` finishes the run.
+#[test]
+fn out_of_memory_is_a_clear_error_and_keeps_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("oom");
+    let mut sets = small(&out);
+    sets.extend([
+        "train.steps=6".to_string(),
+        "train.checkpoint_every=2".into(),
+        "data.max_examples=120".into(),
+    ]);
+    let err = fails_with(
+        train("configs/quickstart.toml", &sets, &[]).env("MAMBA_SIMULATE_OOM_AT_STEP", "5"),
+        "out of device memory at step 5",
+    );
+    for want in [
+        "micro-batch 4 x 32 tokens",
+        "can't allocate buffer",
+        "train.gradient_checkpointing = true",
+        "grad_accum",
+        "step-00000004",
+        "estimated to need",
+    ] {
+        assert!(err.contains(want), "`{want}` missing from: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.join("checkpoints/step-00000004/state.json").is_file());
+    assert!(!out.join("summary.json").exists());
+    let s = ok(train("configs/quickstart.toml", &sets, &["--resume"])
+        .output()
+        .unwrap());
+    assert_eq!(s["steps"].as_u64(), Some(6));
 }
 
 fn fails_with(cmd: &mut Command, want: &str) -> String {
@@ -567,11 +679,7 @@ fn hub_dataset_id_from_local_cache() {
     std::fs::write(repo.join("refs/main"), commit).unwrap();
     let snap = repo.join("snapshots").join(commit);
     std::fs::create_dir_all(&snap).unwrap();
-    std::fs::copy(
-        shared().join("datasets/english_quotes/quotes.jsonl"),
-        snap.join("quotes.jsonl"),
-    )
-    .unwrap();
+    std::fs::copy(quotes(), snap.join("quotes.jsonl")).unwrap();
     let out = tmp.path().join("run");
     let mut sets = small(&out);
     sets.extend([
@@ -592,4 +700,59 @@ fn hub_dataset_id_from_local_cache() {
     let mut cmd = train("configs/quickstart.toml", &sets, &[]);
     cmd.env("HF_HOME", tmp.path().join("hf"));
     fails_with(&mut cmd, "set `data.file`");
+}
+
+/// The main command with an empty hub cache and the hub unreachable: the model error says what
+/// happened and how to go on offline; with a local model, the bundled english_quotes stands in
+/// for the hub dataset.
+#[test]
+fn main_command_without_the_hub() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |sets: &[String]| {
+        let mut cmd = Command::new(TRAIN);
+        cmd.current_dir(repo())
+            .args(["--config", "configs/lora.toml", "--device", "cpu"])
+            .env("HF_HOME", tmp.path().join("hf"))
+            .env("HF_HUB_CACHE", tmp.path().join("hf/hub"))
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("TRANSFORMERS_OFFLINE");
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        cmd
+    };
+    let out = format!("output.dir=\"{}\"", tmp.path().join("run").display());
+    let err = fails_with(
+        &mut run(std::slice::from_ref(&out)),
+        "cannot reach the Hugging Face hub",
+    );
+    assert!(err.contains("state-spaces/mamba-130m-hf"), "{err}");
+    assert!(err.contains("configs/quickstart.toml"), "{err}");
+
+    // Offline mode without the model cached says so.
+    let err = fails_with(
+        run(std::slice::from_ref(&out)).env("HF_HUB_OFFLINE", "1"),
+        "offline (HF_HUB_OFFLINE is set) and not in the Hugging Face cache",
+    );
+    assert!(err.contains("model.source"), "{err}");
+
+    // With a local model the run goes on, on the bundled copy of the dataset.
+    let mut sets = small(&tmp.path().join("run2"));
+    sets.extend([
+        "model.source=".to_string(),
+        "model.init=\"configs/models/mamba2-tiny.json\"".into(),
+        "tokenizer.source=\"tokenizers/gpt-neox-20b/tokenizer.json\"".into(),
+        "train.steps=2".into(),
+        "lora.target_modules=[\"in_proj\"]".into(),
+        "output.export_merged=false".into(),
+    ]);
+    let out = run(&sets).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("Abirate/english_quotes is not available from the hub or its cache")
+            && err.contains("bundled with mamba-burn"),
+        "{err}"
+    );
 }

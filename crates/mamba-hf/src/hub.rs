@@ -32,6 +32,33 @@ pub fn cache() -> Cache {
     }
 }
 
+/// What to do without the hub, for the model errors.
+const OFFLINE_ADVICE: &str = "to train without the hub, pass a local model directory (`model.source = \"path/to/dir\"`), or make one offline first: `cargo run --release --bin train -- --config configs/quickstart.toml`, then `--set model.source=runs/quickstart/model`";
+
+/// Why the hub did not give a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubFailure {
+    /// No answer: no network, DNS, refused connection, timeout.
+    Unreachable,
+    /// The hub answered that the repository or file is not there (or not accessible).
+    NotFound,
+    Other,
+}
+
+/// Classifies an `hf-hub` error by its transport error.
+pub fn classify(e: &hf_hub::api::sync::ApiError) -> HubFailure {
+    use hf_hub::api::sync::ApiError;
+    match e {
+        ApiError::RequestError(err) => match err.as_ref() {
+            ureq::Error::Status(401 | 403 | 404, _) => HubFailure::NotFound,
+            ureq::Error::Status(..) => HubFailure::Other,
+            ureq::Error::Transport(_) => HubFailure::Unreachable,
+        },
+        ApiError::TooManyRetries(inner) => classify(inner),
+        _ => HubFailure::Other,
+    }
+}
+
 /// `owner/name[@revision]`.
 fn parse_id(spec: &str) -> Option<(String, Option<String>)> {
     let (id, rev) = match spec.split_once('@') {
@@ -99,7 +126,7 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf, HfError> {
         return Err(HfError::NotFound {
             what: spec.to_string(),
             message: format!(
-                "not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set; download it on a connected machine or pass a local directory",
+                "offline (HF_HUB_OFFLINE is set) and not in the Hugging Face cache at {}; download it on a connected machine, or {OFFLINE_ADVICE}",
                 cache.path().display()
             ),
         });
@@ -118,10 +145,32 @@ fn download_model(id: &str, rev: &Option<String>, spec: &str) -> Result<PathBuf,
         .build()
         .map_err(|e| hub_err(format!("cannot reach the hub: {e}")))?;
     let api_repo = api.repo(repo(id, rev, RepoType::Model));
-    let config = CONFIG_FILES
-        .iter()
-        .find_map(|f| api_repo.get(f).ok())
-        .ok_or_else(|| hub_err("the hub has no config.json or params.json for it (or is unreachable; set HF_HUB_OFFLINE=1 to use the cache only)".into()))?;
+    let mut failures = Vec::new();
+    let config = CONFIG_FILES.iter().find_map(|f| match api_repo.get(f) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            failures.push((classify(&e), e.to_string()));
+            None
+        }
+    });
+    let config = config.ok_or_else(|| {
+        let cached = cache().path().display().to_string();
+        if let Some((_, e)) = failures.iter().find(|f| f.0 == HubFailure::Unreachable) {
+            hub_err(format!(
+                "cannot reach the Hugging Face hub ({e}), and the model is not in the cache at {cached}; {OFFLINE_ADVICE}"
+            ))
+        } else if failures.iter().all(|f| f.0 == HubFailure::NotFound) {
+            hub_err(format!(
+                "the Hugging Face hub has no model `{id}` (no config.json or params.json; check the id, or log in for a gated model); {OFFLINE_ADVICE}"
+            ))
+        } else {
+            let all: Vec<&str> = failures.iter().map(|f| f.1.as_str()).collect();
+            hub_err(format!(
+                "the hub did not give its config ({}); {OFFLINE_ADVICE}",
+                all.join("; ")
+            ))
+        }
+    })?;
     let dir = config
         .parent()
         .expect("a cached file has a parent")

@@ -47,7 +47,7 @@ pub struct BackpropOptions {
 
 impl BackpropOptions {
     fn checkpointed(&self, layer: usize) -> bool {
-        self.checkpoint_every > 0 && layer % self.checkpoint_every == 0
+        self.checkpoint_every > 0 && layer.is_multiple_of(self.checkpoint_every)
     }
 
     fn block_seed(&self, layer: usize) -> u64 {

@@ -24,6 +24,9 @@ pub type Rec = NamedMpkFileRecorder<FullPrecisionSettings>;
 /// The file of a LoRA checkpoint's trainable parameters.
 pub const TRAINABLE_FILE: &str = "trainable.safetensors";
 
+/// Saved trainable tensors by module path: (id, shape, values).
+type SavedParams = HashMap<String, (ParamId, Vec<usize>, Vec<f32>)>;
+
 /// What `state.json` holds besides the records.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainState {
@@ -123,7 +126,7 @@ impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for Trainable {
 /// Puts saved values and ids back into the trainable parameters.
 struct Restore<'a, B: burn::tensor::backend::Backend> {
     path: Path_,
-    saved: &'a HashMap<String, (ParamId, Vec<usize>, Vec<f32>)>,
+    saved: &'a SavedParams,
     device: B::Device,
     restored: usize,
     errors: Vec<String>,
@@ -234,7 +237,7 @@ fn bytemuck_f32(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn read_trainable(path: &Path) -> Result<HashMap<String, (ParamId, Vec<usize>, Vec<f32>)>> {
+fn read_trainable(path: &Path) -> Result<SavedParams> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .with_context(|| format!("{}: not a safetensors file", path.display()))?;

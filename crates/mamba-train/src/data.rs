@@ -42,7 +42,20 @@ pub fn resolve_data_file(data: &DataSection) -> Result<PathBuf> {
         let file = data.file.as_deref().with_context(|| {
             format!("`data.source` {:?} is a hub dataset id: set `data.file` to the file to read (e.g. \"quotes.jsonl\")", data.source)
         })?;
-        return Ok(mamba_hf::hub::resolve_dataset_file(&data.source, file)?);
+        return match mamba_hf::hub::resolve_dataset_file(&data.source, file) {
+            Ok(p) => Ok(p),
+            Err(e) => match crate::bundled::dataset_file(&data.source, file)? {
+                Some(p) => {
+                    eprintln!(
+                        "data: {} is not available from the hub or its cache ({e}); using the copy bundled with mamba-burn (the same 2,508 rows, sha256 checked): {}",
+                        data.source,
+                        p.display()
+                    );
+                    Ok(p)
+                }
+                None => Err(e.into()),
+            },
+        };
     }
     bail!(
         "`data.source`: {} does not exist (and is not a hub dataset id owner/name)",

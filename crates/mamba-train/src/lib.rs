@@ -2,6 +2,7 @@
 //! The binaries in `src/bin` stay thin: argument parsing and a call into this crate.
 
 pub mod bench;
+pub mod bundled;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

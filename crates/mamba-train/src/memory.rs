@@ -93,44 +93,53 @@ impl Estimate {
     }
 }
 
-/// The out-of-memory error text: where it happened, the sizes, and what to try.
-pub fn oom_message(
-    step: u64,
-    batch: usize,
-    seq: usize,
-    runtime_message: &str,
-    total: Option<u64>,
-    estimate: &Estimate,
-    checkpointing: bool,
-    last_checkpoint: &str,
-) -> String {
-    let what = runtime_message
-        .lines()
-        .next()
-        .unwrap_or(runtime_message)
-        .trim();
-    let device = match total {
-        Some(t) => format!("the device has {:.1} GiB", gib(t)),
-        None => "the device's total memory is not reported by this backend".into(),
-    };
-    let mut advice = Vec::new();
-    if !checkpointing {
+/// Where a run ran out of device memory, for [`OutOfMemory::message`].
+pub struct OutOfMemory<'a> {
+    /// 1-based.
+    pub step: u64,
+    pub batch: usize,
+    pub seq: usize,
+    /// What the runtime said.
+    pub runtime_message: &'a str,
+    /// The device's total memory, where the backend reports it.
+    pub total: Option<u64>,
+    pub estimate: &'a Estimate,
+    pub checkpointing: bool,
+    pub last_checkpoint: &'a str,
+}
+
+impl OutOfMemory<'_> {
+    /// The error text: where it happened, the sizes, and what to try.
+    pub fn message(&self) -> String {
+        let msg = self.runtime_message;
+        let what = msg.lines().next().unwrap_or(msg).trim();
+        let device = match self.total {
+            Some(t) => format!("the device has {:.1} GiB", gib(t)),
+            None => "the device's total memory is not reported by this backend".into(),
+        };
+        let mut advice = Vec::new();
+        if !self.checkpointing {
+            advice.push(
+                "train.gradient_checkpointing = true (keeps only each block's input)".to_string(),
+            );
+        }
+        advice.push(format!(
+            "a smaller train.batch_size with a larger train.grad_accum (e.g. batch_size = {} and grad_accum = 2: the same tokens per step)",
+            (self.batch / 2).max(1),
+        ));
+        advice.push("a shorter data.seq_len".into());
         advice.push(
-            "train.gradient_checkpointing = true (keeps only each block's input)".to_string(),
+            "train.loss_chunk_tokens smaller than its default, if the LM head's chunk is large"
+                .into(),
         );
+        format!(
+            "out of device memory at step {} (micro-batch {} x {} tokens): {what}; {device}, and this run was estimated to need {}. Try: {}. Last checkpoint: {} (left intact).",
+            self.step,
+            self.batch,
+            self.seq,
+            self.estimate.line(),
+            advice.join("; "),
+            self.last_checkpoint
+        )
     }
-    advice.push(format!(
-        "a smaller train.batch_size with a larger train.grad_accum (e.g. batch_size = {} and grad_accum = {}: the same tokens per step)",
-        (batch / 2).max(1),
-        2
-    ));
-    advice.push("a shorter data.seq_len".into());
-    advice.push(
-        "train.loss_chunk_tokens smaller than its default, if the LM head's chunk is large".into(),
-    );
-    format!(
-        "out of device memory at step {step} (micro-batch {batch} x {seq} tokens): {what}; {device}, and this run was estimated to need {}. Try: {}. Last checkpoint: {last_checkpoint} (left intact).",
-        estimate.line(),
-        advice.join("; ")
-    )
 }

@@ -30,7 +30,7 @@ use serde_json::json;
 use crate::checkpoint::{self, list_checkpoints, BaseFingerprint, Rec, TrainState};
 use crate::config::RunConfig;
 use crate::data::{prepare, Prepared};
-use crate::memory::{estimate, gib, oom_message};
+use crate::memory::{estimate, gib, OutOfMemory};
 use crate::metrics::{Metrics, Throughput};
 use crate::step::{
     batch_tensors, no_decay_ids, optimizer_step, quiet_oom_panics, StepError, StepSettings,
@@ -340,16 +340,17 @@ where
             Ok(r) => r,
             Err(StepError::OutOfMemory(msg)) => bail!(
                 "{}",
-                oom_message(
-                    step + 1,
-                    t.batch_size,
-                    cfg.data.seq_len,
-                    &msg,
-                    device_total,
-                    &est,
-                    t.gradient_checkpointing,
-                    &last_checkpoint(&out)
-                )
+                OutOfMemory {
+                    step: step + 1,
+                    batch: t.batch_size,
+                    seq: cfg.data.seq_len,
+                    runtime_message: &msg,
+                    total: device_total,
+                    estimate: &est,
+                    checkpointing: t.gradient_checkpointing,
+                    last_checkpoint: &last_checkpoint(&out),
+                }
+                .message()
             ),
             Err(StepError::NonFinite(value)) => bail!(
                 "the loss is {value} at step {}: stopping (last checkpoint: {}, left intact). Lower train.lr or check the data.",
