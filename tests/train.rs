@@ -117,6 +117,19 @@ fn quickstart_then_lora_on_its_export() {
     ] {
         assert!(qs.join(f).is_file(), "missing {f}");
     }
+    // Every logged step carries tokens/s over the recent window and since the start.
+    let logged: Vec<Value> = std::fs::read_to_string(qs.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &Value| v.get("loss").is_some())
+        .collect();
+    assert_eq!(logged.len(), 25);
+    for v in &logged {
+        for key in ["tokens_per_s", "tokens_per_s_cumulative", "step_s"] {
+            assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
+        }
+    }
 
     // 2. Full fine-tuning of that export on a new format: validation loss falls.
     let full = tmp.path().join("full");
