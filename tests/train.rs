@@ -769,3 +769,43 @@ fn main_command_without_the_hub() {
         "{err}"
     );
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// The quickstart needs nothing outside the checkout: run from a directory holding only the
+/// repository's `configs/`, `datasets/` and `tokenizers/` (no `../shared` beside it), it trains
+/// and exports.
+#[test]
+fn quickstart_runs_from_the_checkout_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("checkout");
+    for d in ["configs", "datasets", "tokenizers"] {
+        copy_dir(&repo().join(d), &root.join(d));
+    }
+    assert!(!root.join("../shared").exists());
+    let mut sets = small(&root.join("runs/quickstart"));
+    sets.extend(["train.steps=2".to_string(), "data.max_examples=60".into()]);
+    let mut cmd = Command::new(TRAIN);
+    cmd.current_dir(&root)
+        .args(["--config", "configs/quickstart.toml", "--device", "cpu"])
+        .env("HF_HUB_OFFLINE", "1");
+    for s in &sets {
+        cmd.args(["--set", s]);
+    }
+    let s = ok(cmd.output().unwrap());
+    assert_eq!(s["steps"].as_u64(), Some(2));
+    assert!(root
+        .join("runs/quickstart/model/model.safetensors")
+        .is_file());
+    assert!(root.join("runs/quickstart/model/tokenizer.json").is_file());
+}
