@@ -1,5 +1,5 @@
-//! `metrics.jsonl` (one JSON object per logged step or evaluation) and the throughput window
-//! the progress line and the log report.
+//! `metrics.jsonl` (one JSON object per logged step or evaluation), the throughput window the
+//! progress line and the log report, and the terminal's progress bar.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -104,5 +104,47 @@ impl Throughput {
 
     pub fn elapsed(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
+    }
+}
+
+/// The terminal's view of a run: a progress bar (step, loss, tokens/s over the window, ETA from
+/// it) when stderr is a terminal, with log lines printed above it; plain log lines otherwise.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    pub fn new(total_steps: u64, start: u64) -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total_steps).with_position(start);
+            let style = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+                .expect("a valid template");
+            bar.set_style(style);
+            bar
+        });
+        Self { bar }
+    }
+
+    /// A log line (above the bar, when there is one).
+    pub fn line(&self, text: &str) {
+        match &self.bar {
+            Some(b) => b.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    /// The bar after step `done`; nothing without a terminal.
+    pub fn step(&self, done: u64, message: String) {
+        if let Some(b) = &self.bar {
+            b.set_position(done);
+            b.set_message(message);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
     }
 }

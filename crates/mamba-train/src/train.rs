@@ -31,7 +31,7 @@ use crate::checkpoint::{self, list_checkpoints, BaseFingerprint, Rec, TrainState
 use crate::config::RunConfig;
 use crate::data::{prepare, Prepared};
 use crate::memory::{estimate, gib, OutOfMemory};
-use crate::metrics::{Metrics, Throughput};
+use crate::metrics::{Metrics, Progress, Throughput};
 use crate::step::{
     batch_tensors, no_decay_ids, optimizer_step, quiet_oom_panics, StepError, StepSettings,
 };
@@ -288,11 +288,14 @@ where
             &device,
         )?;
         metrics.write(json!({"step": step, "val_loss": loss, "val_perplexity": loss.exp()}))?;
-        eprintln!("step {step}: val_loss {loss:.4} ppl {:.2}", loss.exp());
         Ok(loss)
     };
+    let val_line =
+        |step: u64, loss: f64| format!("step {step}: val_loss {loss:.4} ppl {:.2}", loss.exp());
     if start == 0 && !data.validation.is_empty() {
-        initial_val_loss = Some(validate(&model, 0, &mut metrics)?);
+        let loss = validate(&model, 0, &mut metrics)?;
+        eprintln!("{}", val_line(0, loss));
+        initial_val_loss = Some(loss);
     }
 
     let stream = batch_stream(
@@ -316,6 +319,13 @@ where
     reset_peaks();
     quiet_oom_panics();
     let mut speed = Throughput::new(t.log_every.max(1) as usize);
+    let progress = Progress::new(t.steps, start);
+    if device_total.is_some() && start < t.steps {
+        progress.line(&format!(
+            "step {}: the first step on a device compiles and autotunes the kernels (minutes on a fresh machine; cached under target/ for later runs)",
+            start + 1
+        ));
+    }
     let mut window_loss = 0.0;
     let mut window_n = 0usize;
     let mut last_val = None;
@@ -363,10 +373,19 @@ where
         let done = step + 1;
         let step_s = speed.step(report.tokens);
         if step == start {
-            eprintln!("step {done}: first step took {step_s:.1} s (on a GPU this includes compiling and autotuning the kernels)");
+            progress.line(&format!("step {done}: first step took {step_s:.1} s (on a GPU this includes compiling and autotuning the kernels)"));
         }
         window_loss += report.loss;
         window_n += 1;
+        progress.step(
+            done,
+            format!(
+                "loss {:.4} {:.0} tok/s ETA {:.0}s",
+                report.loss,
+                speed.windowed(),
+                speed.step_seconds() * (t.steps - done) as f64
+            ),
+        );
 
         if done % t.log_every.max(1) == 0 || done == t.steps {
             let tps = speed.windowed();
@@ -385,16 +404,18 @@ where
             } else {
                 String::new()
             };
-            eprintln!(
+            progress.line(&format!(
                 "step {done}/{}: loss {mean:.4} lr {lr:.2e} |g| {:.3} {tps:.0} tok/s{mem_text} ETA {eta:.0}s",
                 t.steps, report.grad_norm
-            );
+            ));
             window_loss = 0.0;
             window_n = 0;
         }
         let eval_now = (t.eval_every > 0 && done % t.eval_every == 0) || done == t.steps;
         if eval_now && !data.validation.is_empty() {
-            last_val = Some(validate(&model, done, &mut metrics)?);
+            let loss = validate(&model, done, &mut metrics)?;
+            progress.line(&val_line(done, loss));
+            last_val = Some(loss);
         }
         if t.checkpoint_every > 0 && (done % t.checkpoint_every == 0 || done == t.steps) {
             let state = TrainState {
@@ -413,6 +434,7 @@ where
             )?;
         }
     }
+    progress.finish();
     drop(metrics);
     crate::plot::plot_metrics(&out.join("metrics.jsonl"), &out.join("loss.png"))
         .context("drawing loss.png")?;
