@@ -75,8 +75,8 @@ pub struct LossAndGrads<A: AutodiffBackend> {
 
 /// A piece of the residual stream between two cut points.
 enum Segment<A: AutodiffBackend> {
-    /// Blocks `first..end` run with their graph kept; `input` is a fresh leaf (or, for the first
-    /// segment, the embeddings' output itself).
+    /// A run of consecutive blocks that kept their graph; `input` is a fresh leaf (`leaf`), or,
+    /// for the first segment, the embeddings' output itself (its graph included).
     Kept {
         input: Tensor<A, 3>,
         output: Tensor<A, 3>,

@@ -229,6 +229,30 @@ where
             "can't allocate buffer of size: 1073741824 (simulated by {SIMULATE_OOM_ENV})"
         )));
     }
+    // Any device allocation failure in the step, at issue or at a sync, becomes the error.
+    guard_oom(|| {
+        step_inner(
+            model, optim, next_batch, step, lr, settings, skip_decay, device,
+        )
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn step_inner<A, O>(
+    model: MambaLM<A>,
+    optim: &mut O,
+    next_batch: &mut dyn FnMut() -> anyhow::Result<Batch>,
+    step: u64,
+    lr: f64,
+    settings: &StepSettings,
+    skip_decay: &HashSet<ParamId>,
+    device: &A::Device,
+) -> Result<(MambaLM<A>, StepReport), StepError>
+where
+    A: AutodiffBackend + MambaBackend + BackwardWith,
+    A::InnerBackend: MambaBackend,
+    O: Optimizer<MambaLM<A>, A>,
+{
     // Dropout draws from the backend RNG: seeded per step, so that a resumed run repeats them.
     A::seed(
         device,
@@ -254,7 +278,7 @@ where
                 .wrapping_add(micro as u64),
             ..settings.backprop
         };
-        let out = guard_oom(|| Ok(model.loss_and_grads(ids, labels, opts)))?;
+        let out = model.loss_and_grads(ids, labels, opts);
         let value: f64 = out.loss.into_scalar().elem();
         if !value.is_finite() {
             return Err(StepError::NonFinite(value));
@@ -288,16 +312,14 @@ where
             factor,
         });
     }
-    let model = guard_oom(|| {
-        let mut model = model;
-        if settings.weight_decay > 0.0 {
-            model = model.map(&mut Decay {
-                skip: skip_decay,
-                factor: 1.0 - lr * settings.weight_decay,
-            });
-        }
-        Ok(optim.step(lr, model, grads))
-    })?;
+    let mut model = model;
+    if settings.weight_decay > 0.0 {
+        model = model.map(&mut Decay {
+            skip: skip_decay,
+            factor: 1.0 - lr * settings.weight_decay,
+        });
+    }
+    let model = optim.step(lr, model, grads);
     mamba_kernels::memory::sample::<A>(device);
     Ok((
         model,
