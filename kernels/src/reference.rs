@@ -63,6 +63,46 @@ fn segsum<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 5> {
     cs.mask_fill(lower, f32::NEG_INFINITY)
 }
 
+/// `t` in `other`'s dtype (no op when it is).
+fn like<B: Backend, const D: usize, const E: usize>(
+    t: Tensor<B, D>,
+    other: &Tensor<B, E>,
+) -> Tensor<B, D> {
+    if t.dtype() == other.dtype() {
+        t
+    } else {
+        t.cast(other.dtype())
+    }
+}
+
+/// `t` with `pad` zero positions appended along dimension 1 (see [`pad_dim`]).
+fn pad_seq<B: Backend, const D: usize>(t: Tensor<B, D>, pad: usize) -> Tensor<B, D> {
+    pad_dim(t, 1, 0, pad)
+}
+
+/// `t` with `before` and `after` zeros along `dim`, in `t`'s dtype (burn's `pad` makes its
+/// zeros in the default float dtype, which breaks bf16 / f64 activations).
+fn pad_dim<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+    dim: usize,
+    before: usize,
+    after: usize,
+) -> Tensor<B, D> {
+    let zeros = |n: usize| {
+        let mut dims = t.dims();
+        dims[dim] = n;
+        Tensor::zeros(dims, (&t.device(), t.dtype()))
+    };
+    let mut parts = Vec::with_capacity(3);
+    if before > 0 {
+        parts.push(zeros(before));
+    }
+    let tail = (after > 0).then(|| zeros(after));
+    parts.push(t);
+    parts.extend(tail);
+    Tensor::cat(parts, dim)
+}
+
 /// The SSD chunked scan for any sequence length (padded internally to a multiple of the chunk).
 pub fn ssd_chunk_scan<B: Backend>(input: SsdInput<B>) -> SsdOutput<B> {
     let SsdInput {
@@ -81,6 +121,8 @@ pub fn ssd_chunk_scan<B: Backend>(input: SsdInput<B>) -> SsdOutput<B> {
     let [_, _, _, dstate] = b.dims();
     let device = x.device();
     assert!(chunk_size > 0, "chunk_size must be positive");
+    // The per-head parameters may come in another dtype (f32 masters beside bf16 activations).
+    let (a, d, dt_bias) = (like(a, &x), like(d, &x), like(dt_bias, &x));
 
     let dt = discretize_dt(dt, dt_bias.reshape([1, 1, heads]), dt_limit); // [b, l, h]
     let nchunks = seqlen.div_ceil(chunk_size).max(1);
@@ -88,15 +130,16 @@ pub fn ssd_chunk_scan<B: Backend>(input: SsdInput<B>) -> SsdOutput<B> {
     let pad = padded - seqlen;
     let q = chunk_size;
 
+    let dtype = x.dtype();
     let d_residual = x.clone() * d.reshape([1, 1, heads, 1]); // [b, l, h, p]
 
     // Padding with dt = 0 makes padded steps the identity on the state.
     let (x, dt, b, c) = if pad > 0 {
         (
-            x.pad([(0, 0), (0, pad), (0, 0), (0, 0)], 0.0),
-            dt.pad([(0, 0), (0, pad), (0, 0)], 0.0),
-            b.pad([(0, 0), (0, pad), (0, 0), (0, 0)], 0.0),
-            c.pad([(0, 0), (0, pad), (0, 0), (0, 0)], 0.0),
+            pad_seq(x, pad),
+            pad_seq(dt, pad),
+            pad_seq(b, pad),
+            pad_seq(c, pad),
         )
     } else {
         (x, dt, b, c)
@@ -136,13 +179,11 @@ pub fn ssd_chunk_scan<B: Backend>(input: SsdInput<B>) -> SsdOutput<B> {
     // 3. State passing between chunks, starting from the initial state.
     let init = match initial_state {
         Some(s) => s,
-        None => Tensor::zeros([batch, heads, head_dim, dstate], &device),
+        None => Tensor::zeros([batch, heads, head_dim, dstate], (&device, dtype)),
     }
     .unsqueeze_dim::<5>(1); // [b, 1, h, p, n]
     let states = Tensor::cat(vec![init, states], 1); // [b, c+1, h, p, n]
-    let chunk_a = a_last
-        .reshape([batch, heads, nchunks])
-        .pad([(0, 0), (0, 0), (1, 0)], 0.0); // [b, h, c+1]
+    let chunk_a = pad_dim(a_last.reshape([batch, heads, nchunks]), 2, 1, 0); // [b, h, c+1]
     let decay_chunk = segsum(chunk_a.unsqueeze_dim::<4>(2))
         .reshape([batch, heads, nchunks + 1, nchunks + 1])
         .exp(); // [b, h, c+1, c+1]
@@ -188,6 +229,7 @@ pub fn ssd_step<B: Backend>(input: SsdStepInput<B>) -> (Tensor<B, 3>, Tensor<B, 
     } = input;
     let [batch, heads, head_dim] = x.dims();
     let [_, groups, dstate] = b.dims();
+    let (a, d, dt_bias) = (like(a, &x), like(d, &x), like(dt_bias, &x));
     let dt = discretize_dt(dt, dt_bias.reshape([1, heads]), dt_limit); // [b, h]
     let da = (dt.clone() * a.reshape([1, heads])).exp(); // [b, h]
     let expand = |t: Tensor<B, 3>| -> Tensor<B, 3> {
@@ -226,7 +268,7 @@ pub fn causal_conv1d<B: Backend>(input: ConvInput<B>) -> ConvOutput<B> {
     let device = x.device();
     let state = match initial_state {
         Some(s) => s.swap_dims(1, 2), // [b, w-1, c]
-        None => Tensor::zeros([batch, width - 1, channels], &device),
+        None => Tensor::zeros([batch, width - 1, channels], (&device, x.dtype())),
     };
     let ext = Tensor::cat(vec![state, x], 1); // [b, l + w - 1, c]
     let mut y: Option<Tensor<B, 3>> = None;
@@ -269,7 +311,7 @@ pub fn causal_conv1d_backward<B: Backend>(input: ConvInput<B>, dy: Tensor<B, 3>)
     let has_init = initial_state.is_some();
     let state = match initial_state {
         Some(s) => s.swap_dims(1, 2), // [b, w-1, c]
-        None => Tensor::zeros([batch, width - 1, channels], &device),
+        None => Tensor::zeros([batch, width - 1, channels], (&device, x.dtype())),
     };
     let ext = Tensor::cat(vec![state, x], 1); // [b, l + w - 1, c]
     let w_k = |k: usize| weight.clone().narrow(1, k, 1).reshape([1, 1, channels]);
@@ -306,7 +348,7 @@ pub fn causal_conv1d_backward<B: Backend>(input: ConvInput<B>, dy: Tensor<B, 3>)
     // dext[b, j, c] = sum_k g[b, j - k, c] w[c, k]
     let mut dext: Option<Tensor<B, 3>> = None;
     for k in 0..width {
-        let term = (g.clone() * w_k(k)).pad([(0, 0), (k, width - 1 - k), (0, 0)], 0.0);
+        let term = pad_dim(g.clone() * w_k(k), 1, k, width - 1 - k);
         dext = Some(match dext {
             Some(acc) => acc + term,
             None => term,
@@ -377,7 +419,7 @@ pub fn selective_scan<B: Backend>(input: SelectiveScanInput<B>) -> SelectiveScan
     let dbu = (dt * u.clone()).unsqueeze_dim::<4>(3) * b.unsqueeze_dim::<4>(2);
     let mut state = match initial_state {
         Some(s) => s,
-        None => Tensor::zeros([batch, channels, dstate], &device),
+        None => Tensor::zeros([batch, channels, dstate], (&device, u.dtype())),
     };
     let mut states = Vec::with_capacity(seqlen);
     for t in 0..seqlen {
@@ -437,8 +479,7 @@ fn grad_of<B: Backend, const D: usize>(
     t: &Tensor<Ad<B>, D>,
     grads: &<Ad<B> as burn::tensor::backend::AutodiffBackend>::Gradients,
 ) -> Tensor<B, D> {
-    t.grad(grads)
-        .unwrap_or_else(|| Tensor::zeros(t.dims(), &t.device().clone()))
+    t.grad(grads).unwrap_or_else(|| t.zeros_like().inner())
 }
 
 /// Reference backward of [`ssd_chunk_scan`]: differentiates the reference forward with

@@ -114,7 +114,7 @@ pub fn causal_conv1d<B: MambaBackend, C: CheckpointStrategy>(
     } else {
         let state = match &initial_state {
             Some(s) => s.clone(),
-            None => Tensor::zeros([batch, channels, wm1], &device),
+            None => Tensor::zeros([batch, channels, wm1], (&device, x.dtype())),
         };
         let ext = Tensor::cat(vec![state.swap_dims(1, 2), x.clone()], 1); // [b, l + w - 1, c]
         ext.narrow(1, seqlen, wm1).swap_dims(1, 2)
@@ -123,10 +123,10 @@ pub fn causal_conv1d<B: MambaBackend, C: CheckpointStrategy>(
     // Untracked placeholders keep the parent list fixed at four.
     let bias_t = bias
         .clone()
-        .unwrap_or_else(|| Tensor::zeros([channels], &device));
+        .unwrap_or_else(|| Tensor::zeros([channels], (&device, x.dtype())));
     let init_t = initial_state
         .clone()
-        .unwrap_or_else(|| Tensor::zeros([batch, channels, wm1], &device));
+        .unwrap_or_else(|| Tensor::zeros([batch, channels, wm1], (&device, x.dtype())));
     let x_p = x.into_primitive().tensor();
     let w_p = weight.into_primitive().tensor();
     let b_p = bias_t.into_primitive().tensor();
@@ -351,10 +351,9 @@ pub fn ssd_chunk_scan<B: MambaBackend, C: CheckpointStrategy>(
     let dstate = input.b.dims()[3];
     let device = input.x.device();
     let has_init = input.initial_state.is_some();
-    let init = input
-        .initial_state
-        .clone()
-        .unwrap_or_else(|| Tensor::zeros([batch, heads, head_dim, dstate], &device));
+    let init = input.initial_state.clone().unwrap_or_else(|| {
+        Tensor::zeros([batch, heads, head_dim, dstate], (&device, input.x.dtype()))
+    });
     let x = input.x.into_primitive().tensor();
     let dt = input.dt.into_primitive().tensor();
     let a = input.a.into_primitive().tensor();
@@ -455,13 +454,13 @@ pub fn selective_scan<B: MambaBackend, C: CheckpointStrategy>(
     // Untracked placeholders keep the parent list fixed at nine.
     let z = input
         .z
-        .unwrap_or_else(|| Tensor::zeros([batch, seqlen, channels], &device));
+        .unwrap_or_else(|| Tensor::zeros([batch, seqlen, channels], (&device, input.u.dtype())));
     let bias = input
         .delta_bias
-        .unwrap_or_else(|| Tensor::zeros([channels], &device));
+        .unwrap_or_else(|| Tensor::zeros([channels], (&device, input.u.dtype())));
     let init = input
         .initial_state
-        .unwrap_or_else(|| Tensor::zeros([batch, channels, dstate], &device));
+        .unwrap_or_else(|| Tensor::zeros([batch, channels, dstate], (&device, input.u.dtype())));
     let u = input.u.into_primitive().tensor();
     let delta = input.delta.into_primitive().tensor();
     let a = input.a.into_primitive().tensor();

@@ -102,8 +102,8 @@ pub(crate) fn dt_activation(
 #[cube(launch)]
 fn ssd_chunk_cumsum_kernel<F: Float>(
     dt: &Tensor<F>,           // [batch, seq, heads], before bias and softplus
-    a: &Tensor<F>,            // [heads]
-    dt_bias: &Tensor<F>,      // [heads]
+    a: &Tensor<f32>,          // [heads]
+    dt_bias: &Tensor<f32>,    // [heads]
     dt_out: &mut Tensor<f32>, // [batch, heads, chunks, chunk]: dt after softplus and clamp
     da_cs: &mut Tensor<f32>,  // [batch, heads, chunks, chunk]: within-chunk cumsum of dt · A
     dt_min: f32,
@@ -429,7 +429,7 @@ fn ssd_scan_tile_kernel<F: Float>(
     cb: &Tensor<f32>,    // [batch, chunks, groups, chunk, chunk]
     dt_c: &Tensor<f32>,  // [batch, heads, chunks, chunk]
     da_cs: &Tensor<f32>, // [batch, heads, chunks, chunk]
-    d: &Tensor<F>,       // [heads]
+    d: &Tensor<f32>,     // [heads]
     out: &mut Tensor<F>, // [batch, seq, heads, head_dim]
     #[comptime] transposed: bool,
     #[define(F)] _dtype: StorageType,
@@ -551,16 +551,11 @@ pub(crate) fn kernels_apply<B: Backend>(input: &SsdInput<B>) -> bool {
     let dtype = input.x.dtype();
     let [_, _, heads, _] = input.x.dims();
     let groups = input.b.dims()[2];
-    let same = [
-        input.dt.dtype(),
-        input.a.dtype(),
-        input.b.dtype(),
-        input.c.dtype(),
-        input.d.dtype(),
-        input.dt_bias.dtype(),
-    ]
-    .iter()
-    .all(|&d| d == dtype)
+    // The per-head parameters (`a`, `d`, `dt_bias`) may be in any float dtype: the kernels
+    // read them as f32 (f32 masters under bf16-mixed).
+    let same = [input.dt.dtype(), input.b.dtype(), input.c.dtype()]
+        .iter()
+        .all(|&d| d == dtype)
         && input
             .initial_state
             .as_ref()
@@ -581,6 +576,9 @@ pub(crate) struct Prims<R: CubeRuntime> {
     pub dt_limit: (f64, f64),
     pub nchunks: usize,
     pub dtype: DType,
+    /// The dtypes `a`, `d` and `dt_bias` came in (their gradients go back in them); the prims
+    /// above hold them as f32.
+    pub param_dtypes: [DType; 3],
 }
 
 impl<R: CubeRuntime> Prims<R> {
@@ -588,15 +586,17 @@ impl<R: CubeRuntime> Prims<R> {
         input: SsdInput<CubeBackend<R, F, I, BT>>,
     ) -> Self {
         let seqlen = input.x.dims()[1];
+        let param_dtypes = [input.a.dtype(), input.d.dtype(), input.dt_bias.dtype()];
         Self {
             dtype: input.x.dtype(),
+            param_dtypes,
             x: prim(input.x),
             dt: prim(input.dt),
-            a: prim(input.a),
+            a: prim(f32_of(input.a)),
             bm: prim(input.b),
             cm: prim(input.c),
-            d: prim(input.d),
-            dt_bias: prim(input.dt_bias),
+            d: prim(f32_of(input.d)),
+            dt_bias: prim(f32_of(input.dt_bias)),
             init: input.initial_state.map(prim),
             dt_limit: input.dt_limit,
             nchunks: seqlen.div_ceil(TILE).max(1),
@@ -607,6 +607,17 @@ impl<R: CubeRuntime> Prims<R> {
         let s = &self.x.meta.shape;
         let sb = &self.bm.meta.shape;
         [s[0], s[1], s[2], s[3], sb[2], sb[3]]
+    }
+}
+
+/// `t` as f32 (no op when it is).
+pub(crate) fn f32_of<B: Backend, const D: usize>(
+    t: burn::tensor::Tensor<B, D>,
+) -> burn::tensor::Tensor<B, D> {
+    if t.dtype() == DType::F32 {
+        t
+    } else {
+        t.cast(DType::F32)
     }
 }
 

@@ -518,8 +518,8 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
 #[cube(launch)]
 fn ssd_bwd_dt_kernel<F: Float>(
     dt: &Tensor<F>,            // [batch, seq, heads], raw
-    a: &Tensor<F>,             // [heads]
-    dt_bias: &Tensor<F>,       // [heads]
+    a: &Tensor<f32>,           // [heads]
+    dt_bias: &Tensor<f32>,     // [heads]
     dt_c: &Tensor<f32>,        // [batch, heads, chunks, chunk]
     sx: &Tensor<f32>,          // [batch, seq, heads]
     oy: &Tensor<f32>,          // [batch, seq, heads]
@@ -802,20 +802,30 @@ where
         );
     }
 
-    let per_head = |t| -> T<R, F, I, BT, 1> {
+    // Per-head gradients, summed in f32, in the dtype their parameter came in.
+    let per_head = |t, dtype: DType| -> T<R, F, I, BT, 1> {
         let t: T<R, F, I, BT, 3> = wrap(t);
-        t.sum_dim(2).sum_dim(0).reshape([heads]).cast(dtype)
+        let g = t.sum_dim(2).sum_dim(0).reshape([heads]);
+        if dtype == DType::F32 {
+            g
+        } else {
+            g.cast(dtype)
+        }
     };
+    let [a_dtype, d_dtype, bias_dtype] = p.param_dtypes;
     let ddiag: T<R, F, I, BT, 4> = wrap(ddiag);
-    let dd = per_head(prim(ddiag.sum_dim(3).reshape([batch, heads, nchunks])));
+    let dd = per_head(
+        prim(ddiag.sum_dim(3).reshape([batch, heads, nchunks])),
+        d_dtype,
+    );
     SsdGrads {
         x: wrap(dx),
         dt: wrap(ddt_raw),
-        a: per_head(da_part),
+        a: per_head(da_part, a_dtype),
         b: wrap(db),
         c: wrap(dc),
         d: dd,
-        dt_bias: per_head(dbias_part),
+        dt_bias: per_head(dbias_part, bias_dtype),
         initial_state: has_init.then(|| wrap(dinit)),
     }
 }

@@ -82,11 +82,11 @@ fn conv_step_kernel<F: Float>(
 fn ssd_step_kernel<F: Float>(
     x: &Tensor<F>,             // [batch, heads, head_dim]
     dt: &Tensor<F>,            // [batch, heads]
-    a: &Tensor<F>,             // [heads]
+    a: &Tensor<f32>,           // [heads]
     bm: &Tensor<F>,            // [batch, groups, state]
     cm: &Tensor<F>,            // [batch, groups, state]
-    d: &Tensor<F>,             // [heads]
-    dt_bias: &Tensor<F>,       // [heads]
+    d: &Tensor<f32>,           // [heads]
+    dt_bias: &Tensor<f32>,     // [heads]
     state: &Tensor<F>,         // [batch, heads, head_dim, state]
     y: &mut Tensor<F>,         // [batch, heads, head_dim]
     new_state: &mut Tensor<F>, // [batch, heads, head_dim, state]
@@ -240,13 +240,11 @@ where
     let dtype = input.x.dtype();
     let [batch, heads, head_dim] = input.x.dims();
     let [_, groups, dstate] = input.b.dims();
+    // The per-head parameters may be in any float dtype (read as f32).
     let same = [
         input.dt.dtype(),
-        input.a.dtype(),
         input.b.dtype(),
         input.c.dtype(),
-        input.d.dtype(),
-        input.dt_bias.dtype(),
         input.state.dtype(),
     ]
     .iter()
@@ -287,11 +285,11 @@ where
         dim,
         x.into_tensor_arg(),
         prim(dt).into_tensor_arg(),
-        prim(a).into_tensor_arg(),
+        prim(super::ssd::f32_of(a)).into_tensor_arg(),
         prim(b).into_tensor_arg(),
         prim(c).into_tensor_arg(),
-        prim(d).into_tensor_arg(),
-        prim(dt_bias).into_tensor_arg(),
+        prim(super::ssd::f32_of(d)).into_tensor_arg(),
+        prim(super::ssd::f32_of(dt_bias)).into_tensor_arg(),
         prim(state).into_tensor_arg(),
         y.clone().into_tensor_arg(),
         new_state.clone().into_tensor_arg(),
