@@ -273,7 +273,35 @@ pub trait MambaBackend: Backend {
     /// RMSNorm over the last dimension: `w · x / sqrt(mean(x²) + eps)`, `x` `[b, l, width]`.
     /// Autodiff backends make it one node that keeps only `x` and `w` ([`norm`]).
     fn rms_norm(x: Tensor<Self, 3>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
-        norm::rms_norm_reference(x, w, eps)
+        Self::norm_forward(x, None, w, 1, eps)
+    }
+
+    /// The (gated) norm's forward as one op: `w · norm_G(y · silu(z))` (or of `y` alone), f32
+    /// math, the output in `y`'s dtype. What [`rms_norm`](MambaBackend::rms_norm) and
+    /// [`gated_rms_norm`](MambaBackend::gated_rms_norm) run.
+    fn norm_forward(
+        y: Tensor<Self, 3>,
+        z: Option<Tensor<Self, 3>>,
+        w: Tensor<Self, 1>,
+        groups: usize,
+        eps: f64,
+    ) -> Tensor<Self, 3> {
+        norm::norm_forward_reference(y, z, w, groups, eps)
+    }
+
+    /// The backward of [`norm_forward`](MambaBackend::norm_forward) from the inputs alone
+    /// (recomputing the rest): `dy`, `dz` with the gate, `dw` when `want_dw`.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_backward(
+        y: Tensor<Self, 3>,
+        z: Option<Tensor<Self, 3>>,
+        w: Tensor<Self, 1>,
+        dout: Tensor<Self, 3>,
+        groups: usize,
+        eps: f64,
+        want_dw: bool,
+    ) -> norm::NormGrads<Self> {
+        norm::norm_backward_reference(y, z, w, dout, groups, eps, want_dw)
     }
 
     /// Mamba2's gated RMSNorm: `w · norm(y · silu(z))`, the RMS over each of `groups` groups of
@@ -286,7 +314,7 @@ pub trait MambaBackend: Backend {
         groups: usize,
         eps: f64,
     ) -> Tensor<Self, 3> {
-        norm::gated_rms_norm_reference(y, z, w, groups, eps)
+        Self::norm_forward(y, Some(z), w, groups, eps)
     }
 
     /// Whether this backend overrides the ops with kernels. Kernel impls also honour
@@ -500,6 +528,34 @@ where
             reserved: usage.bytes_reserved,
             total,
         })
+    }
+
+    fn norm_forward(
+        y: Tensor<Self, 3>,
+        z: Option<Tensor<Self, 3>>,
+        w: Tensor<Self, 1>,
+        groups: usize,
+        eps: f64,
+    ) -> Tensor<Self, 3> {
+        if !kernels_active::<Self>() {
+            return norm::norm_forward_reference(y, z, w, groups, eps);
+        }
+        cube::norm::norm_forward(y, z, w, groups, eps)
+    }
+
+    fn norm_backward(
+        y: Tensor<Self, 3>,
+        z: Option<Tensor<Self, 3>>,
+        w: Tensor<Self, 1>,
+        dout: Tensor<Self, 3>,
+        groups: usize,
+        eps: f64,
+        want_dw: bool,
+    ) -> norm::NormGrads<Self> {
+        if !kernels_active::<Self>() {
+            return norm::norm_backward_reference(y, z, w, dout, groups, eps, want_dw);
+        }
+        cube::norm::norm_backward(y, z, w, dout, groups, eps, want_dw)
     }
 
     fn causal_conv1d(input: ConvInput<Self>) -> ConvOutput<Self> {

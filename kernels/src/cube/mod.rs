@@ -10,6 +10,7 @@ use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
 pub mod autodiff;
 pub mod conv;
+pub mod norm;
 pub mod selective;
 pub mod ssd;
 pub mod ssd_bwd;

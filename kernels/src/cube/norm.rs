@@ -1,0 +1,386 @@
+//! RMSNorm and Mamba2's gated RMSNorm as one kernel each way (forward, backward), where the
+//! tensor-op form launches ~10 kernels forward and ~20 backward, each a pass over the
+//! activation, plus the casts around them in bf16.
+//!
+//! One cube of [`THREADS`] per `(row, group)` (a row is one token's `[width]`): the threads
+//! stride over the group's channels, accumulate in f32, and meet in a shared-memory sum. Inputs
+//! are read in their own dtype through their strides (the gate `z` is a narrowed view of the
+//! input projection), outputs are written contiguous in the inputs' dtype, the weight is read as
+//! f32. The math is that of [`crate::norm`]:
+//!
+//! ```text
+//! g = y · silu(z)   (or y)      r = 1 / sqrt(mean_group(g²) + eps)      out = g · r · w
+//! dg = r · (dout·w − g·r · mean_group(dout·w · g·r))
+//! dy = dg · silu(z),   dz = dg · y · σ(z) · (1 + z · (1 − σ(z)))
+//! ```
+//!
+//! The backward also writes `r` per `(row, group)`, from which the weight's gradient (needed
+//! only when the norm weight trains) is one tensor-op reduction.
+
+// Kernel code spells ceil-division out: `usize::div_ceil` is not a cube function.
+#![allow(clippy::manual_div_ceil)]
+
+use super::{prim, wrap};
+use burn::tensor::activation::silu;
+use burn::tensor::{DType, Shape, Tensor as BTensor};
+use burn_cubecl::{
+    element::BoolElement, ops::numeric::empty_device_contiguous_dtype, CubeBackend, CubeRuntime,
+    FloatElement, IntElement,
+};
+use cubecl::prelude::*;
+
+use crate::norm::NormGrads;
+
+/// Threads per cube (a power of two: the shared sum halves it [`LOG2_THREADS`] times).
+const THREADS: u32 = 256;
+const LOG2_THREADS: u32 = 8;
+/// The largest grid dimension every runtime takes (wgpu's limit).
+const MAX_GRID: usize = 65_535;
+
+/// `Σ v` over the cube's threads, returned to every thread (`shared`: [`THREADS`] slots).
+#[cube]
+fn cube_sum(v: f32, shared: &mut SharedMemory<f32>) -> f32 {
+    let u = UNIT_POS as usize;
+    shared[u] = v;
+    sync_cube();
+    let half = THREADS as usize / 2;
+    let mut s = half.runtime();
+    for _ in 0..LOG2_THREADS {
+        if u < s {
+            shared[u] = shared[u] + shared[u + s];
+        }
+        sync_cube();
+        s /= 2;
+    }
+    let total = shared[0];
+    sync_cube();
+    total
+}
+
+#[cube]
+fn sigmoid_f32(z: f32) -> f32 {
+    1.0f32 / (1.0f32 + (-z).exp())
+}
+
+/// The cube's `(row, group)` index, or past the end for spare cubes of the 2-D grid.
+#[cube]
+fn cube_index() -> usize {
+    CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize
+}
+
+/// `g` at channel `c` of the row at `yb` / `zb` (element offsets without the channel).
+#[cube]
+fn gated<F: Float>(
+    y: &Tensor<F>,
+    z: &Tensor<F>,
+    yb: usize,
+    zb: usize,
+    c: usize,
+    #[comptime] gate: bool,
+) -> f32 {
+    let yv = f32::cast_from(y[yb + c * y.stride(2)]);
+    let mut g = yv;
+    if gate {
+        let zv = f32::cast_from(z[zb + c * z.stride(2)]);
+        g = yv * zv * sigmoid_f32(zv);
+    }
+    g
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn norm_forward_kernel<F: Float>(
+    y: &Tensor<F>,       // [batch, seq, width]
+    z: &Tensor<F>,       // [batch, seq, width] (a placeholder without the gate)
+    w: &Tensor<f32>,     // [width]
+    out: &mut Tensor<F>, // [batch, seq, width], contiguous
+    eps: f32,
+    #[comptime] groups: usize,
+    #[comptime] gate: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let seqlen = out.shape(1);
+    let width = out.shape(2);
+    let gw = width / groups;
+    let idx = cube_index();
+    if idx >= out.shape(0) * seqlen * groups {
+        terminate!();
+    }
+    let grp = idx % groups;
+    let row = idx / groups;
+    let b = row / seqlen;
+    let t = row % seqlen;
+    let yb = b * y.stride(0) + t * y.stride(1);
+    let zb = b * z.stride(0) + t * z.stride(1);
+    let ob = b * out.stride(0) + t * out.stride(1);
+    let u = UNIT_POS as usize;
+    let lo = grp * gw;
+    let rounds = (gw + THREADS as usize - 1) / THREADS as usize;
+    let mut shared = SharedMemory::<f32>::new(THREADS as usize);
+
+    let mut ss = 0.0f32;
+    for k in 0..rounds {
+        let j = k * THREADS as usize + u;
+        if j < gw {
+            let g = gated::<F>(y, z, yb, zb, lo + j, gate);
+            ss += g * g;
+        }
+    }
+    let total = cube_sum(ss, &mut shared);
+    let r = 1.0f32 / (total / f32::cast_from(gw) + eps).sqrt();
+    for k in 0..rounds {
+        let j = k * THREADS as usize + u;
+        if j < gw {
+            let c = lo + j;
+            let g = gated::<F>(y, z, yb, zb, c, gate);
+            out[ob + c * out.stride(2)] = F::cast_from(g * r * w[c * w.stride(0)]);
+        }
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn norm_backward_kernel<F: Float>(
+    y: &Tensor<F>,          // [batch, seq, width]
+    z: &Tensor<F>,          // [batch, seq, width] (a placeholder without the gate)
+    w: &Tensor<f32>,        // [width]
+    dout: &Tensor<F>,       // [batch, seq, width]
+    dy: &mut Tensor<F>,     // [batch, seq, width], contiguous
+    dz: &mut Tensor<F>,     // [batch, seq, width], contiguous (a placeholder without the gate)
+    rstd: &mut Tensor<f32>, // [batch · seq, groups]
+    eps: f32,
+    #[comptime] groups: usize,
+    #[comptime] gate: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let seqlen = dy.shape(1);
+    let width = dy.shape(2);
+    let gw = width / groups;
+    let idx = cube_index();
+    if idx >= dy.shape(0) * seqlen * groups {
+        terminate!();
+    }
+    let grp = idx % groups;
+    let row = idx / groups;
+    let b = row / seqlen;
+    let t = row % seqlen;
+    let yb = b * y.stride(0) + t * y.stride(1);
+    let zb = b * z.stride(0) + t * z.stride(1);
+    let db = b * dout.stride(0) + t * dout.stride(1);
+    let ob = b * dy.stride(0) + t * dy.stride(1);
+    let u = UNIT_POS as usize;
+    let lo = grp * gw;
+    let rounds = (gw + THREADS as usize - 1) / THREADS as usize;
+    let mut shared = SharedMemory::<f32>::new(THREADS as usize);
+
+    let mut ss = 0.0f32;
+    let mut dot = 0.0f32;
+    for k in 0..rounds {
+        let j = k * THREADS as usize + u;
+        if j < gw {
+            let c = lo + j;
+            let g = gated::<F>(y, z, yb, zb, c, gate);
+            ss += g * g;
+            dot += f32::cast_from(dout[db + c * dout.stride(2)]) * w[c * w.stride(0)] * g;
+        }
+    }
+    let ss_total = cube_sum(ss, &mut shared);
+    let dot_total = cube_sum(dot, &mut shared);
+    let n = f32::cast_from(gw);
+    let r = 1.0f32 / (ss_total / n + eps).sqrt();
+    // mean over the group of dn · (g r)
+    let proj = r * dot_total / n;
+    if u == 0 {
+        rstd[row * rstd.stride(0) + grp * rstd.stride(1)] = r;
+    }
+    for k in 0..rounds {
+        let j = k * THREADS as usize + u;
+        if j < gw {
+            let c = lo + j;
+            let yv = f32::cast_from(y[yb + c * y.stride(2)]);
+            let dn = f32::cast_from(dout[db + c * dout.stride(2)]) * w[c * w.stride(0)];
+            if gate {
+                let zv = f32::cast_from(z[zb + c * z.stride(2)]);
+                let sig = sigmoid_f32(zv);
+                let s = zv * sig;
+                let g = yv * s;
+                let dg = r * (dn - g * r * proj);
+                dy[ob + c * dy.stride(2)] = F::cast_from(dg * s);
+                dz[ob + c * dz.stride(2)] =
+                    F::cast_from(dg * yv * sig * (1.0f32 + zv * (1.0f32 - sig)));
+            } else {
+                let dg = r * (dn - yv * r * proj);
+                dy[ob + c * dy.stride(2)] = F::cast_from(dg);
+            }
+        }
+    }
+}
+
+/// Whether the kernels take these inputs: `y` (and `z`) of one float dtype, groups dividing the
+/// width.
+fn applies<B: burn::tensor::backend::Backend>(
+    y: &BTensor<B, 3>,
+    z: Option<&BTensor<B, 3>>,
+    groups: usize,
+) -> bool {
+    let [_, _, width] = y.dims();
+    groups > 0 && width % groups == 0 && width > 0 && z.is_none_or(|z| z.dtype() == y.dtype())
+}
+
+fn grid(n: usize) -> (CubeCount, CubeDim) {
+    let x = n.clamp(1, MAX_GRID);
+    (
+        CubeCount::Static(x as u32, n.div_ceil(x).max(1) as u32, 1),
+        CubeDim::new_1d(THREADS),
+    )
+}
+
+fn f32_weight<B: burn::tensor::backend::Backend>(w: BTensor<B, 1>) -> BTensor<B, 1> {
+    if w.dtype() == DType::F32 {
+        w
+    } else {
+        w.cast(DType::F32)
+    }
+}
+
+/// Kernel forward of the (gated) norm; the reference where the kernels don't apply.
+pub fn norm_forward<R, F, I, BT>(
+    y: BTensor<CubeBackend<R, F, I, BT>, 3>,
+    z: Option<BTensor<CubeBackend<R, F, I, BT>, 3>>,
+    w: BTensor<CubeBackend<R, F, I, BT>, 1>,
+    groups: usize,
+    eps: f64,
+) -> BTensor<CubeBackend<R, F, I, BT>, 3>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    if !applies(&y, z.as_ref(), groups) {
+        return crate::norm::norm_forward_reference(y, z, w, groups, eps);
+    }
+    let [batch, seqlen, width] = y.dims();
+    let gate = z.is_some();
+    let y = prim(y);
+    let z = z.map(prim).unwrap_or_else(|| y.clone());
+    let w = prim(f32_weight(w));
+    let dtype = y.dtype;
+    let out = empty_device_contiguous_dtype(
+        y.client.clone(),
+        y.device.clone(),
+        Shape::new([batch, seqlen, width]),
+        dtype,
+    );
+    let n = batch * seqlen * groups;
+    if n > 0 {
+        let (count, dim) = grid(n);
+        norm_forward_kernel::launch::<R>(
+            &y.client,
+            count,
+            dim,
+            y.clone().into_tensor_arg(),
+            z.into_tensor_arg(),
+            w.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            eps as f32,
+            groups,
+            gate,
+            dtype.into(),
+        );
+    }
+    wrap(out)
+}
+
+/// Kernel backward of the (gated) norm: `dy`, `dz` (gated), and `dw` when `want_dw`.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_backward<R, F, I, BT>(
+    y: BTensor<CubeBackend<R, F, I, BT>, 3>,
+    z: Option<BTensor<CubeBackend<R, F, I, BT>, 3>>,
+    w: BTensor<CubeBackend<R, F, I, BT>, 1>,
+    dout: BTensor<CubeBackend<R, F, I, BT>, 3>,
+    groups: usize,
+    eps: f64,
+    want_dw: bool,
+) -> NormGrads<CubeBackend<R, F, I, BT>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    if !applies(&y, z.as_ref(), groups) || dout.dtype() != y.dtype() {
+        return crate::norm::norm_backward_reference(y, z, w, dout, groups, eps, want_dw);
+    }
+    let [batch, seqlen, width] = y.dims();
+    let w_dtype = w.dtype();
+    let gate = z.is_some();
+    let (y_t, z_t, w32) = (y.clone(), z.clone(), f32_weight(w));
+    let y = prim(y);
+    let z = z.map(prim).unwrap_or_else(|| y.clone());
+    let dtype = y.dtype;
+    let (client, device) = (y.client.clone(), y.device.clone());
+    let shape = Shape::new([batch, seqlen, width]);
+    let dy = empty_device_contiguous_dtype(client.clone(), device.clone(), shape.clone(), dtype);
+    let dz = if gate {
+        empty_device_contiguous_dtype(client.clone(), device.clone(), shape, dtype)
+    } else {
+        empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new([1, 1, 1]), dtype)
+    };
+    let rstd = empty_device_contiguous_dtype(
+        client.clone(),
+        device,
+        Shape::new([batch * seqlen, groups]),
+        DType::F32,
+    );
+    let n = batch * seqlen * groups;
+    if n > 0 {
+        let (count, dim) = grid(n);
+        norm_backward_kernel::launch::<R>(
+            &client,
+            count,
+            dim,
+            y.into_tensor_arg(),
+            z.into_tensor_arg(),
+            prim(w32).into_tensor_arg(),
+            prim(dout.clone()).into_tensor_arg(),
+            dy.clone().into_tensor_arg(),
+            dz.clone().into_tensor_arg(),
+            rstd.clone().into_tensor_arg(),
+            eps as f32,
+            groups,
+            gate,
+            dtype.into(),
+        );
+    }
+    // dw = Σ_tokens dout · g · r, only when the weight trains.
+    let dw = want_dw.then(|| {
+        let to32 = |t: BTensor<CubeBackend<R, F, I, BT>, 3>| {
+            if t.dtype() == DType::F32 {
+                t
+            } else {
+                t.cast(DType::F32)
+            }
+        };
+        let g = match z_t {
+            Some(z) => to32(y_t) * silu(to32(z)),
+            None => to32(y_t),
+        }; // [b, l, width] f32
+        let r: BTensor<CubeBackend<R, F, I, BT>, 2> = wrap(rstd);
+        let n = g.reshape([batch * seqlen, groups, width / groups])
+            * r.reshape([batch * seqlen, groups, 1]);
+        let dw = (to32(dout).reshape([batch * seqlen, groups, width / groups]) * n)
+            .sum_dim(0)
+            .reshape([width]);
+        if w_dtype == DType::F32 {
+            dw
+        } else {
+            dw.cast(w_dtype)
+        }
+    });
+    NormGrads {
+        dy: wrap(dy),
+        dz: gate.then(|| wrap(dz)),
+        dw,
+    }
+}
