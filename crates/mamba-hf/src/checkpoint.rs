@@ -476,6 +476,7 @@ pub fn build_model<B: Backend>(
             Some(linear(src, "lm_head", h, vocab, false, device)?)
         },
         config: config.clone(),
+        compute: mamba_model::Compute::F32,
     })
 }
 

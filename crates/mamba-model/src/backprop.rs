@@ -147,7 +147,8 @@ where
         let mut grads = GradientsParams::new();
 
         // Forward, segment by segment.
-        let embedded = self.embeddings.forward(ids); // [b, l, d]
+        let c = self.compute;
+        let embedded = self.embeddings.forward(ids, c); // [b, l, d] f32
         let mut segments: Vec<Segment<A>> = Vec::new();
         let mut x = embedded.clone();
         let mut layer = 0;
@@ -156,7 +157,7 @@ where
                 A::seed(&device, opts.block_seed(layer));
                 let input = x.inner();
                 let block = self.layers[layer].clone().map(&mut Detach);
-                let (y, _) = block.forward(Tensor::from_inner(input.clone()), None, None, false);
+                let (y, _) = block.forward(Tensor::from_inner(input.clone()), None, None, false, c);
                 segments.push(Segment::Recompute { layer, input });
                 x = y;
                 layer += 1;
@@ -169,7 +170,7 @@ where
                 };
                 let mut y = input.clone();
                 while layer < self.layers.len() && !opts.checkpointed(layer) {
-                    y = self.layers[layer].forward(y, None, None, false).0;
+                    y = self.layers[layer].forward(y, None, None, false, c).0;
                     layer += 1;
                 }
                 x = Tensor::from_inner(y.clone().inner());
@@ -194,11 +195,10 @@ where
             // Nothing counted: the loss is 0/0 as transformers gives it, and no gradient flows.
             loss_inner = Tensor::<A::InnerBackend, 1>::zeros([1], &device) / 0.0;
         } else {
-            let h = self
-                .norm_f
-                .forward(last.clone())
+            let h = c
+                .act(self.norm_f.forward(last.clone()))
                 .narrow(1, 0, seq - 1)
-                .reshape([n, hidden]); // [n, d]
+                .reshape([n, hidden]); // [n, d] in the compute dtype
             let h_values = h.clone().inner();
             let shifted = shift_labels(labels.inner()); // [n]
             let scale = 1.0 / targets as f64;
@@ -259,7 +259,7 @@ where
                     A::seed(&device, opts.block_seed(layer));
                     let input = Tensor::<A, 3>::from_inner(input).require_grad();
                     let block: &Block<A> = &self.layers[layer];
-                    let (y, _) = block.forward(input.clone(), None, None, false);
+                    let (y, _) = block.forward(input.clone(), None, None, false, c);
                     let mut g = A::backward_with(y, dy);
                     sample::<A>(&device);
                     upstream = input.grad_remove(&mut g);

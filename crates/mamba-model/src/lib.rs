@@ -12,9 +12,11 @@ pub mod mamba1;
 pub mod mamba2;
 pub mod model;
 pub mod nn;
+pub mod precision;
 
 pub use backprop::{BackpropOptions, LossAndGrads};
 pub use cache::{LayerState, ModelCache};
 pub use config::{ConfigError, Mamba1Config, Mamba2Config, ModelConfig, NormMode};
 pub use mamba_kernels::MambaBackend;
 pub use model::{Block, ForwardArgs, ForwardOutput, MambaLM, Mixer};
+pub use precision::{Compute, Precision};

@@ -8,10 +8,11 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{backend::Backend, Distribution, Int, Tensor};
+use burn::tensor::{backend::Backend, DType, Distribution, Int, Tensor};
 
 use crate::model::{MambaLM, Mixer};
 use crate::nn::{Embedding, Linear};
+use crate::precision::{to_dtype, Compute};
 
 /// LoRA hyper-parameters (PEFT's `LoraConfig` subset that applies to Mamba).
 #[derive(Debug, Clone, PartialEq)]
@@ -81,11 +82,18 @@ impl<B: Backend> LoraLinear<B> {
         }
     }
 
-    /// `scaling · B A dropout(x)` over the last dimension.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let h =
-            burn::tensor::module::linear(self.dropout.forward(x), self.a.val().transpose(), None);
-        burn::tensor::module::linear(h, self.b.val().transpose(), None) * self.scaling
+    /// `scaling · B A dropout(x)` over the last dimension, in the compute dtype `c` (the f32
+    /// masters `A`, `B` cast at use).
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, c: Compute) -> Tensor<B, D> {
+        let h = c.act(burn::tensor::module::linear(
+            self.dropout.forward(x),
+            c.weight(self.a.val()).transpose(),
+            None,
+        ));
+        c.act(
+            burn::tensor::module::linear(h, c.weight(self.b.val()).transpose(), None)
+                * self.scaling,
+        )
     }
 
     /// `scaling · B A`, `[out, in]`.
@@ -116,10 +124,13 @@ impl<B: Backend> LoraEmbedding<B> {
         }
     }
 
-    /// `[batch, seq]` ids → `[batch, seq, hidden]` correction.
-    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let after_a = burn::tensor::module::embedding(self.a.val().transpose(), ids); // [b, l, r]
-        burn::tensor::module::linear(after_a, self.b.val().transpose(), None) * self.scaling
+    /// `[batch, seq]` ids → `[batch, seq, hidden]` correction, in the compute dtype `c`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, c: Compute) -> Tensor<B, 3> {
+        let after_a = burn::tensor::module::embedding(c.weight(self.a.val()).transpose(), ids); // [b, l, r]
+        c.act(
+            burn::tensor::module::linear(after_a, c.weight(self.b.val()).transpose(), None)
+                * self.scaling,
+        )
     }
 
     /// `scaling · (B A)ᵀ`, `[vocab, hidden]`.
@@ -369,7 +380,7 @@ pub fn freeze_base<B: Backend>(model: MambaLM<B>) -> MambaLM<B> {
 
 fn merge_linear<B: Backend>(lin: &mut Linear<B>) {
     if let Some(l) = lin.lora.take() {
-        let w = lin.weight.val() + l.delta();
+        let w = to_dtype(lin.weight.val(), DType::F32) + l.delta(); // merged in f32
         lin.weight = Param::from_tensor(w);
     }
 }
@@ -390,7 +401,8 @@ pub fn merge<B: Backend>(mut model: MambaLM<B>) -> MambaLM<B> {
             });
             model.config = model.config.clone().with_tied_embeddings(false);
         }
-        model.embeddings.weight = Param::from_tensor(model.embeddings.weight.val() + l.delta());
+        model.embeddings.weight =
+            Param::from_tensor(to_dtype(model.embeddings.weight.val(), DType::F32) + l.delta());
     }
     for layer in model.layers.iter_mut() {
         match &mut layer.mixer {
@@ -413,10 +425,15 @@ pub fn merge<B: Backend>(mut model: MambaLM<B>) -> MambaLM<B> {
 }
 
 /// The embedding forward with its adapter (used by [`Embedding::forward`]).
-pub(crate) fn embed<B: Backend>(e: &Embedding<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-    let base = burn::tensor::module::embedding(e.weight.val(), ids.clone());
+/// The output is f32 (the residual stream's dtype).
+pub(crate) fn embed<B: Backend>(
+    e: &Embedding<B>,
+    ids: Tensor<B, 2, Int>,
+    c: Compute,
+) -> Tensor<B, 3> {
+    let base = c.f32(burn::tensor::module::embedding(e.weight.val(), ids.clone()));
     match &e.lora {
-        Some(l) => base + l.forward(ids),
+        Some(l) => base + c.f32(l.forward(ids, c)),
         None => base,
     }
 }

@@ -52,6 +52,8 @@ pub fn nll_sum<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> T
     let [n, _] = logits.dims();
     let counted = labels.clone().not_equal_elem(IGNORE_INDEX); // [n]
     let safe = labels.mask_fill(counted.clone().bool_not(), 0); // [n]
+                                                                // Cross-entropy in f32, whatever dtype the head ran in.
+    let logits = crate::precision::to_dtype(logits, burn::tensor::DType::F32);
     let picked = log_softmax(logits, 1)
         .gather(1, safe.reshape([n, 1]))
         .reshape([n]); // [n]

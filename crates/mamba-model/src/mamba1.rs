@@ -9,6 +9,7 @@ use mamba_kernels::{ConvInput, MambaBackend, SelectiveScanInput};
 use crate::config::Mamba1Config;
 use crate::mamba2::{apply_mask, init_dt_bias};
 use crate::nn::Linear;
+use crate::precision::Compute;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Mamba1Dims {
@@ -117,10 +118,11 @@ impl<B: MambaBackend> Mamba1Mixer<B> {
         mask: Option<&Tensor<B, 3>>,
         state: Option<Mamba1State<B>>,
         want_state: bool,
+        c: Compute,
     ) -> (Tensor<B, 3>, Option<Mamba1State<B>>) {
         let d = &self.dims;
         let i = d.intermediate;
-        let proj = self.in_proj.forward(x); // [b, l, 2I]
+        let proj = self.in_proj.forward(x, c); // [b, l, 2I]
         let xs = apply_mask(proj.clone().narrow(2, 0, i), mask); // [b, l, I]
         let z = proj.narrow(2, i, i); // [b, l, I]
         let (conv_state, ssm_state) = match state {
@@ -129,30 +131,30 @@ impl<B: MambaBackend> Mamba1Mixer<B> {
         };
         let conv = B::causal_conv1d(ConvInput {
             x: xs,
-            weight: self.conv1d_weight.val(),
-            bias: self.conv1d_bias.as_ref().map(|b| b.val()),
-            initial_state: conv_state,
+            weight: c.weight(self.conv1d_weight.val()),
+            bias: self.conv1d_bias.as_ref().map(|b| c.weight(b.val())),
+            initial_state: conv_state.map(|s| c.act(s)),
             silu: true,
         });
-        let xs = apply_mask(conv.y, mask);
-        let params = self.x_proj.forward(xs.clone()); // [b, l, R + 2N]
+        let xs = apply_mask(c.act(conv.y), mask);
+        let params = self.x_proj.forward(xs.clone(), c); // [b, l, R + 2N]
         let ts = params.clone().narrow(2, 0, d.dt_rank);
         let bm = params.clone().narrow(2, d.dt_rank, d.state); // [b, l, N]
         let cm = params.narrow(2, d.dt_rank + d.state, d.state); // [b, l, N]
-        let delta = self.dt_proj.forward(ts); // [b, l, I], bias included
+        let delta = self.dt_proj.forward(ts, c); // [b, l, I], bias included
         let scan = B::selective_scan(SelectiveScanInput {
             u: xs,
             delta,
-            a: self.a(),
+            a: c.weight(self.a()),
             b: bm,
             c: cm,
-            d: self.d.val(),
+            d: c.weight(self.d.val()),
             z: Some(z),
             delta_bias: None,
             delta_softplus: true,
-            initial_state: ssm_state,
+            initial_state: ssm_state.map(|s| c.act(s)),
         });
-        let out = self.out_proj.forward(scan.y);
+        let out = self.out_proj.forward(c.act(scan.y), c);
         let state = want_state.then(|| Mamba1State {
             conv: conv.final_state,
             ssm: scan.final_state,
@@ -161,27 +163,40 @@ impl<B: MambaBackend> Mamba1Mixer<B> {
     }
 
     /// One-token step: `x` `[batch, hidden]`.
-    pub fn step(&self, x: Tensor<B, 2>, state: Mamba1State<B>) -> (Tensor<B, 2>, Mamba1State<B>) {
+    pub fn step(
+        &self,
+        x: Tensor<B, 2>,
+        state: Mamba1State<B>,
+        c: Compute,
+    ) -> (Tensor<B, 2>, Mamba1State<B>) {
         let d = &self.dims;
         let i = d.intermediate;
-        let proj = self.in_proj.forward(x); // [b, 2I]
+        let proj = self.in_proj.forward(x, c); // [b, 2I]
         let xs = proj.clone().narrow(1, 0, i);
         let z = proj.narrow(1, i, i);
         let (xs, conv) = B::causal_conv1d_step(
             xs,
-            state.conv,
-            self.conv1d_weight.val(),
-            self.conv1d_bias.as_ref().map(|b| b.val()),
+            c.act(state.conv),
+            c.weight(self.conv1d_weight.val()),
+            self.conv1d_bias.as_ref().map(|b| c.weight(b.val())),
             true,
         );
-        let params = self.x_proj.forward(xs.clone()); // [b, R + 2N]
+        let params = self.x_proj.forward(xs.clone(), c); // [b, R + 2N]
         let ts = params.clone().narrow(1, 0, d.dt_rank);
         let bm = params.clone().narrow(1, d.dt_rank, d.state);
         let cm = params.narrow(1, d.dt_rank + d.state, d.state);
-        let dt = softplus(self.dt_proj.forward(ts), 1.0); // [b, I]
-        let (y, ssm) = B::selective_step(xs, dt, self.a(), bm, cm, self.d.val(), state.ssm);
-        let y = y * silu(z);
-        (self.out_proj.forward(y), Mamba1State { conv, ssm })
+        let dt = c.act(softplus(self.dt_proj.forward(ts, c), 1.0)); // [b, I]
+        let (y, ssm) = B::selective_step(
+            xs,
+            dt,
+            c.weight(self.a()),
+            bm,
+            cm,
+            c.weight(self.d.val()),
+            c.act(state.ssm),
+        );
+        let y = c.act(y * silu(z));
+        (self.out_proj.forward(y, c), Mamba1State { conv, ssm })
     }
 
     pub fn zero_state(&self, batch: usize, device: &B::Device) -> Mamba1State<B> {

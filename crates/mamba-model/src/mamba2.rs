@@ -6,6 +6,7 @@ use mamba_kernels::{ConvInput, MambaBackend, SsdInput, SsdStepInput};
 
 use crate::config::{Mamba2Config, NormMode};
 use crate::nn::Linear;
+use crate::precision::{to_dtype, Compute};
 
 /// Shapes of a Mamba2 mixer, fixed at construction.
 #[derive(Debug, Clone, Copy)]
@@ -159,11 +160,12 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
         mask: Option<&Tensor<B, 3>>,
         state: Option<Mamba2State<B>>,
         want_state: bool,
+        c: Compute,
     ) -> (Tensor<B, 3>, Option<Mamba2State<B>>) {
         let d = &self.dims;
         let [batch, seq, _] = x.dims();
-        let x = apply_mask(x, mask);
-        let proj = self.in_proj.forward(x); // [b, l, in_proj]
+        let x = apply_mask(c.act(x), mask);
+        let proj = self.in_proj.forward(x, c); // [b, l, in_proj]
         let (z, xbc, dt) = self.split_proj(proj);
         let (conv_state, ssm_state) = match state {
             Some(s) => (Some(s.conv), Some(s.ssm)),
@@ -171,12 +173,12 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
         };
         let conv = B::causal_conv1d(ConvInput {
             x: xbc,
-            weight: self.conv1d_weight.val(),
-            bias: self.conv1d_bias.as_ref().map(|b| b.val()),
-            initial_state: conv_state,
+            weight: c.weight(self.conv1d_weight.val()),
+            bias: self.conv1d_bias.as_ref().map(|b| c.weight(b.val())),
+            initial_state: conv_state.map(|s| c.act(s)),
             silu: true,
         });
-        let xbc = apply_mask(conv.y, mask); // [b, l, conv_dim]
+        let xbc = apply_mask(c.act(conv.y), mask); // [b, l, conv_dim]
         let gn = d.groups * d.state;
         let xs = xbc
             .clone()
@@ -189,6 +191,8 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
         let cm = xbc
             .narrow(2, d.intermediate + gn, gn)
             .reshape([batch, seq, d.groups, d.state]);
+        // The per-head parameters stay f32 (the kernels read them as f32, as mamba_ssm's do
+        // under autocast): a bf16 `dt_bias` alone would shift `dt` by up to 1.6%.
         let ssd = B::ssd_chunk_scan(SsdInput {
             x: xs,
             dt,
@@ -198,12 +202,12 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
             d: self.d.val(),
             dt_bias: self.dt_bias.val(),
             dt_limit: d.dt_limit,
-            initial_state: ssm_state,
+            initial_state: ssm_state.map(|s| c.act(s)),
             chunk_size: d.chunk_size,
         });
-        let y = ssd.y.reshape([batch, seq, d.intermediate]);
-        let y = self.gated_norm(y, z);
-        let out = self.out_proj.forward(y);
+        let y = c.act(ssd.y).reshape([batch, seq, d.intermediate]);
+        let y = self.gated_norm(y, z, c);
+        let out = self.out_proj.forward(y, c);
         let state = want_state.then(|| Mamba2State {
             conv: conv.final_state,
             ssm: ssd.final_state,
@@ -212,16 +216,21 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
     }
 
     /// One-token step: `x` `[batch, hidden]`.
-    pub fn step(&self, x: Tensor<B, 2>, state: Mamba2State<B>) -> (Tensor<B, 2>, Mamba2State<B>) {
+    pub fn step(
+        &self,
+        x: Tensor<B, 2>,
+        state: Mamba2State<B>,
+        c: Compute,
+    ) -> (Tensor<B, 2>, Mamba2State<B>) {
         let d = &self.dims;
         let [batch, _] = x.dims();
-        let proj = self.in_proj.forward(x).unsqueeze_dim::<3>(1); // [b, 1, in_proj]
+        let proj = self.in_proj.forward(x, c).unsqueeze_dim::<3>(1); // [b, 1, in_proj]
         let (z, xbc, dt) = self.split_proj(proj);
         let (xbc, conv) = B::causal_conv1d_step(
             xbc.reshape([batch, d.conv_dim()]),
-            state.conv,
-            self.conv1d_weight.val(),
-            self.conv1d_bias.as_ref().map(|b| b.val()),
+            c.act(state.conv),
+            c.weight(self.conv1d_weight.val()),
+            self.conv1d_bias.as_ref().map(|b| c.weight(b.val())),
             true,
         ); // [b, conv_dim]
         let gn = d.groups * d.state;
@@ -245,22 +254,29 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
             d: self.d.val(),
             dt_bias: self.dt_bias.val(),
             dt_limit: d.dt_limit,
-            state: state.ssm,
+            state: c.act(state.ssm),
         });
-        let y = self.gated_norm(y.reshape([batch, 1, d.intermediate]), z);
-        let out = self.out_proj.forward(y).reshape([batch, d.hidden]);
+        let y = self.gated_norm(y.reshape([batch, 1, d.intermediate]), z, c);
+        let out = self.out_proj.forward(y, c).reshape([batch, d.hidden]);
         (out, Mamba2State { conv, ssm })
     }
 
     /// Gate first (`y · silu(z)`), then RMS over groups of `I / G` channels (or over all `I`
     /// with [`NormMode::Hf`]), then the weight: one [`MambaBackend::gated_rms_norm`].
-    fn gated_norm(&self, y: Tensor<B, 3>, z: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// The norm computes in f32; its output is in the compute dtype `c`.
+    fn gated_norm(&self, y: Tensor<B, 3>, z: Tensor<B, 3>, c: Compute) -> Tensor<B, 3> {
         let d = &self.dims;
         let groups = match d.norm {
             NormMode::Grouped => d.groups,
             NormMode::Hf => 1,
         };
-        B::gated_rms_norm(y, z, self.norm_weight.val(), groups, d.eps)
+        c.act(B::gated_rms_norm(
+            y,
+            z,
+            self.norm_weight.val(),
+            groups,
+            d.eps,
+        ))
     }
 
     pub fn zero_state(&self, batch: usize, device: &B::Device) -> Mamba2State<B> {
@@ -275,7 +291,10 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
 /// Zero the padded positions: `x` `[batch, seq, ch]`, `mask` `[batch, seq, 1]`.
 pub(crate) fn apply_mask<B: Backend>(x: Tensor<B, 3>, mask: Option<&Tensor<B, 3>>) -> Tensor<B, 3> {
     match mask {
-        Some(m) => x * m.clone(),
+        Some(m) => {
+            let m = to_dtype(m.clone(), x.dtype());
+            x * m
+        }
         None => x,
     }
 }

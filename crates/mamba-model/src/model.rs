@@ -10,6 +10,7 @@ use crate::loss::{causal_lm_loss, chunk_tokens, chunked_causal_lm_loss};
 use crate::mamba1::Mamba1Mixer;
 use crate::mamba2::Mamba2Mixer;
 use crate::nn::{Embedding, Linear, RmsNorm};
+use crate::precision::{cast_all, cast_frozen, Compute, Precision};
 
 // The variants differ in size (Mamba1 has two more projections); boxing one would put every
 // layer's mixer behind a pointer for no gain, there being one per layer.
@@ -20,8 +21,8 @@ pub enum Mixer<B: Backend> {
     Mamba2(Mamba2Mixer<B>),
 }
 
-/// `x + mixer(norm(x))`. The residual stream stays in the backend's float type (f32 here, so
-/// `residual_in_fp32` holds by construction).
+/// `x + mixer(norm(x))`. The residual stream `x` stays f32 (`residual_in_fp32`); the mixer runs
+/// in the compute dtype.
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
     pub norm: RmsNorm<B>,
@@ -35,36 +36,42 @@ impl<B: MambaBackend> Block<B> {
         mask: Option<&Tensor<B, 3>>,
         state: Option<LayerState<B>>,
         want_state: bool,
+        c: Compute,
     ) -> (Tensor<B, 3>, Option<LayerState<B>>) {
-        let h = self.norm.forward(x.clone());
+        let h = c.act(self.norm.forward(x.clone()));
         let (h, state) = match &self.mixer {
             Mixer::Mamba2(m) => {
                 let s = state.map(|s| s.into_mamba2());
-                let (h, s) = m.forward(h, mask, s, want_state);
+                let (h, s) = m.forward(h, mask, s, want_state, c);
                 (h, s.map(LayerState::Mamba2))
             }
             Mixer::Mamba1(m) => {
                 let s = state.map(|s| s.into_mamba1());
-                let (h, s) = m.forward(h, mask, s, want_state);
+                let (h, s) = m.forward(h, mask, s, want_state, c);
                 (h, s.map(LayerState::Mamba1))
             }
         };
-        (x + h, state)
+        (x + c.f32(h), state)
     }
 
-    fn step(&self, x: Tensor<B, 2>, state: LayerState<B>) -> (Tensor<B, 2>, LayerState<B>) {
-        let h = self.norm.forward(x.clone());
+    fn step(
+        &self,
+        x: Tensor<B, 2>,
+        state: LayerState<B>,
+        c: Compute,
+    ) -> (Tensor<B, 2>, LayerState<B>) {
+        let h = c.act(self.norm.forward(x.clone()));
         let (h, state) = match &self.mixer {
             Mixer::Mamba2(m) => {
-                let (h, s) = m.step(h, state.into_mamba2());
+                let (h, s) = m.step(h, state.into_mamba2(), c);
                 (h, LayerState::Mamba2(s))
             }
             Mixer::Mamba1(m) => {
-                let (h, s) = m.step(h, state.into_mamba1());
+                let (h, s) = m.step(h, state.into_mamba1(), c);
                 (h, LayerState::Mamba1(s))
             }
         };
-        (x + h, state)
+        (x + c.f32(h), state)
     }
 }
 
@@ -78,6 +85,9 @@ pub struct MambaLM<B: Backend> {
     pub lm_head: Option<Linear<B>>,
     #[module(skip)]
     pub config: ModelConfig,
+    /// The compute dtype (see [`crate::precision`]); f32 unless [`MambaLM::with_precision`].
+    #[module(skip)]
+    pub compute: Compute,
 }
 
 /// Options of [`MambaLM::forward_with`].
@@ -140,16 +150,43 @@ impl<B: Backend> MambaLM<B> {
             lm_head: (!config.tie_word_embeddings())
                 .then(|| Linear::init(hidden, vocab, false, device)),
             config: config.clone(),
+            compute: Compute::F32,
         })
     }
 
-    /// `[.., hidden]` → `[.., vocab]` through the LM head or the tied embeddings.
+    /// The model in `precision` on `device`: the compute dtype set, and the weights that take
+    /// no gradient (the LoRA base in training, every weight at inference) stored once in it;
+    /// with [`Precision::Bf16`] the trainable ones too (no f32 masters). Call after LoRA is
+    /// applied, so that the frozen base is known.
+    pub fn with_precision(self, precision: Precision, device: &B::Device) -> Self {
+        self.with_compute(precision.compute::<B>(device), precision == Precision::Bf16)
+    }
+
+    /// As [`MambaLM::with_precision`] with the compute dtype given (`all`: trainable weights
+    /// too).
+    pub fn with_compute(self, compute: Compute, all: bool) -> Self {
+        let mut model = if compute == Compute::F32 {
+            self
+        } else if all {
+            cast_all(self, compute)
+        } else {
+            cast_frozen(self, compute)
+        };
+        model.compute = compute;
+        model
+    }
+
+    /// `[.., hidden]` → `[.., vocab]` through the LM head or the tied embeddings, in the
+    /// compute dtype.
     pub fn lm_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        let c = self.compute;
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => {
-                burn::tensor::module::linear(hidden, self.embeddings.weight.val().transpose(), None)
-            }
+            Some(head) => head.forward(hidden, c),
+            None => c.act(burn::tensor::module::linear(
+                c.act(hidden),
+                c.weight(self.embeddings.weight.val()).transpose(),
+                None,
+            )),
         }
     }
 }
@@ -164,12 +201,13 @@ impl<B: MambaBackend> MambaLM<B> {
     pub fn forward_with(&self, ids: Tensor<B, 2, Int>, args: ForwardArgs<B>) -> ForwardOutput<B> {
         let [batch, seq] = ids.dims();
         let mask = args.attention_mask.map(|m| m.reshape([batch, seq, 1]));
-        let mut x = self.embeddings.forward(ids); // [b, l, d]
+        let c = self.compute;
+        let mut x = self.embeddings.forward(ids, c); // [b, l, d] f32
         let mut states_in = args.cache.map(|c| c.layers.into_iter());
         let mut states_out = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let s = states_in.as_mut().and_then(|it| it.next());
-            let (y, s) = layer.forward(x, mask.as_ref(), s, args.return_cache);
+            let (y, s) = layer.forward(x, mask.as_ref(), s, args.return_cache, c);
             x = y;
             if let Some(s) = s {
                 states_out.push(s);
@@ -181,7 +219,8 @@ impl<B: MambaBackend> MambaLM<B> {
         } else {
             h
         };
-        let logits = self.lm_logits(h);
+        // f32 logits for the caller (and the loss); the head ran in the compute dtype.
+        let logits = c.f32(self.lm_logits(h));
         let loss = args
             .labels
             .map(|labels| causal_lm_loss(logits.clone(), labels));
@@ -198,11 +237,12 @@ impl<B: MambaBackend> MambaLM<B> {
     /// `[1]`. The LM head runs over chunks of tokens, so the logits of the whole batch never
     /// exist at once (the same value as `forward_with` with labels).
     pub fn loss(&self, ids: Tensor<B, 2, Int>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-        let mut x = self.embeddings.forward(ids); // [b, l, d]
+        let c = self.compute;
+        let mut x = self.embeddings.forward(ids, c); // [b, l, d] f32
         for layer in &self.layers {
-            x = layer.forward(x, None, None, false).0;
+            x = layer.forward(x, None, None, false, c).0;
         }
-        let h = self.norm_f.forward(x);
+        let h = c.act(self.norm_f.forward(x));
         let [batch, seq, _] = h.dims();
         let chunk = chunk_tokens(0, self.config.vocab_size(), batch * seq.saturating_sub(1));
         chunked_causal_lm_loss(h, labels, chunk, |h| self.lm_logits(h))
@@ -234,18 +274,19 @@ impl<B: MambaBackend> MambaLM<B> {
     ) -> (Tensor<B, 2>, ModelCache<B>) {
         let [batch] = ids.dims();
         let hidden = self.config.hidden_size();
+        let c = self.compute;
         let mut x = self
             .embeddings
-            .forward(ids.reshape([batch, 1]))
+            .forward(ids.reshape([batch, 1]), c)
             .reshape([batch, hidden]);
         let mut layers = Vec::with_capacity(self.layers.len());
         for (layer, state) in self.layers.iter().zip(cache.layers) {
-            let (y, s) = layer.step(x, state);
+            let (y, s) = layer.step(x, state, c);
             x = y;
             layers.push(s);
         }
         let h = self.norm_f.forward(x);
-        (self.lm_logits(h), ModelCache { layers })
+        (c.f32(self.lm_logits(h)), ModelCache { layers })
     }
 
     /// Zero states for `batch` sequences (the cache before any token).

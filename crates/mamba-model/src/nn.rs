@@ -6,6 +6,7 @@ use burn::tensor::{backend::Backend, Distribution, Int, Tensor};
 use mamba_kernels::MambaBackend;
 
 use crate::lora::{LoraEmbedding, LoraLinear};
+use crate::precision::Compute;
 
 /// A linear layer storing `weight` as `[out, in]` (PyTorch's layout), so Hugging Face
 /// checkpoints load and save without transposes.
@@ -40,15 +41,17 @@ impl<B: Backend> Linear<B> {
         self.weight.dims()[0]
     }
 
-    /// `x @ Wᵀ + b` over the last dimension, plus the LoRA path when adapted.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let base = burn::tensor::module::linear(
+    /// `x @ Wᵀ + b` over the last dimension, plus the LoRA path when adapted, in the compute
+    /// dtype `c` (input, weights and output; the weights cast at use).
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, c: Compute) -> Tensor<B, D> {
+        let x = c.act(x);
+        let base = c.act(burn::tensor::module::linear(
             x.clone(),
-            self.weight.val().transpose(),
-            self.bias.as_ref().map(|b| b.val()),
-        );
+            c.weight(self.weight.val()).transpose(),
+            self.bias.as_ref().map(|b| c.weight(b.val())),
+        ));
         match &self.lora {
-            Some(l) => base + l.forward(x),
+            Some(l) => c.act(base + l.forward(x, c)),
             None => base,
         }
     }
@@ -71,9 +74,10 @@ impl<B: Backend> Embedding<B> {
         }
     }
 
-    /// `[batch, seq]` ids to `[batch, seq, hidden]`.
-    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        crate::lora::embed(self, ids)
+    /// `[batch, seq]` ids to `[batch, seq, hidden]`, in f32 (the residual stream's dtype)
+    /// whatever the dtype the table is stored in; the adapter runs in the compute dtype `c`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, c: Compute) -> Tensor<B, 3> {
+        crate::lora::embed(self, ids, c)
     }
 }
 

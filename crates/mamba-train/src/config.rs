@@ -121,6 +121,17 @@ pub struct TrainSection {
     /// Tokens per chunk of the LM head + loss (the logits of one chunk exist at a time); 0
     /// picks 2^26 logits per chunk.
     pub loss_chunk_tokens: usize,
+    /// `"f32"`, `"bf16-mixed"` (f32 masters and optimizer state, bf16 matmuls and
+    /// activations, f32 reductions; the frozen base stored in bf16) or `"bf16"` (no masters),
+    /// as Lightning names them.
+    pub precision: String,
+}
+
+impl TrainSection {
+    /// `precision`, parsed (validated when the config loads).
+    pub fn precision(&self) -> mamba_model::Precision {
+        self.precision.parse().unwrap_or_default()
+    }
 }
 
 impl Default for TrainSection {
@@ -146,6 +157,7 @@ impl Default for TrainSection {
             gradient_checkpointing: false,
             checkpoint_every_k_blocks: 1,
             loss_chunk_tokens: 0,
+            precision: "f32".into(),
         }
     }
 }
@@ -325,6 +337,9 @@ impl RunConfig {
         let t = &self.train;
         if t.steps == 0 || t.batch_size == 0 || t.grad_accum == 0 {
             bail!("`train.steps`, `train.batch_size` and `train.grad_accum` must be positive");
+        }
+        if let Err(e) = t.precision.parse::<mamba_model::Precision>() {
+            bail!("`train.precision`: {e}");
         }
         if t.checkpoint_every_k_blocks == 0 {
             bail!("`train.checkpoint_every_k_blocks`: expected 1 or more (1 checkpoints every block), got 0");

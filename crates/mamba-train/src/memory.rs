@@ -4,7 +4,8 @@
 
 use mamba_model::{MambaLM, ModelConfig};
 
-/// Bytes by category, f32 throughout.
+/// Bytes by category: weights in their stored dtype, gradients and AdamW state f32,
+/// activations in the compute dtype (the residual stream f32).
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Estimate {
     /// Every parameter.
@@ -50,11 +51,12 @@ pub fn estimate<B: mamba_model::MambaBackend>(
     checkpoint_every: usize,
     loss_chunk: usize,
 ) -> Estimate {
-    let (total, trainable) = crate::train::count_params(model);
+    let (_, trainable) = crate::train::count_params(model);
     let config = &model.config;
     let tokens = (batch * seq) as u64;
     let layers = config.num_layers() as u64;
-    let block = 4 * tokens * block_elements_per_token(config);
+    let act = model.compute.dtype().size() as u64;
+    let block = act * tokens * block_elements_per_token(config);
     let residual = 4 * tokens * config.hidden_size() as u64;
     let activations = if checkpoint_every == 0 {
         layers * block
@@ -64,8 +66,9 @@ pub fn estimate<B: mamba_model::MambaBackend>(
     };
     let vocab = config.vocab_size() as u64;
     let chunk = mamba_model::loss::chunk_tokens(loss_chunk, vocab as usize, tokens as usize) as u64;
-    let logits = 3 * 4 * chunk.min(tokens) * vocab;
-    let weights = 4 * total as u64;
+    // The chunk's logits in the compute dtype, their f32 log-softmax and its gradient.
+    let logits = (act + 2 * 4) * chunk.min(tokens) * vocab;
+    let weights = param_bytes(model);
     let grads_optimizer = 12 * trainable as u64;
     Estimate {
         weights,
@@ -74,6 +77,24 @@ pub fn estimate<B: mamba_model::MambaBackend>(
         logits,
         total: weights + grads_optimizer + activations + logits,
     }
+}
+
+/// Bytes of every parameter in the dtype it is stored in.
+pub fn param_bytes<B: burn::tensor::backend::Backend>(model: &MambaLM<B>) -> u64 {
+    struct Bytes(u64);
+    impl<B: burn::tensor::backend::Backend> burn::module::ModuleVisitor<B> for Bytes {
+        fn visit_float<const D: usize>(
+            &mut self,
+            param: &burn::module::Param<burn::tensor::Tensor<B, D>>,
+        ) {
+            let t = param.val();
+            let n: usize = t.dims().iter().product();
+            self.0 += (n * t.dtype().size()) as u64;
+        }
+    }
+    let mut b = Bytes(0);
+    burn::module::Module::visit(model, &mut b);
+    b.0
 }
 
 pub fn gib(bytes: u64) -> f64 {

@@ -219,7 +219,7 @@ where
     );
 
     let lora = cfg.lora.enabled.then(|| lora_config(cfg));
-    let mut model = match &lora {
+    let model = match &lora {
         Some(l) => with_lora(model, l, cfg, &device)?,
         None => model,
     };
@@ -227,6 +227,21 @@ where
     eprintln!("params: {total} total, {trainable} trainable");
 
     let t = &cfg.train;
+    let precision = t.precision();
+    let model = model.with_precision(precision, &device);
+    A::memory_cleanup(&device);
+    if precision.is_bf16() {
+        eprintln!(
+            "precision: {precision}: compute in {}; trainable weights and AdamW state {}",
+            model.compute.describe(),
+            if precision == mamba_model::Precision::Bf16 {
+                "bf16"
+            } else {
+                "f32 (masters)"
+            }
+        );
+    }
+    let mut model = model;
     let backprop = backprop_options(cfg);
     let est = estimate(
         &model,
@@ -263,6 +278,8 @@ where
             } else {
                 m
             };
+            // The checkpoint's tensors come back in f32: store them as the precision says.
+            model = model.with_precision(precision, &device);
             optim = o;
             start = state.step;
             initial_val_loss = state.initial_val_loss;

@@ -55,6 +55,9 @@ pub struct Options {
     pub steps: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// f32, bf16-mixed or bf16 (as `train.precision`).
+    #[arg(long, default_value = "f32")]
+    pub precision: mamba_model::Precision,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -71,7 +74,10 @@ pub struct Report {
     pub lora_r: usize,
     pub lora_targets: Vec<String>,
     pub checkpoint_every: usize,
-    pub dtype: &'static str,
+    /// `f32`, `bf16-mixed` or `bf16`.
+    pub precision: String,
+    /// What the compute dtype is on this backend.
+    pub compute: String,
     pub first_step_s: f64,
     /// Median of the timed steps.
     pub step_ms: f64,
@@ -112,7 +118,11 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
     } else {
         model
     };
+    let model = model.with_precision(opts.precision, device);
+    // The f32 copies of the weights now stored in bf16 go back to the device.
+    B::memory_cleanup(device);
     let (params, trainable) = count_params(&model);
+    let compute = model.compute;
     let est = estimate(
         &model,
         opts.batch,
@@ -207,7 +217,8 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
         lora_r: opts.lora_r,
         lora_targets: opts.lora_targets.clone(),
         checkpoint_every: opts.checkpoint_every,
-        dtype: "f32",
+        precision: opts.precision.to_string(),
+        compute: format!("{:?}", compute),
         first_step_s,
         step_ms,
         tokens_per_s: (opts.batch * opts.seq) as f64 / (step_ms / 1e3),
@@ -225,12 +236,13 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
 /// One line for a terminal.
 pub fn line(r: &Report) -> String {
     format!(
-        "{} {}x{} lora r{} ckpt {}: first step {:.1} s, step {:.1} ms, {:.0} tok/s, peak in use {} GiB, reserved {} GiB (estimate {:.2} GiB){}",
+        "{} {}x{} lora r{} ckpt {} {}: first step {:.1} s, step {:.1} ms, {:.0} tok/s, peak in use {} GiB, reserved {} GiB (estimate {:.2} GiB){}",
         r.config,
         r.batch,
         r.seq,
         r.lora_r,
         r.checkpoint_every,
+        r.precision,
         r.first_step_s,
         r.step_ms,
         r.tokens_per_s,

@@ -86,6 +86,10 @@ struct Args {
     /// At most this many batches (0: all) [default: 0; with --run, the run's eval_batches].
     #[arg(long)]
     max_batches: Option<usize>,
+    /// f32, bf16-mixed or bf16: bf16 weights and compute on backends with bf16 (the
+    /// emulation elsewhere) [default: f32; with --run, the run's train.precision].
+    #[arg(long)]
+    precision: Option<mamba_model::Precision>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -169,6 +173,12 @@ impl BackendJob for Job {
                 .with_context(|| format!("loading adapter {}", adapter.display()))?
                 .0;
         }
+        let precision = a
+            .precision
+            .or_else(|| run.as_ref().map(|r| r.cfg.train.precision()))
+            .unwrap_or_default();
+        let model = model.with_precision(precision, &device);
+        B::memory_cleanup(&device);
         let batch_size = a
             .batch_size
             .or_else(|| run.as_ref().map(|r| r.cfg.train.batch_size))

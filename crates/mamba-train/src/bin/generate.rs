@@ -35,6 +35,9 @@ struct Args {
     ops: OpsMode,
     #[arg(long, default_value = "grouped")]
     norm: NormMode,
+    /// f32, bf16-mixed or bf16: the weights and the compute in bf16 where the backend has it.
+    #[arg(long, default_value = "f32")]
+    precision: mamba_model::Precision,
     #[arg(long)]
     json: bool,
 }
@@ -47,7 +50,9 @@ impl BackendJob for Job {
         let a = self.0;
         select_ops::<B>(a.ops, name)?;
         let model = mamba_hf::load_model::<B>(&a.model, a.norm, &device)
-            .with_context(|| format!("loading model {}", a.model))?;
+            .with_context(|| format!("loading model {}", a.model))?
+            .with_precision(a.precision, &device);
+        B::memory_cleanup(&device);
         check_ids(
             std::slice::from_ref(&a.prompt_ids),
             model.config.vocab_size(),
