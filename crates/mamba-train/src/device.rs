@@ -100,6 +100,9 @@ fn hardware_wgpu() -> Option<burn::backend::wgpu::WgpuDevice> {
 // Built without any backend feature, `job` is only passed along (and every arm fails).
 #[allow(clippy::only_used_in_recursion)]
 pub fn run_on<J: BackendJob>(spec: DeviceSpec, job: J) -> Result<J::Output> {
+    // Before any device exists: compiled kernels cached per kernel-source hash.
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    mamba_kernels::cube::cache::configure_kernel_cache();
     match spec {
         DeviceSpec::Auto => {
             #[cfg(feature = "cuda")]

@@ -9,6 +9,7 @@ use burn_cubecl::CubeRuntime;
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
 pub mod autodiff;
+pub mod cache;
 pub mod conv;
 pub mod norm;
 pub mod selective;
