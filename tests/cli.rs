@@ -165,6 +165,142 @@ fn generate_matches_transformers_greedy() {
     }
 }
 
+/// A randomly initialised Mamba2 with the GPT-NeoX vocabulary, saved with the bundled
+/// tokenizer beside it: a model directory a text prompt can go through.
+fn text_model() -> tempfile::TempDir {
+    use mamba_burn::hf::checkpoint::SaveDtype;
+    use mamba_burn::model::MambaLM;
+    let dir = tempfile::tempdir().unwrap();
+    let config = mamba_burn::hf::config::load_config(&model_config("mamba2-tiny.json")).unwrap();
+    let model = MambaLM::<Cpu>::init(&config, &Default::default()).unwrap();
+    mamba_burn::hf::save_model(&model, dir.path(), SaveDtype::F32).unwrap();
+    std::fs::copy(
+        repo_root().join("tokenizers/gpt-neox-20b/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    dir
+}
+
+/// Text in, text out: the prompt is tokenized with the model's tokenizer, the continuation
+/// streams to stdout as text, and `--json` reports ids and text that agree with the tokenizer.
+#[test]
+fn generate_text_round_trip() {
+    let dir = text_model();
+    let tok = mamba_burn::data::Tokenizer::from_file(&dir.path().join("tokenizer.json")).unwrap();
+    let prompt = "Plants create energy through a process known as";
+    let want_prompt = tok.encode(prompt).unwrap();
+    assert_eq!(
+        tok.decode(&want_prompt).unwrap(),
+        prompt,
+        "tokenizer round trip"
+    );
+    let model = dir.path().to_str().unwrap();
+    let base = [
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--ignore-eos", "--json"]);
+    let v = json_of(&run(GENERATE, &args, &[]));
+    let ids: Vec<u32> = serde_json::from_value(v["ids"].clone()).unwrap();
+    assert_eq!(ids[..want_prompt.len()], want_prompt[..]);
+    assert_eq!(v["new_tokens"], 6);
+    let new = &ids[want_prompt.len()..];
+    assert_eq!(new.len(), 6);
+    let text = v["text"].as_str().unwrap();
+    assert_eq!(text, tok.decode_skip_special(new).unwrap());
+    assert_eq!(v["prompt"], prompt);
+    // Streamed: the prompt, then the same continuation.
+    let mut args = base.to_vec();
+    args.push("--ignore-eos");
+    let out = run(GENERATE, &args, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{prompt}{text}\n")
+    );
+    // A prompt file of two prompts (JSONL): one left-padded batch, one object each.
+    let file = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &file,
+        format!("{{\"q\": \"{prompt}\"}}\n{{\"q\": \"The sky\"}}\n"),
+    )
+    .unwrap();
+    let args = [
+        "--model",
+        model,
+        "--prompt-file",
+        file.to_str().unwrap(),
+        "--field",
+        "q",
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+        "--device",
+        "cpu",
+        "--json",
+    ];
+    let out = run(GENERATE, &args, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        lines[0]["ids"], v["ids"],
+        "a batched row equals its prompt alone"
+    );
+    assert_eq!(lines[1]["prompt"], "The sky");
+}
+
+/// Bad decoding flags and prompts are refused with messages that name them.
+#[test]
+fn generate_bad_flags_are_clear_errors() {
+    let dir = text_model();
+    let model = dir.path().to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--prompt", "Hi", "--do-sample", "--top-p", "0"],
+            "top_p = 0",
+        ),
+        (
+            &["--prompt", "Hi", "--do-sample", "--top-p", "1.5"],
+            "(0, 1]",
+        ),
+        (
+            &["--prompt", "Hi", "--do-sample", "--temperature", "0"],
+            "temperature",
+        ),
+        (&["--prompt", ""], "empty"),
+        (&["--prompt-ids", "1,99999999"], "outside the vocabulary"),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["--model", model, "--device", "cpu"];
+        args.extend(extra);
+        let out = run(GENERATE, &args, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} succeeded");
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+}
+
 /// A hub id resolves through the standard cache layout under HF_HOME, offline.
 #[test]
 fn hub_id_from_local_cache_offline() {

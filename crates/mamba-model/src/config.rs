@@ -361,6 +361,12 @@ impl ModelConfig {
             Self::Mamba2(c) => c.eos_token_id,
         }
     }
+    pub fn pad_token_id(&self) -> Option<u32> {
+        match self {
+            Self::Mamba1(c) => c.pad_token_id,
+            Self::Mamba2(c) => c.pad_token_id,
+        }
+    }
     pub fn validate(&self) -> Result<(), ConfigError> {
         match self {
             Self::Mamba1(c) => c.validate(),

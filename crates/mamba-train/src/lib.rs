@@ -9,6 +9,7 @@ pub mod data;
 pub mod device;
 pub mod evaluate;
 pub mod export;
+pub mod generation;
 pub mod memory;
 pub mod metrics;
 pub mod plot;
