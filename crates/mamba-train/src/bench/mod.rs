@@ -8,6 +8,7 @@
 //! not just its submission. Agreement is `‖k − r‖ / ‖r‖` per tensor, computed in f64 on the host
 //! (a NaN or an infinity anywhere makes it infinite).
 
+pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod train;

@@ -1,4 +1,5 @@
 //! `bench kernels --device D [--shapes bench|small] [--only ssd,conv,scan] [--json]`
+//! `bench generate --device D [--config C] [--batch 1] [--prompt-len 512] [--new-tokens 256] [--precision P] [--json]`
 //! `bench model --device D [--config mamba2-130m|mamba1-130m|<config.json>] [--batch 2] [--seq 512] [--json]`
 //!
 //! The kernels against the reference ops: time and agreement of each hot op
@@ -8,7 +9,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use mamba_model::MambaBackend;
-use mamba_train::bench::{kernels, model, train};
+use mamba_train::bench::{generate, kernels, model, train};
 use mamba_train::{run_on, BackendJob, DeviceSpec};
 
 #[derive(Parser, Debug)]
@@ -83,6 +84,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Decoding speed of a randomly initialised model through `generate` (greedy): prefill time,
+    /// per-token decode time and tokens/s at a batch size, prompt length and number of new
+    /// tokens.
+    Generate {
+        #[arg(long, default_value = "auto")]
+        device: DeviceSpec,
+        #[command(flatten)]
+        opts: generate::Options,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+struct GenerateJob(generate::Options);
+
+impl BackendJob for GenerateJob {
+    type Output = generate::Report;
+    fn run<B: MambaBackend>(self, device: B::Device, name: &str) -> Result<generate::Report> {
+        generate::run::<B>(&device, name, &self.0)
+    }
 }
 
 struct TrainJob(train::Options);
@@ -172,6 +193,14 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 println!("{}", train::line(&report));
+            }
+        }
+        Command::Generate { device, opts, json } => {
+            let report = run_on(device, GenerateJob(opts))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", generate::line(&report));
             }
         }
     }
