@@ -11,7 +11,6 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, Int, Tensor};
 use common::*;
 use mamba_burn::hf::load_model_dir;
-use mamba_burn::model::lora::{apply_lora, LoraConfig, LoraTargets};
 use mamba_burn::model::loss::{causal_lm_loss, chunked_causal_lm_loss};
 use mamba_burn::model::{BackpropOptions, ForwardArgs, MambaLM, NormMode};
 
@@ -70,40 +69,6 @@ fn driven_grads(
     let mut c = FromParams(&out.grads, Vec::new());
     model.visit(&mut c);
     (value, c.1)
-}
-
-/// LoRA on every target with nonzero B (and embedding A), so that every adapter gets a
-/// gradient.
-fn lora_model(model: MambaLM<CpuAd>) -> MambaLM<CpuAd> {
-    let mut targets = vec!["in_proj", "out_proj", "x_proj", "dt_proj", "embeddings"];
-    if model.lm_head.is_some() {
-        targets.push("lm_head");
-    }
-    let cfg = LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        use_rslora: false,
-        targets: LoraTargets::Names(targets.iter().map(|s| s.to_string()).collect()),
-    };
-    let (model, _) = apply_lora(model, &cfg, &Default::default()).unwrap();
-    struct Noisy;
-    impl burn::module::ModuleMapper<CpuAd> for Noisy {
-        fn map_float<const D: usize>(
-            &mut self,
-            param: Param<Tensor<CpuAd, D>>,
-        ) -> Param<Tensor<CpuAd, D>> {
-            if !param.is_require_grad() {
-                return param;
-            }
-            // Adapters only are trainable here; make every one of them nonzero.
-            param.map(|t| {
-                let noise = Tensor::random(t.shape(), Distribution::Normal(0.0, 0.05), &t.device());
-                (t + noise).detach().require_grad()
-            })
-        }
-    }
-    model.map(&mut Noisy)
 }
 
 fn check(case: &str, lora: bool) {

@@ -15,7 +15,6 @@ use burn::tensor::{DType, Tensor};
 use common::*;
 use mamba_burn::hf::load_model_dir;
 use mamba_burn::model::generate::greedy;
-use mamba_burn::model::lora::{apply_lora, LoraConfig, LoraTargets};
 use mamba_burn::model::precision::round_bf16;
 use mamba_burn::model::{BackpropOptions, Compute, MambaLM, NormMode, Precision};
 
@@ -78,42 +77,6 @@ fn precision_names_parse_as_lightning_spells_them() {
     );
 }
 
-fn lora(model: MambaLM<CpuAd>) -> MambaLM<CpuAd> {
-    let mut targets = vec!["in_proj", "out_proj", "x_proj", "dt_proj", "embeddings"];
-    if model.lm_head.is_some() {
-        targets.push("lm_head");
-    }
-    let cfg = LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        use_rslora: false,
-        targets: LoraTargets::Names(targets.iter().map(|s| s.to_string()).collect()),
-    };
-    let (model, _) = apply_lora(model, &cfg, &Default::default()).unwrap();
-    // B starts at zero; make every adapter nonzero so that every one carries signal.
-    struct Noisy;
-    impl burn::module::ModuleMapper<CpuAd> for Noisy {
-        fn map_float<const D: usize>(
-            &mut self,
-            param: Param<Tensor<CpuAd, D>>,
-        ) -> Param<Tensor<CpuAd, D>> {
-            if !param.is_require_grad() {
-                return param;
-            }
-            param.map(|t| {
-                let noise = Tensor::random(
-                    t.shape(),
-                    burn::tensor::Distribution::Normal(0.0, 0.05),
-                    &t.device(),
-                );
-                (t + noise).detach().require_grad()
-            })
-        }
-    }
-    model.map(&mut Noisy)
-}
-
 /// One parameter's dtype, whether it trains, whether it is a matrix, and its gradient's dtype.
 #[derive(Debug, Clone, Copy)]
 struct ParamInfo {
@@ -171,7 +134,7 @@ fn run(model: &MambaLM<CpuAd>, r: &Reference, opts: BackpropOptions) -> Run {
 fn load(case: &str, with_lora: bool) -> (Reference, MambaLM<CpuAd>) {
     let r = Reference::load(case);
     let model: MambaLM<CpuAd> = load_model_dir(&r.dir, NormMode::Hf, &Default::default()).unwrap();
-    (r, if with_lora { lora(model) } else { model })
+    (r, if with_lora { lora_model(model) } else { model })
 }
 
 const OPTS: [BackpropOptions; 2] = [

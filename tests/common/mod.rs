@@ -115,3 +115,42 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert!(den > 0.0, "reference is all zeros");
     (num / den).sqrt()
 }
+
+/// `model` with LoRA r 4 on every projection, the embeddings and an untied head, every adapter
+/// made nonzero (B starts at zero) so that each one carries gradient signal.
+pub fn lora_model(model: mamba_burn::model::MambaLM<CpuAd>) -> mamba_burn::model::MambaLM<CpuAd> {
+    use burn::module::{Module, Param};
+    use mamba_burn::model::lora::{apply_lora, LoraConfig, LoraTargets};
+    let mut targets = vec!["in_proj", "out_proj", "x_proj", "dt_proj", "embeddings"];
+    if model.lm_head.is_some() {
+        targets.push("lm_head");
+    }
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_rslora: false,
+        targets: LoraTargets::Names(targets.iter().map(|s| s.to_string()).collect()),
+    };
+    let (model, _) = apply_lora(model, &cfg, &Default::default()).unwrap();
+    struct Noisy;
+    impl burn::module::ModuleMapper<CpuAd> for Noisy {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: Param<Tensor<CpuAd, D>>,
+        ) -> Param<Tensor<CpuAd, D>> {
+            if !param.is_require_grad() {
+                return param;
+            }
+            param.map(|t| {
+                let noise = Tensor::random(
+                    t.shape(),
+                    burn::tensor::Distribution::Normal(0.0, 0.05),
+                    &t.device(),
+                );
+                (t + noise).detach().require_grad()
+            })
+        }
+    }
+    model.map(&mut Noisy)
+}
