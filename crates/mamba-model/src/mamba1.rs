@@ -27,6 +27,9 @@ pub struct Mamba1State<B: Backend> {
     pub conv: Tensor<B, 3>,
     /// `[batch, intermediate, state]`
     pub ssm: Tensor<B, 3>,
+    /// `[intermediate, state]`: the decay rates `-exp(A_log)` (f32), computed once when the
+    /// state is made (a decode step does not recompute them in every layer).
+    pub a: Tensor<B, 2>,
 }
 
 #[derive(Module, Debug)]
@@ -142,10 +145,11 @@ impl<B: MambaBackend> Mamba1Mixer<B> {
         let bm = params.clone().narrow(2, d.dt_rank, d.state); // [b, l, N]
         let cm = params.narrow(2, d.dt_rank + d.state, d.state); // [b, l, N]
         let delta = self.dt_proj.forward(ts, c); // [b, l, I], bias included
+        let a = self.a();
         let scan = B::selective_scan(SelectiveScanInput {
             u: xs,
             delta,
-            a: c.weight(self.a()),
+            a: c.weight(a.clone()),
             b: bm,
             c: cm,
             d: c.weight(self.d.val()),
@@ -158,6 +162,7 @@ impl<B: MambaBackend> Mamba1Mixer<B> {
         let state = want_state.then(|| Mamba1State {
             conv: conv.final_state,
             ssm: scan.final_state,
+            a,
         });
         (out, state)
     }
@@ -189,14 +194,15 @@ impl<B: MambaBackend> Mamba1Mixer<B> {
         let (y, ssm) = B::selective_step(
             xs,
             dt,
-            c.weight(self.a()),
+            c.weight(state.a.clone()),
             bm,
             cm,
             c.weight(self.d.val()),
             c.act(state.ssm),
         );
         let y = c.act(y * silu(z));
-        (self.out_proj.forward(y, c), Mamba1State { conv, ssm })
+        let a = state.a;
+        (self.out_proj.forward(y, c), Mamba1State { conv, ssm, a })
     }
 
     pub fn zero_state(&self, batch: usize, device: &B::Device) -> Mamba1State<B> {
@@ -204,6 +210,7 @@ impl<B: MambaBackend> Mamba1Mixer<B> {
         Mamba1State {
             conv: Tensor::zeros([batch, d.intermediate, d.conv_kernel - 1], device),
             ssm: Tensor::zeros([batch, d.intermediate, d.state], device),
+            a: self.a(),
         }
     }
 }

@@ -54,6 +54,9 @@ pub struct Mamba2State<B: Backend> {
     pub conv: Tensor<B, 3>,
     /// `[batch, heads, head_dim, state]`
     pub ssm: Tensor<B, 4>,
+    /// `[heads]`: the decay rates `-exp(A_log)` (f32), computed once when the state is made so
+    /// that a decode step does not launch their two kernels in every layer.
+    pub a: Tensor<B, 1>,
 }
 
 #[derive(Module, Debug)]
@@ -193,10 +196,11 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
             .reshape([batch, seq, d.groups, d.state]);
         // The per-head parameters stay f32 (the kernels read them as f32, as mamba_ssm's do
         // under autocast): a bf16 `dt_bias` alone would shift `dt` by up to 1.6%.
+        let a = self.a();
         let ssd = B::ssd_chunk_scan(SsdInput {
             x: xs,
             dt,
-            a: self.a(),
+            a: a.clone(),
             b: bm,
             c: cm,
             d: self.d.val(),
@@ -211,6 +215,7 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
         let state = want_state.then(|| Mamba2State {
             conv: conv.final_state,
             ssm: ssd.final_state,
+            a: a.clone(),
         });
         (out, state)
     }
@@ -248,7 +253,7 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
         let (y, ssm) = B::ssd_step(SsdStepInput {
             x: xs,
             dt: dt.reshape([batch, d.heads]),
-            a: self.a(),
+            a: state.a.clone(),
             b: bm,
             c: cm,
             d: self.d.val(),
@@ -258,7 +263,14 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
         });
         let y = self.gated_norm(y.reshape([batch, 1, d.intermediate]), z, c);
         let out = self.out_proj.forward(y, c).reshape([batch, d.hidden]);
-        (out, Mamba2State { conv, ssm })
+        (
+            out,
+            Mamba2State {
+                conv,
+                ssm,
+                a: state.a,
+            },
+        )
     }
 
     /// Gate first (`y · silu(z)`), then RMS over groups of `I / G` channels (or over all `I`
@@ -284,6 +296,7 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
         Mamba2State {
             conv: Tensor::zeros([batch, d.conv_dim(), d.conv_kernel - 1], device),
             ssm: Tensor::zeros([batch, d.heads, d.head_dim, d.state], device),
+            a: self.a(),
         }
     }
 }
