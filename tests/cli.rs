@@ -401,12 +401,26 @@ fn bad_token_files_are_named() {
             "{content}: {err}"
         );
     }
-    let out = run(
-        GENERATE,
-        &["--model", model, "--prompt-ids", "1,2", "--json"],
-        &[],
+    // Greedy is the default when not sampling, as in transformers; `--greedy` says so, and
+    // contradicts `--do-sample`.
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "--model",
+            model,
+            "--prompt-ids",
+            "1,2",
+            "--device",
+            "cpu",
+            "--json",
+        ];
+        args.extend(extra);
+        run(GENERATE, &args, &[])
+    };
+    assert_eq!(
+        json_of(&gen(&[]))["ids"],
+        json_of(&gen(&["--greedy"]))["ids"]
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("pass --greedy"));
+    fails_with(&gen(&["--greedy", "--do-sample"]), "--do-sample");
 }
 
 fn fails_with(out: &Output, want: &str) -> String {
