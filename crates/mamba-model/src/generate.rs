@@ -209,23 +209,22 @@ impl<B: MambaBackend> MambaLM<B> {
         } else {
             self.last_logits(ids, mask.clone())
         };
-        // The whole sequences so far, for the uncached path: [batch, width + n].
-        let mut seq = prompts
-            .iter()
-            .map(|p| {
-                let mut r = vec![cfg.pad_token_id; width - p.len()];
-                r.extend_from_slice(p);
-                r
-            })
-            .collect::<Vec<_>>();
-        let mut mask_rows = prompts
-            .iter()
-            .map(|p| {
-                let mut r = vec![0f32; width - p.len()];
-                r.resize(width, 1.0);
-                r
-            })
-            .collect::<Vec<_>>();
+        // The whole sequences so far, for the uncached path only: [batch, width + n].
+        let (mut seq, mut mask_rows): (Vec<Vec<u32>>, Vec<Vec<f32>>) = if cfg.use_cache {
+            (Vec::new(), Vec::new())
+        } else {
+            prompts
+                .iter()
+                .map(|p| {
+                    let pad = width - p.len();
+                    let mut ids = vec![cfg.pad_token_id; pad];
+                    ids.extend_from_slice(p);
+                    let mut mask = vec![0f32; pad];
+                    mask.resize(width, 1.0);
+                    (ids, mask)
+                })
+                .unzip()
+        };
         for n in 0..cfg.max_new_tokens {
             let next = picker.pick(logits, n, &rows);
             let mut fed = Vec::with_capacity(batch);
