@@ -150,19 +150,38 @@ const OPTS: [BackpropOptions; 2] = [
     },
 ];
 
+/// `mixed` (the same weights in another compute dtype) against `model` in f32 at each of
+/// [`OPTS`]: the case's name, the loss's and the gradients' relative errors, and `mixed`'s run.
+fn against_f32(
+    model: &MambaLM<CpuAd>,
+    mixed: &MambaLM<CpuAd>,
+    r: &Reference,
+    case: &str,
+    with_lora: bool,
+) -> Vec<(String, f64, f64, Run)> {
+    OPTS.iter()
+        .map(|&opts| {
+            let want = run(model, r, opts);
+            let got = run(mixed, r, opts);
+            let what = format!("{case} lora={with_lora} ckpt={}", opts.checkpoint_every);
+            let loss_rel = ((got.loss - want.loss) / want.loss).abs();
+            let grad_rel = rel_err(&got.grads, &want.grads);
+            (what, loss_rel, grad_rel, got)
+        })
+        .collect()
+}
+
 /// `bf16-mixed` against f32: loss within 2e-2, gradients within 2e-2 (relative L2), with and
 /// without checkpointing; the gradients reach the f32 masters as f32.
 fn bf16_mixed_close_to_f32(case: &str, with_lora: bool) {
     let (r, model) = load(case, with_lora);
     let mixed = model.clone().with_compute(Compute::Bf16Emulated, false);
     assert_eq!(mixed.compute, Compute::Bf16Emulated);
-    for opts in OPTS {
-        let want = run(&model, &r, opts);
-        let got = run(&mixed, &r, opts);
-        let what = format!("{case} lora={with_lora} ckpt={}", opts.checkpoint_every);
-        let loss_rel = ((got.loss - want.loss) / want.loss).abs();
-        let grad_rel = rel_err(&got.grads, &want.grads);
-        eprintln!("{what}: bf16-mixed loss {} vs f32 {} (rel {loss_rel:.2e}), gradient rel {grad_rel:.2e}", got.loss, want.loss);
+    for (what, loss_rel, grad_rel, got) in against_f32(&model, &mixed, &r, case, with_lora) {
+        eprintln!(
+            "{what}: bf16-mixed loss {} (rel {loss_rel:.2e}), gradient rel {grad_rel:.2e}",
+            got.loss
+        );
         assert!(loss_rel <= BF16_LOSS_REL, "{what}: loss rel {loss_rel:e}");
         assert!(
             grad_rel <= BF16_GRAD_REL,
@@ -228,12 +247,7 @@ fn native_cast_points(case: &str, with_lora: bool) {
     let (r, model) = load(case, with_lora);
     let compute = Compute::Native(DType::F64);
     let mixed = model.clone().with_compute(compute, false);
-    for opts in OPTS {
-        let want = run(&model, &r, opts);
-        let got = run(&mixed, &r, opts);
-        let what = format!("{case} lora={with_lora} ckpt={}", opts.checkpoint_every);
-        let loss_rel = ((got.loss - want.loss) / want.loss).abs();
-        let grad_rel = rel_err(&got.grads, &want.grads);
+    for (what, loss_rel, grad_rel, got) in against_f32(&model, &mixed, &r, case, with_lora) {
         assert!(loss_rel <= 1e-5, "{what}: loss rel {loss_rel:e}");
         assert!(grad_rel <= 1e-4, "{what}: gradient rel {grad_rel:e}");
         let mut frozen = 0;
