@@ -4,13 +4,13 @@
 //! does. Prefill time is a generation of one new token (the prefill and one argmax); decode time
 //! per token is the rest of a full generation over its `new_tokens - 1` steps.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use mamba_model::generate::GenerationConfig;
-use mamba_model::{MambaBackend, MambaLM};
+use mamba_model::MambaBackend;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::model::resolve_config;
+use super::model::random_model;
 use super::RunInfo;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -67,12 +67,8 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
         opts.batch >= 1 && opts.prompt_len >= 1,
         "--batch and --prompt-len: at least 1"
     );
-    let config = resolve_config(&opts.config)?;
-    B::seed(device, opts.seed);
-    let model = MambaLM::<B>::init(&config, device)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("--config {}", opts.config))?
-        .with_precision(opts.precision, device);
+    let (config, model) = random_model::<B>(&opts.config, opts.seed, device)?;
+    let model = model.with_precision(opts.precision, device);
     B::memory_cleanup(device);
     let vocab = config.vocab_size();
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);

@@ -17,6 +17,21 @@ use serde::Serialize;
 use super::{catch, rel_err, time_ms, worst, Num, RunInfo};
 use crate::train::count_params;
 
+/// A randomly initialised model of `spec` ([`resolve_config`]) on `device`, the backend seeded
+/// with `seed` first: the config and the model.
+pub fn random_model<B: burn::tensor::backend::Backend>(
+    spec: &str,
+    seed: u64,
+    device: &B::Device,
+) -> Result<(ModelConfig, MambaLM<B>)> {
+    let config = resolve_config(spec)?;
+    B::seed(device, seed);
+    let model = MambaLM::<B>::init(&config, device)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("--config {spec}"))?;
+    Ok((config, model))
+}
+
 /// The configs `--config` knows by name; anything else is read as a config JSON.
 pub const PRESETS: &[&str] = &["mamba2-130m", "mamba1-130m"];
 
@@ -144,11 +159,7 @@ fn measure<B: MambaBackend>(
 
 /// Runs the model benchmark on backend `B`; `name` is what `--device` selected.
 pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> Result<Report> {
-    let config = resolve_config(&opts.config)?;
-    B::seed(device, opts.seed);
-    let model = MambaLM::<Autodiff<B>>::init(&config, device)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("--config {}", opts.config))?;
+    let (config, model) = random_model::<Autodiff<B>>(&opts.config, opts.seed, device)?;
     let (params, _) = count_params(&model);
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let vocab = config.vocab_size() as i64;

@@ -6,7 +6,7 @@
 //! median of the timed steps, tokens/s from it, and memory: the allocator's high-water marks
 //! (bytes in live tensors, bytes reserved from the device) beside the estimate `train` prints.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use burn::backend::Autodiff;
 use burn::optim::AdamWConfig;
 use mamba_data::Batch;
@@ -16,7 +16,7 @@ use mamba_model::{BackpropOptions, MambaBackend, MambaLM};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::model::resolve_config;
+use super::model::random_model;
 use super::RunInfo;
 use crate::memory::{estimate, Estimate};
 use crate::step::{no_decay_ids, optimizer_step, StepError, StepSettings};
@@ -101,11 +101,7 @@ fn gib(b: u64) -> f64 {
 /// Runs the training-step benchmark on backend `B`; `name` is what `--device` selected.
 pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> Result<Report> {
     type A<B> = Autodiff<B>;
-    let config = resolve_config(&opts.config)?;
-    B::seed(device, opts.seed);
-    let model = MambaLM::<A<B>>::init(&config, device)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("--config {}", opts.config))?;
+    let (config, model) = random_model::<A<B>>(&opts.config, opts.seed, device)?;
     let model = if opts.lora_r > 0 {
         let l = LoraConfig {
             r: opts.lora_r,
