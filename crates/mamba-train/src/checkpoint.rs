@@ -36,6 +36,11 @@ pub struct TrainState {
     /// The frozen base of an adapter-only checkpoint.
     #[serde(default)]
     pub base: Option<BaseFingerprint>,
+    /// The number of data-parallel devices that wrote it (`None` before data parallelism: 1).
+    /// A resume on another number continues exactly (the global batch is the same, split
+    /// otherwise); the log says so.
+    #[serde(default)]
+    pub devices: Option<usize>,
 }
 
 /// Identifies the base model an adapter-only checkpoint was trained on.

@@ -125,6 +125,10 @@ pub struct TrainSection {
     /// activations, f32 reductions; the frozen base stored in bf16) or `"bf16"` (no masters),
     /// as Lightning names them.
     pub precision: String,
+    /// Data parallelism: the devices to train on, one model replica each (`["cuda:0",
+    /// "cuda:1"]`, `["cuda:all"]`; `["cpu", "cpu"]` runs CPU replicas). `batch_size` is the
+    /// global batch, split evenly over them. Empty (the default): `device.name`.
+    pub devices: Vec<String>,
 }
 
 impl TrainSection {
@@ -158,6 +162,7 @@ impl Default for TrainSection {
             checkpoint_every_k_blocks: 1,
             loss_chunk_tokens: 0,
             precision: "f32".into(),
+            devices: Vec::new(),
         }
     }
 }
@@ -367,10 +372,20 @@ impl RunConfig {
                 self.output.dtype
             );
         }
-        self.device
-            .name
-            .parse::<crate::DeviceSpec>()
-            .map_err(|e| anyhow::anyhow!("`device.name`: {e}"))?;
+        let key = if t.devices.is_empty() {
+            "device.name"
+        } else {
+            "train.devices"
+        };
+        let devices = crate::DeviceList::from_config(&t.devices, &self.device.name)
+            .map_err(|e| anyhow::anyhow!("`{key}`: {e}"))?;
+        let n = devices.specs().len();
+        if devices.is_parallel() && t.batch_size % n != 0 {
+            bail!(
+                "`train.batch_size` = {} does not split evenly over the {n} devices of `{key}`: use a multiple of {n} (it is the global batch; each device takes batch_size / {n} rows)",
+                t.batch_size
+            );
+        }
         self.device.ops_mode()?;
         Ok(())
     }
@@ -401,6 +416,53 @@ field = "quote"
 [output]
 dir = "runs/x"
 "#;
+
+    /// Every config the repository ships loads, with the files it names present.
+    #[test]
+    fn shipped_configs_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut n = 0;
+        for entry in std::fs::read_dir(root.join("configs")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let cfg = RunConfig::load(&path, &[]).unwrap();
+                for local in [
+                    cfg.model.init.clone(),
+                    cfg.tokenizer.source.clone().map(PathBuf::from),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    assert!(
+                        root.join(&local).is_file(),
+                        "{}: {}",
+                        path.display(),
+                        local.display()
+                    );
+                }
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "{n} configs");
+        let two = RunConfig::load(
+            &root.join("configs/lora-codestral-shape.toml"),
+            &[
+                "train.batch_size=8".into(),
+                "train.devices=[\"cuda:0\", \"cuda:1\"]".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(two.train.devices, ["cuda:0", "cuda:1"]);
+        let e = RunConfig::load(
+            &root.join("configs/lora-codestral-shape.toml"),
+            &[
+                "train.batch_size=3".into(),
+                "train.devices=[\"cuda:0\", \"cuda:1\"]".into(),
+            ],
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("`train.batch_size` = 3 does not split evenly over the 2 devices of `train.devices`"), "{e:#}");
+    }
 
     #[test]
     fn overrides_and_unknown_keys() {

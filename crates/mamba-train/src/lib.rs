@@ -12,9 +12,12 @@ pub mod export;
 pub mod generation;
 pub mod memory;
 pub mod metrics;
+pub mod parallel;
 pub mod plot;
 pub mod step;
 pub mod train;
 
-pub use device::{run_on, select_ops, BackendJob, DeviceSpec};
+pub use device::{
+    run_on, run_on_devices, select_ops, BackendJob, DeviceList, DeviceSpec, DevicesJob,
+};
 pub use mamba_kernels::OpsMode;

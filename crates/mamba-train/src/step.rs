@@ -1,6 +1,7 @@
 //! One optimizer step: micro-batches through [`MambaLM::loss_and_grads`] (checkpointing and the
-//! chunked LM head), gradients accumulated and averaged, clipped by their global norm, decoupled
-//! weight decay that skips A_log, D, dt_bias, norms and biases, then AdamW.
+//! chunked LM head), gradients accumulated and averaged (and, data-parallel, summed over the
+//! ranks: [`crate::parallel`]), clipped by their global norm, decoupled weight decay that skips
+//! A_log, D, dt_bias, norms and biases, then AdamW.
 //!
 //! A device allocation failure inside the step (cubecl panics with "can't allocate buffer") is
 //! caught here and returned as [`StepError::OutOfMemory`], so the caller can stop with sizes and
@@ -17,8 +18,10 @@ use mamba_data::Batch;
 use mamba_kernels::BackwardWith;
 use mamba_model::{BackpropOptions, MambaBackend, MambaLM, Mixer};
 
+use crate::parallel::Peer;
+
 /// Environment variable that makes step N fail as an out-of-memory would (for tests of the
-/// error path; 1-based, as the log counts steps).
+/// error path; 1-based, as the log counts steps; `N@R` on data-parallel rank R only).
 pub const SIMULATE_OOM_ENV: &str = "MAMBA_SIMULATE_OOM_AT_STEP";
 
 /// The fixed settings of every step of a run.
@@ -34,7 +37,7 @@ pub struct StepSettings {
 /// What a step reports.
 #[derive(Debug, Clone, Copy)]
 pub struct StepReport {
-    /// Mean of the micro-batches' losses.
+    /// Mean of the micro-batches' losses (each over all ranks' parts).
     pub loss: f64,
     /// Global gradient norm before clipping (of the averaged gradient).
     pub grad_norm: f64,
@@ -50,6 +53,8 @@ pub enum StepError {
     OutOfMemory(String),
     /// A non-finite loss.
     NonFinite(f64),
+    /// Another data-parallel rank's step failed (that rank's error says how).
+    PeerFailed,
     Other(anyhow::Error),
 }
 
@@ -202,78 +207,180 @@ pub fn batch_tensors<B: burn::tensor::backend::Backend>(
     (ids, labels)
 }
 
-/// One optimizer step `step` (0-based) at learning rate `lr`, taking `settings.grad_accum`
-/// micro-batches from `next_batch`.
+/// One rank's part of one micro-batch, with the counts of the whole micro-batch (all ranks'
+/// parts together), which weight this part's loss and gradient.
+#[derive(Debug, Clone)]
+pub struct Share {
+    pub batch: Batch,
+    /// Counted targets in the whole micro-batch.
+    pub micro_targets: usize,
+    /// Tokens fed (rows × seq_len) in the whole micro-batch.
+    pub micro_tokens: usize,
+}
+
+impl Share {
+    /// A micro-batch that one rank takes whole.
+    pub fn whole(batch: Batch) -> Self {
+        Self {
+            micro_targets: batch.tokens,
+            micro_tokens: batch.batch * batch.seq_len,
+            batch,
+        }
+    }
+
+    /// `batch` cut into `world` shares (rank order), or `None` unless `world` divides its rows.
+    pub fn split(batch: &Batch, world: usize) -> Option<Vec<Self>> {
+        let micro_targets = batch.tokens;
+        let micro_tokens = batch.batch * batch.seq_len;
+        Some(
+            batch
+                .split(world)?
+                .into_iter()
+                .map(|b| Self {
+                    batch: b,
+                    micro_targets,
+                    micro_tokens,
+                })
+                .collect(),
+        )
+    }
+}
+
+/// One optimizer step `step` (0-based) at learning rate `lr` on this rank's `shares` (one per
+/// micro-batch, `settings.grad_accum` of them).
+///
+/// Each micro-batch's loss is the mean over its counted targets, *all ranks' parts together*: a
+/// part's loss and gradient are weighted by its share of the micro-batch's targets, and with
+/// `peer` the weighted gradients are summed over the ranks (burn-collective), so the step equals
+/// one device's step on the whole micro-batches. Micro-batches count equally (their mean), as
+/// before data parallelism. Every rank then clips and steps identically.
+///
+/// A failure on any rank in the forward/backward (out of memory, a non-finite loss) is shared
+/// before the gradients are: every rank returns an error, none waits forever, and the failing
+/// rank's is the one that says what happened (the others return [`StepError::PeerFailed`]).
 #[allow(clippy::too_many_arguments)]
 pub fn optimizer_step<A, O>(
     model: MambaLM<A>,
     optim: &mut O,
-    next_batch: &mut dyn FnMut() -> anyhow::Result<Batch>,
+    shares: &[Share],
     step: u64,
     lr: f64,
     settings: &StepSettings,
     skip_decay: &HashSet<ParamId>,
     device: &A::Device,
+    peer: Option<&Peer>,
 ) -> Result<(MambaLM<A>, StepReport), StepError>
 where
     A: AutodiffBackend + MambaBackend + BackwardWith,
     A::InnerBackend: MambaBackend,
     O: Optimizer<MambaLM<A>, A>,
 {
-    if std::env::var(SIMULATE_OOM_ENV)
+    let rank = peer.map_or(0, |p| p.rank);
+    let simulated = std::env::var(SIMULATE_OOM_ENV)
         .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        == Some(step + 1)
-    {
-        return Err(StepError::OutOfMemory(format!(
-            "can't allocate buffer of size: 1073741824 (simulated by {SIMULATE_OOM_ENV})"
-        )));
+        .and_then(|v| parse_simulated_oom(&v))
+        .is_some_and(|(at, r)| at == step + 1 && r.is_none_or(|r| r == rank));
+    // A micro-batch without a counted target has no mean: every rank sees the same counts.
+    if shares.iter().any(|s| s.micro_targets == 0) {
+        return Err(StepError::NonFinite(f64::NAN));
     }
-    // Any device allocation failure in the step, at issue or at a sync, becomes the error.
+    // Any device allocation failure in the forward/backward, at issue or at a sync.
+    let local = if simulated {
+        Err(StepError::OutOfMemory(format!(
+            "can't allocate buffer of size: 1073741824 (simulated by {SIMULATE_OOM_ENV})"
+        )))
+    } else {
+        guard_oom(|| forward_backward(&model, shares, step, rank, settings, device))
+    };
+    let accum_n = shares.len().max(1) as f64;
+    let (grads, loss) = match peer {
+        None => {
+            let (grads, part) = local?;
+            (grads, part / accum_n)
+        }
+        Some(peer) => {
+            let (failed, part) = match &local {
+                Ok((_, part)) => (0.0, *part),
+                Err(_) => (1.0, 0.0),
+            };
+            let sums = peer
+                .sum_values::<A::InnerBackend>(&[failed, part], device)
+                .map_err(StepError::Other)?;
+            let (grads, _) = local?;
+            if sums[0] > 0.0 {
+                return Err(StepError::PeerFailed);
+            }
+            (grads, sums[1] / accum_n)
+        }
+    };
+    if !loss.is_finite() {
+        return Err(StepError::NonFinite(loss));
+    }
+    let grads = match peer {
+        Some(peer) => guard_oom(|| peer.sum_grads(&model, grads).map_err(StepError::Other))?,
+        None => grads,
+    };
     guard_oom(|| {
-        step_inner(
-            model, optim, next_batch, step, lr, settings, skip_decay, device,
-        )
+        let (model, grad_norm) =
+            clip_and_update(model, optim, grads, accum_n, lr, settings, skip_decay);
+        mamba_kernels::memory::sample::<A>(device);
+        Ok((
+            model,
+            StepReport {
+                loss,
+                grad_norm,
+                targets: shares.iter().map(|s| s.micro_targets).sum(),
+                tokens: shares.iter().map(|s| s.micro_tokens).sum(),
+            },
+        ))
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn step_inner<A, O>(
-    model: MambaLM<A>,
-    optim: &mut O,
-    next_batch: &mut dyn FnMut() -> anyhow::Result<Batch>,
+/// `MAMBA_SIMULATE_OOM_AT_STEP` = `N` (every rank) or `N@R` (rank R only).
+fn parse_simulated_oom(v: &str) -> Option<(u64, Option<usize>)> {
+    match v.split_once('@') {
+        Some((n, r)) => Some((n.trim().parse().ok()?, Some(r.trim().parse().ok()?))),
+        None => Some((v.trim().parse().ok()?, None)),
+    }
+}
+
+/// The micro-batches' forward and backward: the gradients, each part's weighted by its share of
+/// its micro-batch's targets and summed over the micro-batches, and the weighted loss sum.
+fn forward_backward<A>(
+    model: &MambaLM<A>,
+    shares: &[Share],
     step: u64,
-    lr: f64,
+    rank: usize,
     settings: &StepSettings,
-    skip_decay: &HashSet<ParamId>,
     device: &A::Device,
-) -> Result<(MambaLM<A>, StepReport), StepError>
+) -> Result<(GradientsParams, f64), StepError>
 where
     A: AutodiffBackend + MambaBackend + BackwardWith,
     A::InnerBackend: MambaBackend,
-    O: Optimizer<MambaLM<A>, A>,
 {
-    // Dropout draws from the backend RNG: seeded per step, so that a resumed run repeats them.
+    // Dropout draws from the backend RNG: seeded per step (and rank), so that a resumed run
+    // repeats them.
+    let seed = settings
+        .backprop
+        .seed
+        .wrapping_add(rank as u64 * 0x9E37_79B9_7F4A_7C15);
     A::seed(
         device,
-        settings
-            .backprop
-            .seed
-            .wrapping_add(step)
-            .wrapping_mul(0x2545_F491_4F6C_DD1D),
+        seed.wrapping_add(step).wrapping_mul(0x2545_F491_4F6C_DD1D),
     );
-    let accum_n = settings.grad_accum.max(1);
     let mut accum = GradientsAccumulator::<MambaLM<A>>::new();
     let mut loss_sum = 0.0;
-    let mut targets = 0;
-    let mut tokens = 0;
-    for micro in 0..accum_n {
-        let batch = next_batch()?;
-        let (ids, labels) = batch_tensors::<A>(&batch, device);
+    for (micro, share) in shares.iter().enumerate() {
+        let batch = &share.batch;
+        let weight = batch.tokens as f64 / share.micro_targets as f64;
+        if batch.tokens == 0 {
+            // This rank's rows count nothing: a zero gradient keeps the ranks' sets equal.
+            accum.accumulate(model, zero_grads(model));
+            continue;
+        }
+        let (ids, labels) = batch_tensors::<A>(batch, device);
         let opts = BackpropOptions {
-            seed: settings
-                .backprop
-                .seed
+            seed: seed
                 .wrapping_add(step.wrapping_mul(0x2545_F491_4F6C_DD1D))
                 .wrapping_add(micro as u64),
             ..settings.backprop
@@ -283,13 +390,50 @@ where
         if !value.is_finite() {
             return Err(StepError::NonFinite(value));
         }
-        loss_sum += value;
-        targets += out.targets;
-        tokens += batch.batch * batch.seq_len;
-        accum.accumulate(&model, out.grads);
+        loss_sum += weight * value;
+        let mut grads = out.grads;
+        if weight != 1.0 {
+            model.visit(&mut Scale {
+                grads: &mut grads,
+                factor: weight,
+            });
+        }
+        accum.accumulate(model, grads);
     }
-    let mut grads = accum.grads();
-    // Average the micro-batches, then clip by the global norm.
+    Ok((accum.grads(), loss_sum))
+}
+
+/// Zeros in the place of every trainable parameter's gradient.
+fn zero_grads<A: AutodiffBackend>(model: &MambaLM<A>) -> GradientsParams {
+    struct Zeros(GradientsParams);
+    impl<A: AutodiffBackend> ModuleVisitor<A> for Zeros {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
+            if param.is_require_grad() {
+                let value = param.val().inner();
+                self.0.register(param.id, value.zeros_like());
+            }
+        }
+    }
+    let mut z = Zeros(GradientsParams::new());
+    model.visit(&mut z);
+    z.0
+}
+
+/// The mean over `accum_n` micro-batches of `grads` (their sum), clipped by its global norm,
+/// decoupled weight decay, the optimizer step. Returns the model and the norm before clipping.
+fn clip_and_update<A, O>(
+    model: MambaLM<A>,
+    optim: &mut O,
+    mut grads: GradientsParams,
+    accum_n: f64,
+    lr: f64,
+    settings: &StepSettings,
+    skip_decay: &HashSet<ParamId>,
+) -> (MambaLM<A>, f64)
+where
+    A: AutodiffBackend,
+    O: Optimizer<MambaLM<A>, A>,
+{
     let mut sq = SquaredNorm::<A> {
         grads: &grads,
         total: None,
@@ -299,13 +443,13 @@ where
         .total
         .map(|t| t.into_scalar().elem::<f64>().sqrt())
         .unwrap_or(0.0)
-        / accum_n as f64;
+        / accum_n;
     let clip = if settings.max_grad_norm > 0.0 && norm > settings.max_grad_norm {
         settings.max_grad_norm / (norm + 1e-6)
     } else {
         1.0
     };
-    let factor = clip / accum_n as f64;
+    let factor = clip / accum_n;
     if factor != 1.0 {
         model.visit(&mut Scale {
             grads: &mut grads,
@@ -319,15 +463,5 @@ where
             factor: 1.0 - lr * settings.weight_decay,
         });
     }
-    let model = optim.step(lr, model, grads);
-    mamba_kernels::memory::sample::<A>(device);
-    Ok((
-        model,
-        StepReport {
-            loss: loss_sum / accum_n as f64,
-            grad_norm: norm,
-            targets,
-            tokens,
-        },
-    ))
+    (optim.step(lr, model, grads), norm)
 }

@@ -8,7 +8,8 @@
 //! token-based metrics, exports in Hugging Face / PEFT formats, and resumable checkpoints that
 //! also hold the data position. The pieces live beside this file: `step` (one optimizer step),
 //! `checkpoint` (save / resume), `metrics` (metrics.jsonl, throughput), `memory` (estimate,
-//! out-of-memory message), `export` (PEFT adapter, merged model).
+//! out-of-memory message), `export` (PEFT adapter, merged model), `parallel` (data-parallel
+//! ranks: the other devices' replicas, on burn-collective).
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +19,7 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::AdamWConfig;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
-use mamba_data::{batch_stream, collate, Row};
+use mamba_data::{batch_stream, collate, Batch, Row};
 use mamba_hf::{load_config, load_model_dir, resolve_model_dir, SaveDtype};
 use mamba_kernels::memory::{peaks, reset_peaks, set_tracking};
 use mamba_kernels::BackwardWith;
@@ -32,8 +33,10 @@ use crate::config::RunConfig;
 use crate::data::{prepare, Prepared};
 use crate::memory::{estimate, gib, OutOfMemory};
 use crate::metrics::{Metrics, Progress, Throughput};
+use crate::parallel::{shares_per_rank, Replicas};
 use crate::step::{
-    batch_tensors, no_decay_ids, optimizer_step, quiet_oom_panics, StepError, StepSettings,
+    batch_tensors, no_decay_ids, optimizer_step, quiet_oom_panics, Share, StepError, StepReport,
+    StepSettings,
 };
 
 /// What a finished run reports (also written to `<output>/summary.json`).
@@ -178,14 +181,36 @@ pub fn backprop_options(cfg: &RunConfig) -> BackpropOptions {
 /// Train as `cfg` says on backend `B` (under burn's autodiff; checkpointing is ours, see
 /// `mamba_model::backprop`).
 pub fn train<B: MambaBackend>(cfg: &RunConfig, device: B::Device, resume: bool) -> Result<Summary> {
-    run::<Autodiff<B>>(cfg, device, resume)
+    train_on::<B>(cfg, vec![device], vec!["the device".into()], resume)
 }
 
-fn run<A>(cfg: &RunConfig, device: A::Device, resume: bool) -> Result<Summary>
+/// [`train`] on several devices of backend `B` (data parallelism: one replica each, the global
+/// batch split evenly; see [`crate::parallel`]), `names` naming them in messages. One device is
+/// exactly [`train`].
+pub fn train_on<B: MambaBackend>(
+    cfg: &RunConfig,
+    devices: Vec<B::Device>,
+    names: Vec<String>,
+    resume: bool,
+) -> Result<Summary> {
+    ensure!(!devices.is_empty(), "no device to train on");
+    run::<Autodiff<B>>(cfg, &devices, &names, resume)
+}
+
+fn run<A>(cfg: &RunConfig, devices: &[A::Device], names: &[String], resume: bool) -> Result<Summary>
 where
     A: AutodiffBackend + MambaBackend + BackwardWith,
     A::InnerBackend: MambaBackend,
 {
+    let device = devices[0].clone();
+    let world = devices.len();
+    let t = &cfg.train;
+    ensure!(
+        t.batch_size % world == 0,
+        "`train.batch_size` = {} does not split evenly over {world} devices: use a multiple of {world} (it is the global batch; each device takes batch_size / {world} rows)",
+        t.batch_size
+    );
+    let device_batch = t.batch_size / world;
     let out = cfg.output.dir.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let existing = list_checkpoints(&out);
@@ -226,7 +251,6 @@ where
     let (total, trainable) = count_params(&model);
     eprintln!("params: {total} total, {trainable} trainable");
 
-    let t = &cfg.train;
     let precision = t.precision();
     let model = model.with_precision(precision, &device);
     A::memory_cleanup(&device);
@@ -245,13 +269,24 @@ where
     let backprop = backprop_options(cfg);
     let est = estimate(
         &model,
-        t.batch_size,
+        device_batch,
         cfg.data.seq_len,
         backprop.checkpoint_every,
         backprop.loss_chunk,
     );
     let device_total = A::memory_stats(&device).and_then(|m| m.total);
-    eprintln!("memory: estimated peak {}", est.line());
+    if world > 1 {
+        eprintln!(
+            "data parallel: {world} devices ({}), each taking {device_batch} of the {} rows of every batch",
+            names.join(", "),
+            t.batch_size
+        );
+    }
+    eprintln!(
+        "memory: estimated peak{} {}",
+        if world > 1 { " per device" } else { "" },
+        est.line()
+    );
     if let Some(total) = device_total {
         if est.total > total {
             eprintln!(
@@ -282,6 +317,12 @@ where
             model = model.with_precision(precision, &device);
             optim = o;
             start = state.step;
+            let wrote = state.devices.unwrap_or(1);
+            if wrote != world {
+                eprintln!(
+                    "resume: the checkpoint was written on {wrote} device(s), this run has {world}: the same global batches, split over {world}"
+                );
+            }
             initial_val_loss = state.initial_val_loss;
             eprintln!("resumed from {} (step {step})", dir.display());
         } else {
@@ -293,6 +334,25 @@ where
     }
     let mut metrics = Metrics::open(&out, start)?;
     let skip_decay = no_decay_ids(&model);
+    let settings = StepSettings {
+        grad_accum: t.grad_accum,
+        max_grad_norm: t.max_grad_norm,
+        weight_decay: t.weight_decay,
+        backprop,
+    };
+    // Ranks 1.. start from rank 0's model and optimizer state, resumed or not.
+    let replicas = if world > 1 {
+        Some(Replicas::start(
+            devices,
+            names,
+            &model,
+            &optim,
+            settings,
+            &skip_decay,
+        )?)
+    } else {
+        None
+    };
     let val_bs = t.batch_size;
 
     // Validation loss, logged and written to metrics.jsonl.
@@ -321,15 +381,8 @@ where
         t.seed,
         start * t.grad_accum as u64,
     );
-    let mut next_batch = || -> Result<mamba_data::Batch> {
-        Ok(stream.recv().context("the batch thread stopped")?.1)
-    };
-    let settings = StepSettings {
-        grad_accum: t.grad_accum,
-        max_grad_norm: t.max_grad_norm,
-        weight_decay: t.weight_decay,
-        backprop,
-    };
+    let next_batch =
+        || -> Result<Batch> { Ok(stream.recv().context("the batch thread stopped")?.1) };
     let adapter_only = lora.is_some();
     let base = adapter_only.then(|| BaseFingerprint::of(&model));
     set_tracking(A::memory_stats(&device).is_some());
@@ -354,10 +407,17 @@ where
     };
     for step in start..t.steps {
         let lr = cfg.lr_at(step);
-        let (m, report) = match optimizer_step(
+        let batches = (0..t.grad_accum.max(1))
+            .map(|_| next_batch())
+            .collect::<Result<Vec<_>>>()?;
+        let ranks = Ranks {
+            replicas: replicas.as_ref(),
+            name: &names[0],
+        };
+        let (m, report) = match ranks.step(
             model,
             &mut optim,
-            &mut next_batch,
+            batches,
             step,
             lr,
             &settings,
@@ -365,13 +425,17 @@ where
             &device,
         ) {
             Ok(r) => r,
-            Err(StepError::OutOfMemory(msg)) => bail!(
+            Err((StepError::OutOfMemory(msg), on)) => bail!(
                 "{}",
                 OutOfMemory {
                     step: step + 1,
-                    batch: t.batch_size,
+                    batch: device_batch,
                     seq: cfg.data.seq_len,
-                    runtime_message: &msg,
+                    runtime_message: &if world > 1 {
+                        format!("{on}: {msg}")
+                    } else {
+                        msg
+                    },
                     total: device_total,
                     estimate: &est,
                     checkpointing: t.gradient_checkpointing,
@@ -379,12 +443,19 @@ where
                 }
                 .message()
             ),
-            Err(StepError::NonFinite(value)) => bail!(
+            Err((StepError::NonFinite(value), _)) => bail!(
                 "the loss is {value} at step {}: stopping (last checkpoint: {}, left intact). Lower train.lr or check the data.",
                 step + 1,
                 last_checkpoint(&out)
             ),
-            Err(StepError::Other(e)) => return Err(e),
+            Err((StepError::PeerFailed, on)) => bail!(
+                "step {}: a data-parallel rank failed without saying why (rank 0 on {on} was told so); last checkpoint: {}",
+                step + 1,
+                last_checkpoint(&out)
+            ),
+            Err((StepError::Other(e), on)) => {
+                return Err(e.context(format!("step {} on {on}", step + 1)))
+            }
         };
         model = m;
         let done = step + 1;
@@ -439,6 +510,7 @@ where
                 step: done,
                 initial_val_loss,
                 base: base.clone(),
+                devices: Some(world),
             };
             checkpoint::save(
                 &out,
@@ -452,6 +524,9 @@ where
         }
     }
     progress.finish();
+    if let Some(r) = replicas {
+        r.finish()?;
+    }
     drop(metrics);
     crate::plot::plot_metrics(&out.join("metrics.jsonl"), &out.join("loss.png"))
         .context("drawing loss.png")?;
@@ -477,6 +552,80 @@ where
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     Ok(summary)
+}
+
+/// The ranks of a run: rank 0 here, and the others' threads when data-parallel.
+struct Ranks<'a> {
+    replicas: Option<&'a Replicas>,
+    /// Rank 0's device, for messages.
+    name: &'a str,
+}
+
+impl Ranks<'_> {
+    /// One optimizer step on every rank, the step's global micro-batches cut into one share per
+    /// rank; an error comes with the device it happened on.
+    #[allow(clippy::too_many_arguments)]
+    fn step<A, O>(
+        &self,
+        model: MambaLM<A>,
+        optim: &mut O,
+        batches: Vec<Batch>,
+        step: u64,
+        lr: f64,
+        settings: &StepSettings,
+        skip_decay: &std::collections::HashSet<burn::module::ParamId>,
+        device: &A::Device,
+    ) -> std::result::Result<(MambaLM<A>, StepReport), (StepError, String)>
+    where
+        A: AutodiffBackend + MambaBackend + BackwardWith,
+        A::InnerBackend: MambaBackend,
+        O: burn::optim::Optimizer<MambaLM<A>, A>,
+    {
+        let at = |e: StepError| (e, self.name.to_string());
+        let Some(replicas) = self.replicas else {
+            let shares: Vec<Share> = batches.into_iter().map(Share::whole).collect();
+            return optimizer_step(
+                model, optim, &shares, step, lr, settings, skip_decay, device, None,
+            )
+            .map_err(at);
+        };
+        let mut per_rank =
+            shares_per_rank(batches, replicas.world()).map_err(|e| at(StepError::Other(e)))?;
+        let mine = per_rank.remove(0);
+        replicas
+            .send(step, lr, per_rank)
+            .map_err(|e| at(StepError::Other(e)))?;
+        let own = optimizer_step(
+            model,
+            optim,
+            &mine,
+            step,
+            lr,
+            settings,
+            skip_decay,
+            device,
+            Some(&replicas.peer),
+        );
+        let others = replicas.collect();
+        match own {
+            Ok(r) if others.iter().all(|(_, o)| o.is_ok()) => Ok(r),
+            own => {
+                // The error that says what happened: the first rank's that is not "another
+                // rank failed".
+                let mut errors = std::iter::once((self.name.to_string(), own.map(|_| ())))
+                    .chain(others.into_iter().map(|(n, o)| (n, o.map(|_| ()))))
+                    .filter_map(|(n, r)| r.err().map(|e| (e, n)));
+                let first = errors.next().expect("some rank failed");
+                Err(if matches!(first.0, StepError::PeerFailed) {
+                    errors
+                        .find(|(e, _)| !matches!(e, StepError::PeerFailed))
+                        .unwrap_or(first)
+                } else {
+                    first
+                })
+            }
+        }
+    }
 }
 
 /// Adapters on `model` as `l` says, with the messages a PEFT user expects.

@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::model::random_model;
 use super::RunInfo;
 use crate::memory::{estimate, Estimate};
-use crate::step::{no_decay_ids, optimizer_step, StepError, StepSettings};
+use crate::step::{no_decay_ids, optimizer_step, Share, StepError, StepSettings};
 use crate::train::count_params;
 
 /// What `bench train` runs (also its command-line flags).
@@ -163,15 +163,17 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
     for step in 0..total_steps {
         let start = std::time::Instant::now();
         let m = model.take().expect("the model is back after each step");
+        let shares = [Share::whole(next_batch()?)];
         match optimizer_step(
             m,
             &mut optim,
-            &mut next_batch,
+            &shares,
             step as u64,
             1e-4,
             &settings,
             &skip,
             device,
+            None,
         ) {
             Ok((m, report)) => {
                 B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
@@ -189,6 +191,7 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
                 break;
             }
             Err(StepError::NonFinite(v)) => anyhow::bail!("the loss is {v} at step {}", step + 1),
+            Err(StepError::PeerFailed) => unreachable!("one device"),
             Err(StepError::Other(e)) => return Err(e),
         }
     }

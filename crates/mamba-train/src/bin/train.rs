@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use mamba_model::MambaBackend;
 use mamba_train::config::RunConfig;
-use mamba_train::train::{train, Summary};
-use mamba_train::{run_on, select_ops, BackendJob, DeviceSpec, OpsMode};
+use mamba_train::train::{train_on, Summary};
+use mamba_train::{run_on_devices, select_ops, DeviceList, DevicesJob, OpsMode};
 
 #[derive(Parser, Debug)]
 #[command(about = "Fine-tune (LoRA or full) or train a Mamba/Mamba2 model from a TOML run config")]
@@ -22,9 +22,10 @@ struct Args {
     /// Continue from the last complete checkpoint in output.dir.
     #[arg(long)]
     resume: bool,
-    /// Overrides `device.name`: auto, cuda, cuda:N, wgpu or cpu.
+    /// Overrides `train.devices` and `device.name`: auto, cuda, cuda:N, wgpu or cpu; several
+    /// for data parallelism: cuda:0,cuda:1 or cuda:all (cpu,cpu runs CPU replicas).
     #[arg(long)]
-    device: Option<DeviceSpec>,
+    device: Option<DeviceList>,
     /// Overrides `device.ops`: auto, reference or kernels.
     #[arg(long)]
     ops: Option<OpsMode>,
@@ -36,28 +37,29 @@ struct Job {
     resume: bool,
 }
 
-impl BackendJob for Job {
+impl DevicesJob for Job {
     type Output = Summary;
-    fn run<B: MambaBackend>(self, device: B::Device, name: &str) -> Result<Summary> {
-        select_ops::<B>(self.ops, name).context("`device.ops`")?;
-        eprintln!("training on {name} (ops: {})", self.ops);
-        train::<B>(&self.cfg, device, self.resume)
+    fn run<B: MambaBackend>(self, devices: Vec<B::Device>, names: Vec<String>) -> Result<Summary> {
+        select_ops::<B>(self.ops, &names[0]).context("`device.ops`")?;
+        eprintln!("training on {} (ops: {})", names.join(", "), self.ops);
+        train_on::<B>(&self.cfg, devices, names, self.resume)
     }
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     let cfg = RunConfig::load(&args.config, &args.overrides)?;
-    let device = match args.device {
+    let devices = match args.device {
         Some(d) => d,
-        None => cfg.device.name.parse().map_err(anyhow::Error::msg)?,
+        None => DeviceList::from_config(&cfg.train.devices, &cfg.device.name)
+            .map_err(anyhow::Error::msg)?,
     };
     let ops = match args.ops {
         Some(o) => o,
         None => cfg.device.ops_mode()?,
     };
-    let summary = run_on(
-        device,
+    let summary = run_on_devices(
+        &devices,
         Job {
             cfg,
             ops,
