@@ -20,6 +20,60 @@ pub struct RunConfig {
     pub output: OutputSection,
     #[serde(default)]
     pub device: DeviceSection,
+    #[serde(default)]
+    pub nodes: NodesSection,
+}
+
+/// Several processes (machines) in one data-parallel run, joined by burn-collective's
+/// orchestrator (as torchrun's `--nnodes`, `--node_rank`, `--master_addr`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodesSection {
+    /// Processes in the run, each with the same number of devices (`train.devices`); 1: this
+    /// process alone.
+    pub count: usize,
+    /// This process's place, `0..count`. Node 0 starts the orchestrator and alone validates,
+    /// logs, checkpoints and exports; the others only train (a resume reads `output.dir`, so it
+    /// must hold node 0's checkpoints on every node: a shared directory, or a copy).
+    pub rank: usize,
+    /// The orchestrator, `ws://host:port`; node 0 listens on that port.
+    pub orchestrator: Option<String>,
+    /// This node's data service as the other nodes reach it, `ws://host:port`; it listens on that
+    /// port.
+    pub address: Option<String>,
+}
+
+impl Default for NodesSection {
+    fn default() -> Self {
+        Self {
+            count: 1,
+            rank: 0,
+            orchestrator: None,
+            address: None,
+        }
+    }
+}
+
+/// Why `nodes.count` > 1 is refused: what the loopback test (tests/parallel.rs, ignored) shows.
+pub const NODES_BLOCKED: &str = "`nodes.count` > 1: training across processes is refused: burn-collective 0.21's cross-process all-reduce finishes only its first operation and then waits forever (its SyncService::sync clears a copy of the list of synced peers, not the list, so every later barrier waits for a set it can never see; two processes on loopback hang at the second all-reduce of the first step). Use several devices in one process (`--device cuda:0,cuda:1` or `cuda:all`); set MAMBA_ALLOW_MULTI_NODE=1 to try it anyway";
+
+/// Set to try several processes despite [`NODES_BLOCKED`].
+pub const ALLOW_NODES_ENV: &str = "MAMBA_ALLOW_MULTI_NODE";
+
+/// The port of a `ws://host:port[/...]` address, or an error naming `key`.
+pub fn ws_port(key: &str, address: &str) -> Result<u16> {
+    let rest = address.strip_prefix("ws://").with_context(|| {
+        format!("`{key}` = {address:?}: expected ws://host:port (burn-collective speaks WebSocket)")
+    })?;
+    let host_port = rest.split('/').next().unwrap_or_default();
+    let port = host_port
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .with_context(|| format!("`{key}` = {address:?}: no port (ws://host:port)"))?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .with_context(|| format!("`{key}` = {address:?}: the port {port:?} is not a port number"))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -372,6 +426,28 @@ impl RunConfig {
                 self.output.dtype
             );
         }
+        let n = &self.nodes;
+        if n.count == 0 || n.rank >= n.count {
+            bail!(
+                "`nodes.rank` = {} with `nodes.count` = {}: expected 0 ≤ rank < count (count ≥ 1)",
+                n.rank,
+                n.count
+            );
+        }
+        if n.count > 1 && std::env::var_os(ALLOW_NODES_ENV).is_none() {
+            bail!("{}", NODES_BLOCKED);
+        }
+        if n.count > 1 {
+            for (key, value) in [
+                ("nodes.orchestrator", &n.orchestrator),
+                ("nodes.address", &n.address),
+            ] {
+                let value = value.as_deref().with_context(|| {
+                    format!("`{key}`: required when `nodes.count` > 1 (ws://host:port)")
+                })?;
+                ws_port(key, value)?;
+            }
+        }
         let key = if t.devices.is_empty() {
             "device.name"
         } else {
@@ -379,10 +455,15 @@ impl RunConfig {
         };
         let devices = crate::DeviceList::from_config(&t.devices, &self.device.name)
             .map_err(|e| anyhow::anyhow!("`{key}`: {e}"))?;
-        let n = devices.specs().len();
-        if devices.is_parallel() && t.batch_size % n != 0 {
+        let n = devices.specs().len() * self.nodes.count;
+        if n > 1 && t.batch_size % n != 0 {
+            let what = if self.nodes.count > 1 {
+                format!("the {n} devices of `{key}` × `nodes.count`")
+            } else {
+                format!("the {n} devices of `{key}`")
+            };
             bail!(
-                "`train.batch_size` = {} does not split evenly over the {n} devices of `{key}`: use a multiple of {n} (it is the global batch; each device takes batch_size / {n} rows)",
+                "`train.batch_size` = {} does not split evenly over {what}: use a multiple of {n} (it is the global batch; each device takes batch_size / {n} rows)",
                 t.batch_size
             );
         }
@@ -462,6 +543,68 @@ dir = "runs/x"
         )
         .unwrap_err();
         assert!(format!("{e:#}").contains("`train.batch_size` = 3 does not split evenly over the 2 devices of `train.devices`"), "{e:#}");
+    }
+
+    #[test]
+    fn nodes() {
+        let with = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            RunConfig::parse(BASE, &sets).map_err(|e| format!("{e:#}"))
+        };
+        let all = [
+            "nodes.count=2",
+            "nodes.orchestrator=\"ws://10.0.0.1:3000\"",
+            "nodes.address=\"ws://10.0.0.2:3001\"",
+        ];
+        assert!(with(&all)
+            .unwrap_err()
+            .contains("SyncService::sync clears a copy"));
+        // The rest of the checks, as they run with the refusal lifted (no other test reads it).
+        std::env::set_var(ALLOW_NODES_ENV, "1");
+        let ok = with(&[
+            "nodes.count=2",
+            "nodes.rank=1",
+            "nodes.orchestrator=\"ws://10.0.0.1:3000\"",
+            "nodes.address=\"ws://10.0.0.2:3001\"",
+        ])
+        .unwrap();
+        assert_eq!((ok.nodes.count, ok.nodes.rank), (2, 1));
+        assert_eq!(ws_port("k", "ws://10.0.0.2:3001/x").unwrap(), 3001);
+        for (sets, says) in [
+            (
+                &["nodes.count=2", "nodes.rank=2"][..],
+                "expected 0 ≤ rank < count",
+            ),
+            (&["nodes.count=2"][..], "`nodes.orchestrator`: required"),
+            (
+                &[
+                    "nodes.count=2",
+                    "nodes.orchestrator=\"10.0.0.1:3000\"",
+                    "nodes.address=\"ws://h:1\"",
+                ][..],
+                "expected ws://host:port",
+            ),
+            (
+                &[
+                    "nodes.count=2",
+                    "nodes.orchestrator=\"ws://h:1\"",
+                    "nodes.address=\"ws://h\"",
+                ][..],
+                "`nodes.address` = \"ws://h\": no port",
+            ),
+            (
+                &[
+                    "nodes.count=2",
+                    "nodes.orchestrator=\"ws://h:1\"",
+                    "nodes.address=\"ws://h:2\"",
+                    "train.batch_size=3",
+                ][..],
+                "over the 2 devices of `device.name` × `nodes.count`",
+            ),
+        ] {
+            let e = with(sets).unwrap_err();
+            assert!(e.contains(says), "{sets:?}: {e}");
+        }
     }
 
     #[test]

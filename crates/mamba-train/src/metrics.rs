@@ -10,7 +10,8 @@ use anyhow::{Context, Result};
 
 pub struct Metrics {
     path: PathBuf,
-    file: std::fs::File,
+    /// `None`: records are dropped (the nodes of a several-process run other than node 0).
+    file: Option<std::fs::File>,
 }
 
 impl Metrics {
@@ -38,11 +39,27 @@ impl Metrics {
             .append(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { path, file })
+        Ok(Self {
+            path,
+            file: Some(file),
+        })
+    }
+
+    /// Metrics that write nothing (a process that does not own the output directory).
+    pub fn discard(out: &Path) -> Self {
+        Self {
+            path: out.join("metrics.jsonl"),
+            file: None,
+        }
     }
 
     pub fn write(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}").with_context(|| format!("writing {}", self.path.display()))
+        match &mut self.file {
+            Some(f) => {
+                writeln!(f, "{v}").with_context(|| format!("writing {}", self.path.display()))
+            }
+            None => Ok(()),
+        }
     }
 }
 

@@ -2,10 +2,18 @@
 //! every batch, the gradients summed across the replicas, one identical optimizer step on each.
 //!
 //! Rank 0 is the training loop's own thread: it draws every global micro-batch from the data
-//! stream, cuts it into one share per rank ([`Share::split`]), hands ranks 1.. theirs
-//! ([`Replicas::step`]) and runs its own; it alone validates, logs, checkpoints and exports.
+//! stream, cuts it into one share per rank ([`Share::split`]), hands ranks 1.. theirs and runs
+//! its own ([`Ranks::step`]); it alone validates, logs, checkpoints and exports.
 //! Ranks 1.. are threads started here, one per further device, each with a fork of rank 0's model
 //! and optimizer (so the parameter ids and the optimizer state are rank 0's).
+//!
+//! Several processes (`[nodes]`): each runs this with its own devices and the same data
+//! stream, takes the shares of its ranks (node n's first rank is n × its device count), and joins
+//! the others through burn-collective's orchestrator, which node 0 serves ([`Topology`]). The
+//! trainable parameters start from node 0's (summed with zeros from the others: burn-collective
+//! 0.21 has no global broadcast); a frozen base must be the same files (or seed) everywhere.
+//! Refused for now (`config::NODES_BLOCKED`): burn-collective 0.21's cross-process all-reduce
+//! hangs from its second operation on.
 //!
 //! The collectives are burn-collective's (`register`, `all_reduce`, `finish_collective`) on the
 //! inner (non-autodiff) backend: one small all-reduce per step that shares the ranks' loss parts
@@ -28,6 +36,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_communication::Address;
 use mamba_kernels::BackwardWith;
 use mamba_model::{MambaBackend, MambaLM};
 
@@ -37,33 +46,129 @@ use crate::step::{optimizer_step, Share, StepError, StepReport, StepSettings};
 /// large transfers, bounded extra memory).
 const BUCKET_ELEMENTS: usize = 1 << 25;
 
-/// One rank of a data-parallel run.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer {
-    pub id: PeerId,
-    pub rank: usize,
+/// Where this process's ranks sit in the run.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Ranks in the whole run (every node's devices).
     pub world: usize,
+    /// This process's devices (ranks `first_rank..first_rank + local`).
+    pub local: usize,
+    pub first_rank: usize,
+    /// Several processes: how they meet.
+    pub nodes: Option<NodeLink>,
 }
 
-impl Peer {
-    pub fn new(rank: usize, world: usize) -> Self {
+/// One process of several.
+#[derive(Debug, Clone)]
+pub struct NodeLink {
+    pub count: usize,
+    pub rank: usize,
+    /// `ws://host:port` of the orchestrator (node 0 serves it on that port).
+    pub orchestrator: String,
+    /// `ws://host:port` of this node's data service, as the others reach it.
+    pub address: String,
+    pub port: u16,
+}
+
+impl Topology {
+    /// `local` devices in this process alone.
+    pub fn single_process(local: usize) -> Self {
         Self {
-            id: PeerId::from(rank),
-            rank,
-            world,
+            world: local,
+            local,
+            first_rank: 0,
+            nodes: None,
         }
     }
 
-    /// burn-collective's settings for this run: every rank passes the same.
-    fn config(&self) -> CollectiveConfig {
-        CollectiveConfig::default()
-            .with_num_devices(self.world)
-            .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2))
+    /// From the run config's `[nodes]` and this process's device count.
+    pub fn of(cfg: &crate::config::RunConfig, local: usize) -> Result<Self> {
+        let n = &cfg.nodes;
+        if n.count <= 1 {
+            return Ok(Self::single_process(local));
+        }
+        let orchestrator = n.orchestrator.clone().context("`nodes.orchestrator`")?;
+        let address = n.address.clone().context("`nodes.address`")?;
+        let port = crate::config::ws_port("nodes.address", &address)?;
+        Ok(Self {
+            world: n.count * local,
+            local,
+            first_rank: n.rank * local,
+            nodes: Some(NodeLink {
+                count: n.count,
+                rank: n.rank,
+                orchestrator,
+                address,
+                port,
+            }),
+        })
+    }
+
+    /// Whether this process is node 0 (the one that writes).
+    pub fn writes(&self) -> bool {
+        self.first_rank == 0
+    }
+
+    /// burn-collective's settings for this process's ranks (the same on each of them).
+    fn config(&self) -> Result<CollectiveConfig> {
+        let config = CollectiveConfig::default()
+            .with_num_devices(self.local)
+            .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2));
+        let Some(n) = &self.nodes else {
+            return Ok(config);
+        };
+        let parse = |key: &str, a: &str| {
+            a.parse::<Address>()
+                .map_err(|e| anyhow!("`{key}` = {a:?}: {e}"))
+        };
+        Ok(config
+            .with_num_nodes(n.count as u32)
+            .with_global_address(parse("nodes.orchestrator", &n.orchestrator)?)
+            .with_node_address(parse("nodes.address", &n.address)?)
+            .with_data_service_port(n.port)
+            // Ring needs tensors longer than the node count; the two-value one may not be.
+            .with_global_all_reduce_strategy(AllReduceStrategy::Tree(2)))
+    }
+}
+
+/// Serves burn-collective's orchestrator on `port` for the rest of the process (node 0 of
+/// several).
+pub fn start_orchestrator(port: u16) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the orchestrator's runtime")?;
+    std::thread::Builder::new()
+        .name("orchestrator".into())
+        .spawn(move || runtime.block_on(burn_collective::start_global_orchestrator(port)))
+        .context("starting the orchestrator")?;
+    Ok(())
+}
+
+/// One rank of a data-parallel run.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub id: PeerId,
+    /// Its rank in the whole run.
+    pub rank: usize,
+    pub world: usize,
+    config: CollectiveConfig,
+}
+
+impl Peer {
+    fn new(rank: usize, topology: &Topology) -> Result<Self> {
+        Ok(Self {
+            id: PeerId::from(rank),
+            rank,
+            world: topology.world,
+            config: topology.config()?,
+        })
     }
 
     /// Joins the run's collective (blocks until every rank has).
     fn join<B: Backend>(&self, device: &B::Device) -> Result<()> {
-        register::<B>(self.id, device.clone(), self.config())
+        register::<B>(self.id, device.clone(), self.config.clone())
             .map_err(|e| anyhow!("rank {}: joining the collective: {e:?}", self.rank))
     }
 
@@ -149,6 +254,54 @@ impl Peer {
     }
 }
 
+/// Zeros in the place of every trainable parameter's value except on rank 0, so that a sum over
+/// the ranks is rank 0's value.
+struct ZeroUnlessRankZero {
+    rank: usize,
+    values: GradientsParams,
+}
+
+impl<A: AutodiffBackend> ModuleVisitor<A> for ZeroUnlessRankZero {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
+        if param.is_require_grad() {
+            let v = param.val().inner();
+            let v = if self.rank == 0 { v } else { v.zeros_like() };
+            self.values.register(param.id, v);
+        }
+    }
+}
+
+/// Sets each trainable parameter to its entry in `values`.
+struct SetValues {
+    values: GradientsParams,
+}
+
+impl<A: AutodiffBackend> burn::module::ModuleMapper<A> for SetValues {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<A, D>>) -> Param<Tensor<A, D>> {
+        if !param.is_require_grad() {
+            return param;
+        }
+        match self.values.remove::<A::InnerBackend, D>(param.id) {
+            Some(v) => param.map(|_| Tensor::from_inner(v).require_grad()),
+            None => param,
+        }
+    }
+}
+
+impl Peer {
+    /// `model` with rank 0's trainable parameters (the processes of a several-node run each
+    /// made their own; burn-collective 0.21 has no global broadcast, so the others add zeros).
+    pub fn from_rank_zero<A: AutodiffBackend>(&self, model: MambaLM<A>) -> Result<MambaLM<A>> {
+        let mut z = ZeroUnlessRankZero {
+            rank: self.rank,
+            values: GradientsParams::new(),
+        };
+        model.visit(&mut z);
+        let values = self.sum_grads(&model, z.values)?;
+        Ok(model.map(&mut SetValues { values }))
+    }
+}
+
 /// Takes each parameter's gradient out of `grads`, flattened, in module order.
 struct Flatten<A: AutodiffBackend> {
     grads: GradientsParams,
@@ -198,55 +351,80 @@ struct Worker {
     handle: Option<JoinHandle<()>>,
 }
 
-/// Ranks 1.. of a data-parallel run, each on its own thread and device; rank 0 is the caller.
+/// The other ranks of this process, each on its own thread and device; the first rank is the
+/// caller's.
 pub struct Replicas {
     workers: Vec<Worker>,
     reports: Receiver<(usize, Result<StepReport, StepError>)>,
-    /// Rank 0's place in the collective.
+    /// This thread's place in the collective (rank 0 of a single process).
     pub peer: Peer,
+    topology: Topology,
     leave: Option<Box<dyn FnOnce() -> Result<()>>>,
     _lock: MutexGuard<'static, ()>,
 }
 
 impl Replicas {
-    /// Starts one rank per device after the first (rank 0, the caller's `model` and `optim`, is
-    /// on `devices[0]`), each with a fork of `model` and a clone of `optim` on its device, and
-    /// joins the collective. `names` name the devices in errors.
+    /// Starts one rank per device after the first (the caller's `model` and `optim` are on
+    /// `devices[0]`, this process's first rank), each with a fork of `model` and a clone of
+    /// `optim` on its device, and joins the collective (node 0 of several serves the
+    /// orchestrator first). `names` name the devices in errors.
     #[allow(clippy::too_many_arguments)]
     pub fn start<A, O>(
+        topology: &Topology,
         devices: &[A::Device],
         names: &[String],
-        model: &MambaLM<A>,
+        model: MambaLM<A>,
         optim: &O,
         settings: StepSettings,
         skip_decay: &HashSet<ParamId>,
-    ) -> Result<Self>
+    ) -> Result<(Self, MambaLM<A>)>
     where
         A: AutodiffBackend + MambaBackend + BackwardWith,
         A::InnerBackend: MambaBackend,
         O: Optimizer<MambaLM<A>, A> + 'static,
     {
         let lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
-        let world = devices.len();
         // What a failed run before this one in the process may have left.
         reset_collective::<A::InnerBackend>();
+        if let Some(n) = &topology.nodes {
+            if n.rank == 0 {
+                start_orchestrator(crate::config::ws_port(
+                    "nodes.orchestrator",
+                    &n.orchestrator,
+                )?)?;
+            }
+        }
         let (report_tx, reports) = channel();
         let mut workers = Vec::new();
-        for (rank, device) in devices.iter().enumerate().skip(1) {
-            let peer = Peer::new(rank, world);
+        for (local, device) in devices.iter().enumerate().skip(1) {
+            let rank = topology.first_rank + local;
+            let peer = Peer::new(rank, topology)?;
             let device = device.clone();
             let replica = model.clone().fork(&device);
+            let several_nodes = topology.nodes.is_some();
             let optim = optim.clone();
             let skip = skip_decay.clone();
             let tx: Sender<_> = report_tx.clone();
             let (orders, rx) = sync_channel::<Order>(1);
             let name = names
-                .get(rank)
+                .get(local)
                 .cloned()
                 .unwrap_or_else(|| format!("rank {rank}"));
             let handle = std::thread::Builder::new()
                 .name(format!("rank-{rank}"))
-                .spawn(move || rank_loop(peer, device, replica, optim, settings, skip, rx, tx))
+                .spawn(move || {
+                    rank_loop(
+                        peer,
+                        several_nodes,
+                        device,
+                        replica,
+                        optim,
+                        settings,
+                        skip,
+                        rx,
+                        tx,
+                    )
+                })
                 .context("starting a data-parallel rank")?;
             workers.push(Worker {
                 name,
@@ -254,23 +432,34 @@ impl Replicas {
                 handle: Some(handle),
             });
         }
-        let peer = Peer::new(0, world);
+        let peer = Peer::new(topology.first_rank, topology)?;
         peer.join::<A::InnerBackend>(&devices[0])?;
-        Ok(Self {
-            workers,
-            reports,
-            peer,
-            leave: Some(Box::new(move || peer.leave::<A::InnerBackend>())),
-            _lock: lock,
-        })
+        let model = if topology.nodes.is_some() {
+            peer.from_rank_zero(model)?
+        } else {
+            model
+        };
+        let leaving = peer.clone();
+        Ok((
+            Self {
+                workers,
+                reports,
+                peer,
+                topology: topology.clone(),
+                leave: Some(Box::new(move || leaving.leave::<A::InnerBackend>())),
+                _lock: lock,
+            },
+            model,
+        ))
     }
 
-    /// The number of ranks, rank 0 included.
-    pub fn world(&self) -> usize {
-        self.peer.world
+    /// Where this process's ranks sit.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
     }
 
-    /// Hands ranks 1.. their shares of step `step` (`per_rank[r - 1]` for rank r).
+    /// Hands this process's other ranks their shares of step `step` (`per_rank[i]` for its
+    /// rank `first_rank + 1 + i`).
     pub fn send(&self, step: u64, lr: f64, per_rank: Vec<Vec<Share>>) -> Result<()> {
         for (w, shares) in self.workers.iter().zip(per_rank) {
             w.orders
@@ -280,13 +469,13 @@ impl Replicas {
         Ok(())
     }
 
-    /// Every rank's report of the step just sent, in rank order (ranks 1..), with its device.
+    /// Every other rank's report of the step just sent, in rank order, with its device.
     pub fn collect(&self) -> Vec<(String, Result<StepReport, StepError>)> {
         let mut got: Vec<Option<Result<StepReport, StepError>>> =
             (0..self.workers.len()).map(|_| None).collect();
         for _ in 0..self.workers.len() {
             match self.reports.recv() {
-                Ok((rank, r)) => got[rank - 1] = Some(r),
+                Ok((rank, r)) => got[rank - self.topology.first_rank - 1] = Some(r),
                 Err(_) => break,
             }
         }
@@ -334,6 +523,7 @@ impl Drop for Replicas {
 #[allow(clippy::too_many_arguments)]
 fn rank_loop<A, O>(
     peer: Peer,
+    several_nodes: bool,
     device: A::Device,
     model: MambaLM<A>,
     mut optim: O,
@@ -346,10 +536,20 @@ fn rank_loop<A, O>(
     A::InnerBackend: MambaBackend,
     O: Optimizer<MambaLM<A>, A>,
 {
-    if let Err(e) = peer.join::<A::InnerBackend>(&device) {
-        let _ = reports.send((peer.rank, Err(StepError::Other(e))));
-        return;
-    }
+    let joined = peer.join::<A::InnerBackend>(&device).and_then(|()| {
+        if several_nodes {
+            peer.from_rank_zero(model)
+        } else {
+            Ok(model)
+        }
+    });
+    let model = match joined {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = reports.send((peer.rank, Err(StepError::Other(e))));
+            return;
+        }
+    };
     let mut model = Some(model);
     while let Ok(Order::Step { step, lr, shares }) = orders.recv() {
         let Some(m) = model.take() else { return };
@@ -391,4 +591,84 @@ pub fn shares_per_rank(batches: Vec<mamba_data::Batch>, world: usize) -> Result<
         }
     }
     Ok(per_rank)
+}
+
+/// The ranks of a run as the training loop sees them: its own (the first of this process), and
+/// the others' threads when data-parallel.
+pub struct Ranks<'a> {
+    pub replicas: Option<&'a Replicas>,
+    /// Rank 0's device, for messages.
+    pub name: &'a str,
+}
+
+impl Ranks<'_> {
+    /// One optimizer step on every rank, the step's global micro-batches cut into one share per
+    /// rank; an error comes with the device it happened on.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step<A, O>(
+        &self,
+        model: MambaLM<A>,
+        optim: &mut O,
+        batches: Vec<mamba_data::Batch>,
+        step: u64,
+        lr: f64,
+        settings: &StepSettings,
+        skip_decay: &HashSet<ParamId>,
+        device: &A::Device,
+    ) -> std::result::Result<(MambaLM<A>, StepReport), (StepError, String)>
+    where
+        A: AutodiffBackend + MambaBackend + BackwardWith,
+        A::InnerBackend: MambaBackend,
+        O: burn::optim::Optimizer<MambaLM<A>, A>,
+    {
+        let at = |e: StepError| (e, self.name.to_string());
+        let Some(replicas) = self.replicas else {
+            let shares: Vec<Share> = batches.into_iter().map(Share::whole).collect();
+            return optimizer_step(
+                model, optim, &shares, step, lr, settings, skip_decay, device, None,
+            )
+            .map_err(at);
+        };
+        let topology = replicas.topology();
+        let mut per_rank: Vec<Vec<Share>> = shares_per_rank(batches, topology.world)
+            .map_err(|e| at(StepError::Other(e)))?
+            .into_iter()
+            .skip(topology.first_rank)
+            .take(topology.local)
+            .collect();
+        let mine = per_rank.remove(0);
+        replicas
+            .send(step, lr, per_rank)
+            .map_err(|e| at(StepError::Other(e)))?;
+        let own = optimizer_step(
+            model,
+            optim,
+            &mine,
+            step,
+            lr,
+            settings,
+            skip_decay,
+            device,
+            Some(&replicas.peer),
+        );
+        let others = replicas.collect();
+        match own {
+            Ok(r) if others.iter().all(|(_, o)| o.is_ok()) => Ok(r),
+            own => {
+                // The error that says what happened: the first rank's that is not "another
+                // rank failed".
+                let mut errors = std::iter::once((self.name.to_string(), own.map(|_| ())))
+                    .chain(others.into_iter().map(|(n, o)| (n, o.map(|_| ()))))
+                    .filter_map(|(n, r)| r.err().map(|e| (e, n)));
+                let first = errors.next().expect("some rank failed");
+                Err(if matches!(first.0, StepError::PeerFailed) {
+                    errors
+                        .find(|(e, _)| !matches!(e, StepError::PeerFailed))
+                        .unwrap_or(first)
+                } else {
+                    first
+                })
+            }
+        }
+    }
 }

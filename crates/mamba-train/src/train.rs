@@ -33,11 +33,8 @@ use crate::config::RunConfig;
 use crate::data::{prepare, Prepared};
 use crate::memory::{estimate, gib, OutOfMemory};
 use crate::metrics::{Metrics, Progress, Throughput};
-use crate::parallel::{shares_per_rank, Replicas};
-use crate::step::{
-    batch_tensors, no_decay_ids, optimizer_step, quiet_oom_panics, Share, StepError, StepReport,
-    StepSettings,
-};
+use crate::parallel::{Ranks, Replicas, Topology};
+use crate::step::{batch_tensors, no_decay_ids, quiet_oom_panics, StepError, StepSettings};
 
 /// What a finished run reports (also written to `<output>/summary.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -203,7 +200,10 @@ where
     A::InnerBackend: MambaBackend,
 {
     let device = devices[0].clone();
-    let world = devices.len();
+    let topology = Topology::of(cfg, devices.len())?;
+    let world = topology.world;
+    // Node 0 of several processes (or the only one) owns the output directory.
+    let io = topology.writes();
     let t = &cfg.train;
     ensure!(
         t.batch_size % world == 0,
@@ -221,10 +221,12 @@ where
             existing.last().map(|c| c.0).unwrap_or(0)
         );
     }
-    write_file_atomic(
-        &out.join("run_config.toml"),
-        toml::to_string_pretty(cfg)?.as_bytes(),
-    )?;
+    if io {
+        write_file_atomic(
+            &out.join("run_config.toml"),
+            toml::to_string_pretty(cfg)?.as_bytes(),
+        )?;
+    }
 
     let (model, model_dir) = base_model::<A>(cfg, &device)?;
     let data: Prepared = prepare(
@@ -276,8 +278,18 @@ where
     );
     let device_total = A::memory_stats(&device).and_then(|m| m.total);
     if world > 1 {
+        let nodes = match &topology.nodes {
+            Some(n) => format!(
+                " on {} nodes (this is node {}: ranks {}..{})",
+                n.count,
+                n.rank,
+                topology.first_rank,
+                topology.first_rank + topology.local
+            ),
+            None => String::new(),
+        };
         eprintln!(
-            "data parallel: {world} devices ({}), each taking {device_batch} of the {} rows of every batch",
+            "data parallel: {world} devices{nodes} ({}), each taking {device_batch} of the {} rows of every batch",
             names.join(", "),
             t.batch_size
         );
@@ -332,7 +344,11 @@ where
             );
         }
     }
-    let mut metrics = Metrics::open(&out, start)?;
+    let mut metrics = if io {
+        Metrics::open(&out, start)?
+    } else {
+        Metrics::discard(&out)
+    };
     let skip_decay = no_decay_ids(&model);
     let settings = StepSettings {
         grad_accum: t.grad_accum,
@@ -342,14 +358,17 @@ where
     };
     // Ranks 1.. start from rank 0's model and optimizer state, resumed or not.
     let replicas = if world > 1 {
-        Some(Replicas::start(
+        let (r, m) = Replicas::start(
+            &topology,
             devices,
             names,
-            &model,
+            model,
             &optim,
             settings,
             &skip_decay,
-        )?)
+        )?;
+        model = m;
+        Some(r)
     } else {
         None
     };
@@ -369,7 +388,7 @@ where
     };
     let val_line =
         |step: u64, loss: f64| format!("step {step}: val_loss {loss:.4} ppl {:.2}", loss.exp());
-    if start == 0 && !data.validation.is_empty() {
+    if io && start == 0 && !data.validation.is_empty() {
         let loss = validate(&model, 0, &mut metrics)?;
         eprintln!("{}", val_line(0, loss));
         initial_val_loss = Some(loss);
@@ -500,12 +519,12 @@ where
             window_n = 0;
         }
         let eval_now = (t.eval_every > 0 && done % t.eval_every == 0) || done == t.steps;
-        if eval_now && !data.validation.is_empty() {
+        if io && eval_now && !data.validation.is_empty() {
             let loss = validate(&model, done, &mut metrics)?;
             progress.line(&val_line(done, loss));
             last_val = Some(loss);
         }
-        if t.checkpoint_every > 0 && (done % t.checkpoint_every == 0 || done == t.steps) {
+        if io && t.checkpoint_every > 0 && (done % t.checkpoint_every == 0 || done == t.steps) {
             let state = TrainState {
                 step: done,
                 initial_val_loss,
@@ -528,10 +547,11 @@ where
         r.finish()?;
     }
     drop(metrics);
-    crate::plot::plot_metrics(&out.join("metrics.jsonl"), &out.join("loss.png"))
-        .context("drawing loss.png")?;
-
-    crate::export::export_run(cfg, &model.valid(), lora.as_ref(), &data.tokenizer)?;
+    if io {
+        crate::plot::plot_metrics(&out.join("metrics.jsonl"), &out.join("loss.png"))
+            .context("drawing loss.png")?;
+        crate::export::export_run(cfg, &model.valid(), lora.as_ref(), &data.tokenizer)?;
+    }
     let (in_use, reserved) = peaks();
     set_tracking(false);
     let summary = Summary {
@@ -547,85 +567,13 @@ where
         peak_reserved_bytes: (reserved > 0).then_some(reserved),
         output: out.clone(),
     };
-    write_file_atomic(
-        &out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
-    Ok(summary)
-}
-
-/// The ranks of a run: rank 0 here, and the others' threads when data-parallel.
-struct Ranks<'a> {
-    replicas: Option<&'a Replicas>,
-    /// Rank 0's device, for messages.
-    name: &'a str,
-}
-
-impl Ranks<'_> {
-    /// One optimizer step on every rank, the step's global micro-batches cut into one share per
-    /// rank; an error comes with the device it happened on.
-    #[allow(clippy::too_many_arguments)]
-    fn step<A, O>(
-        &self,
-        model: MambaLM<A>,
-        optim: &mut O,
-        batches: Vec<Batch>,
-        step: u64,
-        lr: f64,
-        settings: &StepSettings,
-        skip_decay: &std::collections::HashSet<burn::module::ParamId>,
-        device: &A::Device,
-    ) -> std::result::Result<(MambaLM<A>, StepReport), (StepError, String)>
-    where
-        A: AutodiffBackend + MambaBackend + BackwardWith,
-        A::InnerBackend: MambaBackend,
-        O: burn::optim::Optimizer<MambaLM<A>, A>,
-    {
-        let at = |e: StepError| (e, self.name.to_string());
-        let Some(replicas) = self.replicas else {
-            let shares: Vec<Share> = batches.into_iter().map(Share::whole).collect();
-            return optimizer_step(
-                model, optim, &shares, step, lr, settings, skip_decay, device, None,
-            )
-            .map_err(at);
-        };
-        let mut per_rank =
-            shares_per_rank(batches, replicas.world()).map_err(|e| at(StepError::Other(e)))?;
-        let mine = per_rank.remove(0);
-        replicas
-            .send(step, lr, per_rank)
-            .map_err(|e| at(StepError::Other(e)))?;
-        let own = optimizer_step(
-            model,
-            optim,
-            &mine,
-            step,
-            lr,
-            settings,
-            skip_decay,
-            device,
-            Some(&replicas.peer),
-        );
-        let others = replicas.collect();
-        match own {
-            Ok(r) if others.iter().all(|(_, o)| o.is_ok()) => Ok(r),
-            own => {
-                // The error that says what happened: the first rank's that is not "another
-                // rank failed".
-                let mut errors = std::iter::once((self.name.to_string(), own.map(|_| ())))
-                    .chain(others.into_iter().map(|(n, o)| (n, o.map(|_| ()))))
-                    .filter_map(|(n, r)| r.err().map(|e| (e, n)));
-                let first = errors.next().expect("some rank failed");
-                Err(if matches!(first.0, StepError::PeerFailed) {
-                    errors
-                        .find(|(e, _)| !matches!(e, StepError::PeerFailed))
-                        .unwrap_or(first)
-                } else {
-                    first
-                })
-            }
-        }
+    if io {
+        write_file_atomic(
+            &out.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
     }
+    Ok(summary)
 }
 
 /// Adapters on `model` as `l` says, with the messages a PEFT user expects.
