@@ -456,7 +456,7 @@ impl RunConfig {
         let devices = crate::DeviceList::from_config(&t.devices, &self.device.name)
             .map_err(|e| anyhow::anyhow!("`{key}`: {e}"))?;
         let n = devices.specs().len() * self.nodes.count;
-        if n > 1 && t.batch_size % n != 0 {
+        if n > 1 && !t.batch_size.is_multiple_of(n) {
             let what = if self.nodes.count > 1 {
                 format!("the {n} devices of `{key}` × `nodes.count`")
             } else {

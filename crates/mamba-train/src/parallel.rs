@@ -184,11 +184,11 @@ impl Peer {
             device,
         );
         let summed = self.sum_tensor(t)?;
-        Ok(summed
+        summed
             .into_data()
             .convert::<f64>()
             .to_vec::<f64>()
-            .map_err(|e| anyhow!("{e:?}"))?)
+            .map_err(|e| anyhow!("{e:?}"))
     }
 
     fn sum_tensor<B: Backend>(&self, t: Tensor<B, 1>) -> Result<Tensor<B, 1>> {

@@ -206,7 +206,7 @@ where
     let io = topology.writes();
     let t = &cfg.train;
     ensure!(
-        t.batch_size % world == 0,
+        t.batch_size.is_multiple_of(world),
         "`train.batch_size` = {} does not split evenly over {world} devices: use a multiple of {world} (it is the global batch; each device takes batch_size / {world} rows)",
         t.batch_size
     );
