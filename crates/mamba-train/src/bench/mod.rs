@@ -140,7 +140,8 @@ pub struct RunInfo {
     pub gpu: Option<String>,
     /// UTC, RFC 3339.
     pub timestamp: String,
-    /// `$GIT_COMMIT`, else `git rev-parse HEAD` in the working directory, else null.
+    /// `$GIT_COMMIT`, else the commit the binary was built from (stamped by build.rs; uncommitted
+    /// changes are not marked), else `git rev-parse HEAD` in the working directory, else null.
     pub commit: Option<String>,
 }
 
@@ -160,6 +161,7 @@ impl RunInfo {
             commit: std::env::var("GIT_COMMIT")
                 .ok()
                 .filter(|s| !s.is_empty())
+                .or_else(|| option_env!("MAMBA_BUILD_COMMIT").map(str::to_string))
                 .or_else(|| command_line("git", &["rev-parse", "HEAD"])),
         }
     }
@@ -213,6 +215,13 @@ fn utc_now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The stamp is the checkout's HEAD (build.rs reruns when HEAD moves), where there is git.
+    #[test]
+    fn build_commit_is_the_checkouts() {
+        let here = command_line("git", &["rev-parse", "HEAD"]);
+        assert_eq!(option_env!("MAMBA_BUILD_COMMIT").map(str::to_string), here);
+    }
 
     #[test]
     fn metric_and_median() {
