@@ -22,14 +22,15 @@ fn main() {
     // Rebuild the stamp when HEAD moves (a commit, a checkout).
     if let Some(dir) = git(&root, &["rev-parse", "--absolute-git-dir"]) {
         let dir = Path::new(&dir);
-        println!("cargo:rerun-if-changed={}", dir.join("HEAD").display());
+        let mut watch = vec![dir.join("HEAD"), dir.join("packed-refs")];
         if let Some(head) = git(&root, &["symbolic-ref", "-q", "HEAD"]) {
-            println!("cargo:rerun-if-changed={}", dir.join(head).display());
+            watch.push(dir.join(head));
         }
-        println!(
-            "cargo:rerun-if-changed={}",
-            dir.join("packed-refs").display()
-        );
+        // Only files that exist: a missing one would rerun this (and rebuild the crate) on
+        // every build.
+        for f in watch.iter().filter(|f| f.is_file()) {
+            println!("cargo:rerun-if-changed={}", f.display());
+        }
     }
     println!("cargo:rerun-if-changed=build.rs");
     if let Some(commit) = git(&root, &["rev-parse", "HEAD"]) {
