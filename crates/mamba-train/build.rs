@@ -22,13 +22,15 @@ fn main() {
     // Rebuild the stamp when HEAD moves (a commit, a checkout).
     if let Some(dir) = git(&root, &["rev-parse", "--absolute-git-dir"]) {
         let dir = Path::new(&dir);
-        let mut watch = vec![dir.join("HEAD"), dir.join("packed-refs")];
-        if let Some(head) = git(&root, &["symbolic-ref", "-q", "HEAD"]) {
-            watch.push(dir.join(head));
-        }
-        // Only files that exist: a missing one would rerun this (and rebuild the crate) on
-        // every build.
-        for f in watch.iter().filter(|f| f.is_file()) {
+        // HEAD, the branch refs (a directory: cargo scans it, so a ref that a fresh clone kept
+        // packed and a commit then writes loose is seen too), packed-refs. Only paths that
+        // exist: a missing one would rerun this (and rebuild the crate) on every build.
+        let watch = [
+            dir.join("HEAD"),
+            dir.join("refs/heads"),
+            dir.join("packed-refs"),
+        ];
+        for f in watch.iter().filter(|f| f.exists()) {
             println!("cargo:rerun-if-changed={}", f.display());
         }
     }
