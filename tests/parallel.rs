@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::*;
-use serde_json::Value;
 
 const TRAIN: &str = env!("CARGO_BIN_EXE_train");
 
@@ -57,17 +56,6 @@ fn ok(out: Output) -> String {
     stderr
 }
 
-fn losses(dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let v: Value = serde_json::from_str(l).ok()?;
-            Some((v["step"].as_u64()?, v["loss"].as_f64()?))
-        })
-        .collect()
-}
-
 /// Every f32 tensor of a safetensors file, by name.
 fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -92,7 +80,10 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
 /// Two runs' per-step losses and their exported weights (`file` in the output dir) agree to
 /// 1e-5 relative.
 fn assert_same_run(one: &Path, two: &Path, file: &str, steps: u64) {
-    let (a, b) = (losses(one), losses(two));
+    let (a, b) = (
+        losses(&one.join("metrics.jsonl")),
+        losses(&two.join("metrics.jsonl")),
+    );
     assert_eq!(
         a.iter().map(|x| x.0).collect::<Vec<_>>(),
         (1..=steps).collect::<Vec<_>>(),

@@ -362,17 +362,6 @@ fn perturb_adapters(mut model: MambaLM<Cpu>) -> MambaLM<Cpu> {
     model
 }
 
-fn losses(metrics: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(metrics)
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let v: Value = serde_json::from_str(l).ok()?;
-            Some((v["step"].as_u64()?, v["loss"].as_f64()?))
-        })
-        .collect()
-}
-
 /// Kill a run (with `extra` settings) after its first checkpoint; `--resume` continues the same
 /// loss curve. Returns the temporary directory and the interrupted run's output directory.
 fn resume_case(extra: &[&str]) -> (tempfile::TempDir, PathBuf) {

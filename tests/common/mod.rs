@@ -154,3 +154,15 @@ pub fn lora_model(model: mamba_burn::model::MambaLM<CpuAd>) -> mamba_burn::model
     }
     model.map(&mut Noisy)
 }
+
+/// The `(step, loss)` records of a run's `metrics.jsonl`.
+pub fn losses(metrics: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            Some((v["step"].as_u64()?, v["loss"].as_f64()?))
+        })
+        .collect()
+}
