@@ -13,8 +13,8 @@ use burn::tensor::activation::{silu, softplus};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use mamba_burn::kernels::{
-    reference, ConvInput, MambaBackend, SelectiveScanGrads, SelectiveScanInput, SsdInput,
-    SsdStepInput,
+    reference, ConvInput, DecodeLinearInput, Mamba2StepInput, MambaBackend, SelectiveScanGrads,
+    SelectiveScanInput, SsdInput, SsdStepInput,
 };
 
 #[path = "common/kernels.rs"]
@@ -467,6 +467,172 @@ fn ssd_step_matches_reference() {
         let e_y = check(&format!("{what} y"), yg, yw);
         let e_s = check(&format!("{what} state"), sg, sw);
         eprintln!("{what}: y {e_y:.2e}, state {e_s:.2e}");
+    }
+}
+
+/// The fused Mamba2 decode step (one kernel reading `z`, `xBC`, `dt` in place from a strided
+/// view of the projection) against the reference composition of conv step, SSD step and gate on
+/// the CPU. The cases cover several groups, an MLP part in front, no conv bias, a width of 2,
+/// more local channels (`head_dim + 2 · state`) and more rows than a cube has threads, and the
+/// `dt` clamps.
+#[test]
+fn mamba2_step_matches_reference() {
+    let gpu = Default::default();
+    let cpu = Default::default();
+    // (batch, heads, head_dim, state, groups, d_mlp, width, bias, dt_limit)
+    let cases = [
+        (2, 4, 8, 16, 2, 0, 4, true, (0.0, f64::INFINITY)),
+        (3, 6, 5, 70, 3, 3, 4, false, (0.05, 1.5)),
+        (1, 2, 130, 4, 1, 0, 2, true, (0.0, 0.5)),
+    ];
+    for (batch, heads, head_dim, state, groups, d_mlp, width, bias, dt_limit) in cases {
+        let inner = heads * head_dim;
+        let conv_dim = inner + 2 * groups * state;
+        let width_in = 2 * d_mlp + inner + conv_dim + heads;
+        // Three extra columns on each side: the op gets a strided view.
+        let proj = random(&[batch, width_in + 6], 1.0);
+        let conv_state = random(&[batch, conv_dim, width - 1], 1.0);
+        let w = random(&[conv_dim, width], 0.5);
+        let bv = bias.then(|| random(&[conv_dim], 0.5));
+        let a = random_a(&[heads]);
+        let d = random(&[heads], 1.0);
+        let dt_bias = random(&[heads], 0.5);
+        let ssm = random(&[batch, heads, head_dim, state], 1.0);
+        fn make<B: Backend>(
+            t: [&TensorData; 7],
+            bv: &Option<TensorData>,
+            width_in: usize,
+            d_mlp: usize,
+            groups: usize,
+            dt_limit: (f64, f64),
+            device: &B::Device,
+        ) -> Mamba2StepInput<B> {
+            Mamba2StepInput {
+                proj: Tensor::<B, 2>::from_data(t[0].clone(), device).narrow(1, 3, width_in),
+                d_mlp,
+                groups,
+                conv_state: Tensor::from_data(t[1].clone(), device),
+                conv_weight: Tensor::from_data(t[2].clone(), device),
+                conv_bias: bv.clone().map(|b| Tensor::from_data(b, device)),
+                a: Tensor::from_data(t[3].clone(), device),
+                d: Tensor::from_data(t[4].clone(), device),
+                dt_bias: Tensor::from_data(t[5].clone(), device),
+                dt_limit,
+                ssm_state: Tensor::from_data(t[6].clone(), device),
+            }
+        }
+        let all = [&proj, &conv_state, &w, &a, &d, &dt_bias, &ssm];
+        let want = Cpu::mamba2_step(make::<Cpu>(
+            all, &bv, width_in, d_mlp, groups, dt_limit, &cpu,
+        ));
+        poison(batch * heads * head_dim * state);
+        let got = Gpu::mamba2_step(make::<Gpu>(
+            all, &bv, width_in, d_mlp, groups, dt_limit, &gpu,
+        ));
+        let what = format!(
+            "mamba2_step {batch}x{heads}x{head_dim}x{state} g{groups} mlp{d_mlp} w{width} bias {bias} {dt_limit:?}"
+        );
+        let e_y = check(&format!("{what} y"), got.y, want.y);
+        let e_c = check(
+            &format!("{what} conv state"),
+            got.conv_state,
+            want.conv_state,
+        );
+        let e_s = check(&format!("{what} ssm state"), got.ssm_state, want.ssm_state);
+        eprintln!("{what}: y {e_y:.2e}, conv state {e_c:.2e}, ssm state {e_s:.2e}");
+    }
+}
+
+/// The decode projection kernel (norm folded in before, residual and bias after) against the
+/// reference composition on the CPU: one row and the most rows it takes, `k` below, at and
+/// across a slab of 256, several norm groups, no norm, no bias, no residual, and `x` read through
+/// a strided view.
+#[test]
+fn decode_linear_matches_reference() {
+    let gpu = Default::default();
+    let cpu = Default::default();
+    // (rows, k, n, norm groups (0: no norm), bias, residual)
+    let cases = [
+        (1, 768, 100, 1, false, false),
+        (3, 300, 13, 3, true, true),
+        (32, 37, 70, 1, true, false),
+        (5, 512, 9, 0, false, true),
+        (2, 1000, 40, 4, false, true),
+    ];
+    for (rows, k, n, groups, bias, residual) in cases {
+        let x = random(&[rows, k + 5], 1.0);
+        let nw = random(&[k], 0.5);
+        let w = random(&[n, k], 0.1);
+        let b = random(&[n], 0.5);
+        let r = random(&[rows, n], 1.0);
+        #[allow(clippy::too_many_arguments)]
+        fn run<B: MambaBackend>(
+            t: [&TensorData; 5],
+            k: usize,
+            groups: usize,
+            bias: bool,
+            residual: bool,
+            device: &B::Device,
+        ) -> Tensor<B, 2> {
+            B::decode_linear(DecodeLinearInput {
+                x: Tensor::<B, 2>::from_data(t[0].clone(), device).narrow(1, 2, k),
+                norm: (groups > 0).then(|| (Tensor::from_data(t[1].clone(), device), groups, 1e-5)),
+                weight: Tensor::from_data(t[2].clone(), device),
+                bias: bias.then(|| Tensor::from_data(t[3].clone(), device)),
+                residual: residual.then(|| Tensor::from_data(t[4].clone(), device)),
+                out_dtype: burn::tensor::DType::F32,
+            })
+        }
+        let all = [&x, &nw, &w, &b, &r];
+        let want = run::<Cpu>(all, k, groups, bias, residual, &cpu);
+        poison(rows * n);
+        let got = run::<Gpu>(all, k, groups, bias, residual, &gpu);
+        let what = format!(
+            "decode_linear {rows}x{k}->{n} groups {groups} bias {bias} residual {residual}"
+        );
+        let e = check(&what, got, want);
+        eprintln!("{what}: {e:.2e}");
+    }
+}
+
+/// The whole fused decode step of a Mamba2 model on the kernels (three launches a layer:
+/// `decode_linear`, `mamba2_step`, `decode_linear`) against the model's full forward on the same
+/// backend (the chunked SSD scan): prefill a prefix, then step, for a batch of two.
+#[test]
+fn fused_decode_matches_full_forward() {
+    use burn::tensor::Int;
+    use mamba_burn::model::{Mamba2Config, MambaLM, ModelConfig, NormMode};
+    let gpu = burn::backend::wgpu::WgpuDevice::default();
+    for groups in [1, 2] {
+        let config = ModelConfig::Mamba2(Mamba2Config {
+            vocab_size: 50,
+            hidden_size: 32,
+            num_heads: 4,
+            head_dim: 16,
+            state_size: 8,
+            n_groups: groups,
+            chunk_size: 8,
+            num_hidden_layers: 2,
+            time_step_rank: 2,
+            tie_word_embeddings: groups == 1,
+            ..Mamba2Config::default()
+        })
+        .with_norm(NormMode::Grouped);
+        let m = MambaLM::<Gpu>::init(&config, &gpu).unwrap();
+        let (batch, seq, prefix) = (2, 13, 4);
+        let data: Vec<i64> = (0..batch * seq)
+            .map(|i| ((i * 17 + 3) % 50) as i64)
+            .collect();
+        let ids = Tensor::<Gpu, 2, Int>::from_data(TensorData::new(data, [batch, seq]), &gpu);
+        let full = m.forward(ids.clone()); // [b, seq, V]
+        let (_, mut cache) = m.prefill(ids.clone().narrow(1, 0, prefix));
+        for t in prefix..seq {
+            let tok = ids.clone().narrow(1, t, 1).reshape([batch]);
+            let (logits, c) = m.step(tok, cache);
+            cache = c;
+            let want = full.clone().narrow(1, t, 1).reshape([batch, 50]);
+            check(&format!("fused decode g{groups} at {t}"), logits, want);
+        }
     }
 }
 

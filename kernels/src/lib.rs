@@ -21,6 +21,9 @@ pub mod reference;
 mod seed;
 
 pub use memory::MemoryStats;
+
+/// The most rows (the decode batch) [`MambaBackend::decode_linear`]'s kernel takes.
+pub const DECODE_MAX_ROWS: usize = 32;
 pub use seed::{backward_with, BackwardWith};
 
 /// Which implementation of the hot ops the model uses (`--ops auto|reference|kernels`).
@@ -172,6 +175,65 @@ pub struct SsdStepInput<B: Backend> {
     pub state: Tensor<B, 4>,
 }
 
+/// One decode step of a Mamba2 mixer between its two projections, read in place from the
+/// in-projection's output: the conv step and SiLU on `xBC`, the SSD step with `D x`, and the
+/// gate `y · silu(z)` (the gated norm's first half; its RMS and weight follow in
+/// [`MambaBackend::norm_forward`]). What [`MambaBackend::mamba2_step`] takes.
+#[derive(Debug, Clone)]
+pub struct Mamba2StepInput<B: Backend> {
+    /// `[batch, 2·d_mlp + I + conv_dim + heads]`: `[mlp (2·d_mlp), z (I), xBC (conv_dim), dt]`
+    /// for one token, `I = heads · head_dim`, `conv_dim = I + 2 · groups · state`.
+    pub proj: Tensor<B, 2>,
+    /// Width of the MLP part at the front of `proj` (skipped).
+    pub d_mlp: usize,
+    pub groups: usize,
+    /// `[batch, conv_dim, width - 1]`
+    pub conv_state: Tensor<B, 3>,
+    /// `[conv_dim, width]`
+    pub conv_weight: Tensor<B, 2>,
+    /// `[conv_dim]`
+    pub conv_bias: Option<Tensor<B, 1>>,
+    /// `[heads]`, negative.
+    pub a: Tensor<B, 1>,
+    /// `[heads]`
+    pub d: Tensor<B, 1>,
+    /// `[heads]`
+    pub dt_bias: Tensor<B, 1>,
+    pub dt_limit: (f64, f64),
+    /// `[batch, heads, head_dim, state]`
+    pub ssm_state: Tensor<B, 4>,
+}
+
+/// Outputs of [`MambaBackend::mamba2_step`].
+#[derive(Debug, Clone)]
+pub struct Mamba2StepOutput<B: Backend> {
+    /// `[batch, I]`: `(C · h + D x) · silu(z)`, in `proj`'s dtype.
+    pub y: Tensor<B, 2>,
+    /// `[batch, conv_dim, width - 1]`
+    pub conv_state: Tensor<B, 3>,
+    /// `[batch, heads, head_dim, state]`
+    pub ssm_state: Tensor<B, 4>,
+}
+
+/// A projection of a decode step with the RMSNorm before it and the residual add after it folded
+/// in: `out = residual + norm_G(x) · Wᵀ + b`. What [`MambaBackend::decode_linear`] takes.
+#[derive(Debug, Clone)]
+pub struct DecodeLinearInput<B: Backend> {
+    /// `[rows, k]`: the rows of one decode step (the batch).
+    pub x: Tensor<B, 2>,
+    /// The RMSNorm applied to `x` first: its weight `[k]`, the number of groups of `k` it
+    /// normalises over separately, and `eps`.
+    pub norm: Option<(Tensor<B, 1>, usize, f64)>,
+    /// `[n, k]` (transformers' layout).
+    pub weight: Tensor<B, 2>,
+    /// `[n]`
+    pub bias: Option<Tensor<B, 1>>,
+    /// `[rows, n]`: added to the product; the output then takes its dtype.
+    pub residual: Option<Tensor<B, 2>>,
+    /// The output's dtype when there is no residual.
+    pub out_dtype: burn::tensor::DType,
+}
+
 /// Causal depthwise conv1d over the sequence axis, optionally followed by SiLU.
 #[derive(Debug, Clone)]
 pub struct ConvInput<B: Backend> {
@@ -304,6 +366,19 @@ pub trait MambaBackend: Backend {
         norm::norm_backward_reference(y, z, w, dout, groups, eps, want_dw)
     }
 
+    /// A decode step's residual add and the next block's RMSNorm as one op: `sum = x + h` in
+    /// `x`'s dtype (the residual stream's), and `w · sum / sqrt(mean(sum²) + eps)` in `h`'s
+    /// (the compute dtype). `x`, `h` `[b, l, width]`. Inference only: `Autodiff` runs the
+    /// reference when an input is tracked.
+    fn add_rms_norm(
+        x: Tensor<Self, 3>,
+        h: Tensor<Self, 3>,
+        w: Tensor<Self, 1>,
+        eps: f64,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
+        norm::add_rms_norm_reference(x, h, w, eps)
+    }
+
     /// Mamba2's gated RMSNorm: `w · norm(y · silu(z))`, the RMS over each of `groups` groups of
     /// the last dimension. `y`, `z` `[b, l, width]`. One node keeping `y`, `z`, `w` under
     /// autodiff.
@@ -365,6 +440,21 @@ pub trait MambaBackend: Backend {
     /// One-token SSD update. Returns `y` `[batch, heads, head_dim]` and the new state.
     fn ssd_step(input: SsdStepInput<Self>) -> (Tensor<Self, 3>, Tensor<Self, 4>) {
         reference::ssd_step(input)
+    }
+
+    /// A decode step's projection with its norm and residual folded in ([`DecodeLinearInput`]).
+    /// The default composes the norm, `linear` and the add; kernel backends run one launch
+    /// (for up to [`DECODE_MAX_ROWS`] rows).
+    fn decode_linear(input: DecodeLinearInput<Self>) -> Tensor<Self, 2> {
+        reference::decode_linear(input)
+    }
+
+    /// One decode step of a Mamba2 mixer between its projections ([`Mamba2StepInput`]).
+    /// The default composes [`causal_conv1d_step`](MambaBackend::causal_conv1d_step) and
+    /// [`ssd_step`](MambaBackend::ssd_step) with the gate in tensor ops; kernel backends fuse it
+    /// into one launch.
+    fn mamba2_step(input: Mamba2StepInput<Self>) -> Mamba2StepOutput<Self> {
+        reference::mamba2_step(input)
     }
 
     fn selective_scan(input: SelectiveScanInput<Self>) -> SelectiveScanOutput<Self> {
@@ -470,6 +560,58 @@ impl<B: MambaBackend, C: CheckpointStrategy> MambaBackend for Autodiff<B, C> {
             return cube::autodiff::ssd_step::<B, C>(input);
         }
         reference::ssd_step(input)
+    }
+
+    fn mamba2_step(input: Mamba2StepInput<Self>) -> Mamba2StepOutput<Self> {
+        #[cfg(feature = "cube")]
+        if kernels_active::<B>() {
+            return cube::autodiff::mamba2_step::<B, C>(input);
+        }
+        reference::mamba2_step(input)
+    }
+
+    fn add_rms_norm(
+        x: Tensor<Self, 3>,
+        h: Tensor<Self, 3>,
+        w: Tensor<Self, 1>,
+        eps: f64,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
+        if <Self as BackwardWith>::is_tracked(&x)
+            || <Self as BackwardWith>::is_tracked(&h)
+            || <Self as BackwardWith>::is_tracked(&w)
+        {
+            return norm::add_rms_norm_reference(x, h, w, eps);
+        }
+        let (s, o) = B::add_rms_norm(x.inner(), h.inner(), w.inner(), eps);
+        (Tensor::from_inner(s), Tensor::from_inner(o))
+    }
+
+    fn decode_linear(input: DecodeLinearInput<Self>) -> Tensor<Self, 2> {
+        let tracked = <Self as BackwardWith>::is_tracked(&input.x)
+            || <Self as BackwardWith>::is_tracked(&input.weight)
+            || input
+                .norm
+                .as_ref()
+                .is_some_and(|(w, _, _)| <Self as BackwardWith>::is_tracked(w))
+            || input
+                .bias
+                .as_ref()
+                .is_some_and(<Self as BackwardWith>::is_tracked)
+            || input
+                .residual
+                .as_ref()
+                .is_some_and(<Self as BackwardWith>::is_tracked);
+        if tracked {
+            return reference::decode_linear(input);
+        }
+        Tensor::from_inner(B::decode_linear(DecodeLinearInput {
+            x: input.x.inner(),
+            norm: input.norm.map(|(w, g, e)| (w.inner(), g, e)),
+            weight: input.weight.inner(),
+            bias: input.bias.map(Tensor::inner),
+            residual: input.residual.map(Tensor::inner),
+            out_dtype: input.out_dtype,
+        }))
     }
 
     fn selective_step(
@@ -608,6 +750,32 @@ where
             return reference::ssd_step(input);
         }
         cube::step::ssd_step(input)
+    }
+
+    fn mamba2_step(input: Mamba2StepInput<Self>) -> Mamba2StepOutput<Self> {
+        if !kernels_active::<Self>() {
+            return reference::mamba2_step(input);
+        }
+        cube::step::mamba2_step(input)
+    }
+
+    fn add_rms_norm(
+        x: Tensor<Self, 3>,
+        h: Tensor<Self, 3>,
+        w: Tensor<Self, 1>,
+        eps: f64,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
+        if !kernels_active::<Self>() {
+            return norm::add_rms_norm_reference(x, h, w, eps);
+        }
+        cube::norm::add_rms_norm(x, h, w, eps)
+    }
+
+    fn decode_linear(input: DecodeLinearInput<Self>) -> Tensor<Self, 2> {
+        if !kernels_active::<Self>() {
+            return reference::decode_linear(input);
+        }
+        cube::gemv::decode_linear(input)
     }
 
     fn selective_scan(input: SelectiveScanInput<Self>) -> SelectiveScanOutput<Self> {

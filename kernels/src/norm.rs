@@ -81,6 +81,23 @@ pub fn rms_norm_reference<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 1>, eps: f64
     norm_forward_reference(x, None, w, 1, eps)
 }
 
+/// A decode step's residual add with the next RMSNorm: `sum = x + h` in `x`'s dtype, and
+/// `w · sum / sqrt(mean(sum²) + eps)` in `h`'s dtype. `x`, `h` `[b, l, width]`.
+pub fn add_rms_norm_reference<B: Backend>(
+    x: Tensor<B, 3>,
+    h: Tensor<B, 3>,
+    w: Tensor<B, 1>,
+    eps: f64,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let out_dtype = h.dtype();
+    let sum = x.clone() + to(h, x.dtype());
+    let out = to(
+        norm_forward_reference(sum.clone(), None, w, 1, eps),
+        out_dtype,
+    );
+    (sum, out)
+}
+
 /// Gated RMSNorm: `w · norm_G(y · silu(z))`, the RMS taken over each of `groups` groups of the
 /// last dimension. `y`, `z` `[b, l, width]`, `w` `[width]`.
 pub fn gated_rms_norm_reference<B: Backend>(

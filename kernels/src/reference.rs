@@ -9,8 +9,9 @@ use burn::tensor::activation::{silu, softplus};
 use burn::tensor::{backend::Backend, Bool, Tensor};
 
 use crate::{
-    ConvGrads, ConvInput, ConvOutput, SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput,
-    SsdGrads, SsdInput, SsdOutput, SsdStepInput,
+    ConvGrads, ConvInput, ConvOutput, DecodeLinearInput, Mamba2StepInput, Mamba2StepOutput,
+    MambaBackend, SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput, SsdGrads, SsdInput,
+    SsdOutput, SsdStepInput,
 };
 
 /// `dt = clamp(softplus(dt + bias), limit)`; the clamp is skipped for `(0, inf)` (softplus is
@@ -362,6 +363,98 @@ pub fn causal_conv1d_backward<B: Backend>(input: ConvInput<B>, dy: Tensor<B, 3>)
         weight: dweight,
         bias: has_bias.then_some(dbias),
         initial_state: has_init.then_some(dinit),
+    }
+}
+
+/// A decode step's projection: `norm_G(x)` (f32 math, in `x`'s dtype), then `linear` in the
+/// weight's dtype, then `+ residual` (in the residual's dtype) or the cast to `out_dtype`.
+pub fn decode_linear<B: Backend>(input: DecodeLinearInput<B>) -> Tensor<B, 2> {
+    let DecodeLinearInput {
+        x,
+        norm,
+        weight,
+        bias,
+        residual,
+        out_dtype,
+    } = input;
+    let [rows, k] = x.dims();
+    let x = match norm {
+        Some((w, groups, eps)) => {
+            crate::norm::norm_forward_reference(x.reshape([rows, 1, k]), None, w, groups, eps)
+                .reshape([rows, k])
+        }
+        None => x,
+    };
+    let to =
+        |t: Tensor<B, 2>, dt: burn::tensor::DType| if t.dtype() == dt { t } else { t.cast(dt) };
+    let wd = weight.dtype();
+    let y = burn::tensor::module::linear(to(x, wd), weight.transpose(), bias);
+    match residual {
+        Some(r) => {
+            let rd = r.dtype();
+            r + to(y, rd)
+        }
+        None => to(y, out_dtype),
+    }
+}
+
+/// One decode step of a Mamba2 mixer between its projections, composed of `B`'s own conv and
+/// SSD steps: split `proj` into `z`, `xBC`, `dt`; conv step with SiLU; SSD step on the conv's
+/// `x`, `B`, `C`; then `y · silu(z)`, computed in f32 and returned in `proj`'s dtype.
+pub fn mamba2_step<B: MambaBackend>(input: Mamba2StepInput<B>) -> Mamba2StepOutput<B> {
+    let Mamba2StepInput {
+        proj,
+        d_mlp,
+        groups,
+        conv_state,
+        conv_weight,
+        conv_bias,
+        a,
+        d,
+        dt_bias,
+        dt_limit,
+        ssm_state,
+    } = input;
+    let [batch, _] = proj.dims();
+    let [_, heads, head_dim, dstate] = ssm_state.dims();
+    let inner = heads * head_dim;
+    let gn = groups * dstate;
+    let conv_dim = inner + 2 * gn;
+    let dtype = proj.dtype();
+    let z = proj.clone().narrow(1, 2 * d_mlp, inner);
+    let xbc = proj.clone().narrow(1, 2 * d_mlp + inner, conv_dim);
+    let dt = proj.narrow(1, 2 * d_mlp + inner + conv_dim, heads);
+    let (xbc, conv_state) = B::causal_conv1d_step(xbc, conv_state, conv_weight, conv_bias, true);
+    let x = xbc
+        .clone()
+        .narrow(1, 0, inner)
+        .reshape([batch, heads, head_dim]);
+    let bm = xbc
+        .clone()
+        .narrow(1, inner, gn)
+        .reshape([batch, groups, dstate]);
+    let cm = xbc
+        .narrow(1, inner + gn, gn)
+        .reshape([batch, groups, dstate]);
+    let (y, ssm_state) = B::ssd_step(SsdStepInput {
+        x,
+        dt,
+        a,
+        b: bm,
+        c: cm,
+        d,
+        dt_bias,
+        dt_limit,
+        state: ssm_state,
+    });
+    let to =
+        |t: Tensor<B, 2>, dt: burn::tensor::DType| if t.dtype() == dt { t } else { t.cast(dt) };
+    let f32 = burn::tensor::DType::F32;
+    let y = to(y.reshape([batch, inner]), f32) * silu(to(z, f32));
+    Mamba2StepOutput {
+        y: to(y, dtype),
+        conv_state,
+        ssm_state,
     }
 }
 

@@ -2,7 +2,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
-use mamba_kernels::{ConvInput, MambaBackend, SsdInput, SsdStepInput};
+use mamba_kernels::{ConvInput, Mamba2StepInput, MambaBackend, SsdInput};
 
 use crate::config::{Mamba2Config, NormMode};
 use crate::nn::Linear;
@@ -220,7 +220,10 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
         (out, state)
     }
 
-    /// One-token step: `x` `[batch, hidden]`.
+    /// One-token step: `x` `[batch, hidden]`. Between the projections it is one
+    /// [`MambaBackend::mamba2_step`] ([`Self::step_inner`]: conv step, SSD step, gate; one
+    /// launch on kernel backends) and the gated norm's RMS and weight
+    /// ([`MambaBackend::norm_forward`]).
     pub fn step(
         &self,
         x: Tensor<B, 2>,
@@ -229,65 +232,72 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
     ) -> (Tensor<B, 2>, Mamba2State<B>) {
         let d = &self.dims;
         let [batch, _] = x.dims();
-        let proj = self.in_proj.forward(x, c).unsqueeze_dim::<3>(1); // [b, 1, in_proj]
-        let (z, xbc, dt) = self.split_proj(proj);
-        let (xbc, conv) = B::causal_conv1d_step(
-            xbc.reshape([batch, d.conv_dim()]),
-            c.act(state.conv),
-            c.weight(self.conv1d_weight.val()),
-            self.conv1d_bias.as_ref().map(|b| c.weight(b.val())),
-            true,
-        ); // [b, conv_dim]
-        let gn = d.groups * d.state;
-        let xs = xbc
-            .clone()
-            .narrow(1, 0, d.intermediate)
-            .reshape([batch, d.heads, d.head_dim]);
-        let bm = xbc
-            .clone()
-            .narrow(1, d.intermediate, gn)
-            .reshape([batch, d.groups, d.state]);
-        let cm = xbc
-            .narrow(1, d.intermediate + gn, gn)
-            .reshape([batch, d.groups, d.state]);
-        let (y, ssm) = B::ssd_step(SsdStepInput {
-            x: xs,
-            dt: dt.reshape([batch, d.heads]),
+        let proj = self.in_proj.forward(x, c); // [b, in_proj]
+        let (y, state) = self.step_inner(proj, state, c); // y · silu(z): [b, I]
+        let y = c.act(B::norm_forward(
+            y.reshape([batch, 1, d.intermediate]),
+            None,
+            self.norm_weight.val(),
+            self.norm_groups(),
+            d.eps,
+        ));
+        (
+            self.out_proj.forward(y, c).reshape([batch, d.hidden]),
+            state,
+        )
+    }
+
+    /// The step between the projections: `proj` `[batch, in_proj]` (the in-projection's
+    /// output) to `y · silu(z)` `[batch, I]`, before the gated norm's RMS and weight.
+    pub fn step_inner(
+        &self,
+        proj: Tensor<B, 2>,
+        state: Mamba2State<B>,
+        c: Compute,
+    ) -> (Tensor<B, 2>, Mamba2State<B>) {
+        let d = &self.dims;
+        let out = B::mamba2_step(Mamba2StepInput {
+            proj,
+            d_mlp: d.d_mlp,
+            groups: d.groups,
+            conv_state: c.act(state.conv),
+            conv_weight: c.weight(self.conv1d_weight.val()),
+            conv_bias: self.conv1d_bias.as_ref().map(|b| c.weight(b.val())),
             a: state.a.clone(),
-            b: bm,
-            c: cm,
             d: self.d.val(),
             dt_bias: self.dt_bias.val(),
             dt_limit: d.dt_limit,
-            state: c.act(state.ssm),
+            ssm_state: c.act(state.ssm),
         });
-        let y = self.gated_norm(y.reshape([batch, 1, d.intermediate]), z, c);
-        let out = self.out_proj.forward(y, c).reshape([batch, d.hidden]);
         (
-            out,
+            out.y,
             Mamba2State {
-                conv,
-                ssm,
+                conv: out.conv_state,
+                ssm: out.ssm_state,
                 a: state.a,
             },
         )
+    }
+
+    /// The groups the gated norm takes its RMS over (all channels at once for
+    /// [`NormMode::Hf`]).
+    pub fn norm_groups(&self) -> usize {
+        match self.dims.norm {
+            NormMode::Grouped => self.dims.groups,
+            NormMode::Hf => 1,
+        }
     }
 
     /// Gate first (`y · silu(z)`), then RMS over groups of `I / G` channels (or over all `I`
     /// with [`NormMode::Hf`]), then the weight: one [`MambaBackend::gated_rms_norm`].
     /// The norm computes in f32; its output is in the compute dtype `c`.
     fn gated_norm(&self, y: Tensor<B, 3>, z: Tensor<B, 3>, c: Compute) -> Tensor<B, 3> {
-        let d = &self.dims;
-        let groups = match d.norm {
-            NormMode::Grouped => d.groups,
-            NormMode::Hf => 1,
-        };
         c.act(B::gated_rms_norm(
             y,
             z,
             self.norm_weight.val(),
-            groups,
-            d.eps,
+            self.norm_groups(),
+            self.dims.eps,
         ))
     }
 

@@ -54,13 +54,17 @@ impl<B: MambaBackend> Block<B> {
         (x + c.f32(h), state)
     }
 
+    /// One decode step of the block: `prev`, the previous block's output, is added to the
+    /// residual stream `x` together with this block's norm ([`add_norm`]); returns the stream,
+    /// this block's output (for the next block to add) and the new state.
     fn step(
         &self,
         x: Tensor<B, 2>,
+        prev: Option<Tensor<B, 2>>,
         state: LayerState<B>,
         c: Compute,
-    ) -> (Tensor<B, 2>, LayerState<B>) {
-        let h = c.act(self.norm.forward(x.clone()));
+    ) -> (Tensor<B, 2>, Tensor<B, 2>, LayerState<B>) {
+        let (x, h) = add_norm(&self.norm, x, prev, c);
         let (h, state) = match &self.mixer {
             Mixer::Mamba2(m) => {
                 let (h, s) = m.step(h, state.into_mamba2(), c);
@@ -71,9 +75,46 @@ impl<B: MambaBackend> Block<B> {
                 (h, LayerState::Mamba1(s))
             }
         };
-        (x + c.f32(h), state)
+        (x, h, state)
     }
 }
+
+/// `x + prev` (when the previous block's output is given) and `norm` of it, in the compute dtype:
+/// one [`MambaBackend::add_rms_norm`] on kernel backends, where the per-layer add and the next
+/// norm would be two launches (four with bf16's casts). `x` `[batch, width]` in f32.
+fn add_norm<B: MambaBackend>(
+    norm: &RmsNorm<B>,
+    x: Tensor<B, 2>,
+    prev: Option<Tensor<B, 2>>,
+    c: Compute,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    match prev {
+        None => {
+            let h = c.act(norm.forward(x.clone()));
+            (x, h)
+        }
+        Some(p) => {
+            let [batch, width] = x.dims();
+            let (x, h) = B::add_rms_norm(
+                x.reshape([batch, 1, width]),
+                c.act(p).reshape([batch, 1, width]),
+                norm.weight.val(),
+                norm.eps,
+            );
+            (x.reshape([batch, width]), h.reshape([batch, width]))
+        }
+    }
+}
+
+/// The largest decode batch [`MambaLM::step`] runs in three launches a layer. On the H200 the
+/// fused projections took mamba2-130m's step from 3.8 to 2.2 ms at batch 1 but from 4.7 to
+/// 12.4 ms at batch 32 (BENCHMARKS.md); batches between were not measured.
+pub const FUSED_DECODE_MAX_ROWS: usize = 4;
+
+/// The largest in-projection (elements) of a model whose decode step runs fused: mamba2-130m's
+/// is 2.6 M; at the Codestral-7B shape's 76 M, where a step is bound by reading the weights, the
+/// fused path took 27.6 ms a token at batch 1 against 17.2 ms with cubecl's matmuls.
+pub const FUSED_DECODE_MAX_WEIGHTS: usize = 8 << 20;
 
 /// Mamba / Mamba2 causal language model (transformers' `*ForCausalLM`).
 #[derive(Module, Debug)]
@@ -279,14 +320,87 @@ impl<B: MambaBackend> MambaLM<B> {
             .embeddings
             .forward(ids.reshape([batch, 1]), c)
             .reshape([batch, hidden]);
+        if self.fused_decode(batch) {
+            return self.step_fused(x, cache);
+        }
         let mut layers = Vec::with_capacity(self.layers.len());
+        let mut prev = None;
         for (layer, state) in self.layers.iter().zip(cache.layers) {
-            let (y, s) = layer.step(x, state, c);
-            x = y;
+            let (y, h, s) = layer.step(x, prev, state, c);
+            (x, prev) = (y, Some(h));
             layers.push(s);
         }
-        let h = self.norm_f.forward(x);
+        let (_, h) = add_norm(&self.norm_f, x, prev, c);
         (c.f32(self.lm_logits(h)), ModelCache { layers })
+    }
+
+    /// Whether [`Self::step`] takes the fused path ([`Self::step_fused`]): kernels active, every
+    /// layer Mamba2 with projections small enough that the step is bound by its launches (an
+    /// in-projection of at most [`FUSED_DECODE_MAX_WEIGHTS`] elements), a batch of at most
+    /// [`FUSED_DECODE_MAX_ROWS`], no adapter on the projections or the LM head (their LoRA paths
+    /// are not folded in), and compute not emulated. Where the weights or the batch are larger,
+    /// cubecl's matmuls beat the fused projection kernel (measured on the H200: BENCHMARKS.md).
+    fn fused_decode(&self, batch: usize) -> bool {
+        let plain = |l: &Linear<B>| l.lora.is_none();
+        let small = |l: &Linear<B>| l.d_in() * l.d_out() <= FUSED_DECODE_MAX_WEIGHTS;
+        B::has_kernels()
+            && mamba_kernels::kernels_active::<B>()
+            && batch <= FUSED_DECODE_MAX_ROWS
+            && !matches!(self.compute, Compute::Bf16Emulated)
+            && self.lm_head.as_ref().is_none_or(plain)
+            && self.layers.iter().all(|l| match &l.mixer {
+                Mixer::Mamba2(m) => plain(&m.in_proj) && plain(&m.out_proj) && small(&m.in_proj),
+                Mixer::Mamba1(_) => false,
+            })
+    }
+
+    /// The decode step in three launches a layer: the in-projection with the block's norm
+    /// folded in, the mixer's step ([`Mamba2Mixer::step_inner`]), and the out-projection with
+    /// the gated norm's RMS and the residual add folded in ([`MambaBackend::decode_linear`]);
+    /// then the LM head with the final norm folded in. Weights are read in their stored dtype.
+    fn step_fused(&self, x: Tensor<B, 2>, cache: ModelCache<B>) -> (Tensor<B, 2>, ModelCache<B>) {
+        use mamba_kernels::DecodeLinearInput;
+        let c = self.compute;
+        let lin = |x: Tensor<B, 2>,
+                   norm: (Tensor<B, 1>, usize, f64),
+                   l: &Linear<B>,
+                   residual: Option<Tensor<B, 2>>,
+                   out_dtype| {
+            B::decode_linear(DecodeLinearInput {
+                x,
+                norm: Some(norm),
+                weight: l.weight.val(),
+                bias: l.bias.as_ref().map(|b| b.val()),
+                residual,
+                out_dtype,
+            })
+        };
+        let mut x = x; // [batch, hidden], f32: the residual stream
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (layer, state) in self.layers.iter().zip(cache.layers) {
+            let Mixer::Mamba2(m) = &layer.mixer else {
+                unreachable!("fused_decode checked every layer is Mamba2")
+            };
+            let norm = (layer.norm.weight.val(), 1, layer.norm.eps);
+            let proj = lin(x.clone(), norm, &m.in_proj, None, c.dtype());
+            let (y, s) = m.step_inner(proj, state.into_mamba2(), c);
+            let gnorm = (m.norm_weight.val(), m.norm_groups(), m.dims.eps);
+            x = lin(y, gnorm, &m.out_proj, Some(x), burn::tensor::DType::F32);
+            layers.push(LayerState::Mamba2(s));
+        }
+        let norm_f = (self.norm_f.weight.val(), 1, self.norm_f.eps);
+        let logits = match &self.lm_head {
+            Some(head) => lin(x, norm_f, head, None, burn::tensor::DType::F32),
+            None => B::decode_linear(DecodeLinearInput {
+                x,
+                norm: Some(norm_f),
+                weight: self.embeddings.weight.val(),
+                bias: None,
+                residual: None,
+                out_dtype: burn::tensor::DType::F32,
+            }),
+        };
+        (logits, ModelCache { layers })
     }
 
     /// Zero states for `batch` sequences (the cache before any token).

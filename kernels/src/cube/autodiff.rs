@@ -19,8 +19,9 @@ use std::sync::{Arc, Mutex};
 use super::prim;
 
 use crate::{
-    ConvGrads, ConvInput, ConvOutput, MambaBackend, SelectiveScanGrads, SelectiveScanInput,
-    SelectiveScanOutput, SsdGrads, SsdInput, SsdOutput, SsdStepInput,
+    ConvGrads, ConvInput, ConvOutput, Mamba2StepInput, Mamba2StepOutput, MambaBackend,
+    SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput, SsdGrads, SsdInput, SsdOutput,
+    SsdStepInput,
 };
 
 type Ad<B, C> = Autodiff<B, C>;
@@ -592,4 +593,40 @@ pub fn selective_step<B: MambaBackend, C: CheckpointStrategy>(
         state.inner(),
     );
     (Tensor::from_inner(y), Tensor::from_inner(s))
+}
+
+/// The fused Mamba2 decode step on `Autodiff<B>`: `B`'s op when nothing is tracked, else the
+/// differentiable composition.
+pub fn mamba2_step<B: MambaBackend, C: CheckpointStrategy>(
+    input: Mamba2StepInput<Ad<B, C>>,
+) -> Mamba2StepOutput<Ad<B, C>> {
+    let tracked = is_tracked(&input.proj)
+        || is_tracked(&input.conv_state)
+        || is_tracked(&input.conv_weight)
+        || input.conv_bias.as_ref().is_some_and(is_tracked)
+        || is_tracked(&input.a)
+        || is_tracked(&input.d)
+        || is_tracked(&input.dt_bias)
+        || is_tracked(&input.ssm_state);
+    if tracked {
+        return crate::reference::mamba2_step(input);
+    }
+    let out = B::mamba2_step(Mamba2StepInput {
+        proj: input.proj.inner(),
+        d_mlp: input.d_mlp,
+        groups: input.groups,
+        conv_state: input.conv_state.inner(),
+        conv_weight: input.conv_weight.inner(),
+        conv_bias: input.conv_bias.map(Tensor::inner),
+        a: input.a.inner(),
+        d: input.d.inner(),
+        dt_bias: input.dt_bias.inner(),
+        dt_limit: input.dt_limit,
+        ssm_state: input.ssm_state.inner(),
+    });
+    Mamba2StepOutput {
+        y: Tensor::from_inner(out.y),
+        conv_state: Tensor::from_inner(out.conv_state),
+        ssm_state: Tensor::from_inner(out.ssm_state),
+    }
 }

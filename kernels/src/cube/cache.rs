@@ -29,6 +29,7 @@ pub const KERNELS_HASH: u64 = {
     let mut h = 0xcbf2_9ce4_8422_2325;
     h = fnv1a(h, env!("CARGO_PKG_VERSION").as_bytes());
     h = fnv1a(h, include_str!("conv.rs").as_bytes());
+    h = fnv1a(h, include_str!("gemv.rs").as_bytes());
     h = fnv1a(h, include_str!("norm.rs").as_bytes());
     h = fnv1a(h, include_str!("selective.rs").as_bytes());
     h = fnv1a(h, include_str!("ssd.rs").as_bytes());

@@ -11,6 +11,7 @@ use cubecl::{calculate_cube_count_elemwise, prelude::*};
 pub mod autodiff;
 pub mod cache;
 pub mod conv;
+pub mod gemv;
 pub mod norm;
 pub mod selective;
 pub mod ssd;

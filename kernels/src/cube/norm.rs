@@ -243,6 +243,110 @@ fn f32_weight<B: burn::tensor::backend::Backend>(w: BTensor<B, 1>) -> BTensor<B,
     }
 }
 
+/// A decode step's residual add and the next RMSNorm, one cube per row: `sum = x + h` (in `x`'s
+/// dtype) and `w · sum / rms(sum)` (in `h`'s dtype), the weight read in its own dtype. What the
+/// per-layer `x + h` and the next block's norm take in two launches (four with the casts of
+/// bf16).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn add_norm_kernel<F: Float, G: Float, W: Float>(
+    x: &Tensor<F>,       // [batch, seq, width]: the residual stream
+    h: &Tensor<G>,       // [batch, seq, width]: what the last layer adds to it
+    w: &Tensor<W>,       // [width]
+    sum: &mut Tensor<F>, // [batch, seq, width], contiguous
+    out: &mut Tensor<G>, // [batch, seq, width], contiguous
+    eps: f32,
+    #[define(F, G, W)] _dtypes: [StorageType; 3],
+) {
+    let seqlen = out.shape(1);
+    let width = out.shape(2);
+    let row = cube_index();
+    if row >= out.shape(0) * seqlen {
+        terminate!();
+    }
+    let b = row / seqlen;
+    let t = row % seqlen;
+    let xb = b * x.stride(0) + t * x.stride(1);
+    let hb = b * h.stride(0) + t * h.stride(1);
+    let sb = b * sum.stride(0) + t * sum.stride(1);
+    let ob = b * out.stride(0) + t * out.stride(1);
+    let u = UNIT_POS as usize;
+    let rounds = (width + THREADS as usize - 1) / THREADS as usize;
+    let mut shared = SharedMemory::<f32>::new(THREADS as usize);
+
+    let mut ss = 0.0f32;
+    for k in 0..rounds {
+        let c = k * THREADS as usize + u;
+        if c < width {
+            let v = F::cast_from(
+                f32::cast_from(x[xb + c * x.stride(2)]) + f32::cast_from(h[hb + c * h.stride(2)]),
+            );
+            sum[sb + c * sum.stride(2)] = v;
+            let vf = f32::cast_from(v);
+            ss += vf * vf;
+        }
+    }
+    let total = cube_sum(ss, &mut shared);
+    let r = 1.0f32 / (total / f32::cast_from(width) + eps).sqrt();
+    for k in 0..rounds {
+        let c = k * THREADS as usize + u;
+        if c < width {
+            let v = f32::cast_from(F::cast_from(
+                f32::cast_from(x[xb + c * x.stride(2)]) + f32::cast_from(h[hb + c * h.stride(2)]),
+            ));
+            out[ob + c * out.stride(2)] = G::cast_from(v * r * f32::cast_from(w[c * w.stride(0)]));
+        }
+    }
+}
+
+/// The residual stream after the add, and its norm.
+type SumAndNorm<R, F, I, BT> = (
+    BTensor<CubeBackend<R, F, I, BT>, 3>,
+    BTensor<CubeBackend<R, F, I, BT>, 3>,
+);
+
+/// Kernel of [`crate::MambaBackend::add_rms_norm`]; the reference where the shapes differ.
+pub fn add_rms_norm<R, F, I, BT>(
+    x: BTensor<CubeBackend<R, F, I, BT>, 3>,
+    h: BTensor<CubeBackend<R, F, I, BT>, 3>,
+    w: BTensor<CubeBackend<R, F, I, BT>, 1>,
+    eps: f64,
+) -> SumAndNorm<R, F, I, BT>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [batch, seqlen, width] = x.dims();
+    if h.dims() != [batch, seqlen, width] || w.dims() != [width] || width == 0 {
+        return crate::norm::add_rms_norm_reference(x, h, w, eps);
+    }
+    let (xd, hd, wd) = (x.dtype(), h.dtype(), w.dtype());
+    let x = prim(x);
+    let (client, device) = (x.client.clone(), x.device.clone());
+    let shape = Shape::new([batch, seqlen, width]);
+    let sum = empty_device_contiguous_dtype(client.clone(), device.clone(), shape.clone(), xd);
+    let out = empty_device_contiguous_dtype(client.clone(), device, shape, hd);
+    let n = batch * seqlen;
+    if n > 0 {
+        let (count, dim) = grid(n);
+        add_norm_kernel::launch::<R>(
+            &client,
+            count,
+            dim,
+            x.into_tensor_arg(),
+            prim(h).into_tensor_arg(),
+            prim(w).into_tensor_arg(),
+            sum.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            eps as f32,
+            [xd.into(), hd.into(), wd.into()],
+        );
+    }
+    (wrap(sum), wrap(out))
+}
+
 /// Kernel forward of the (gated) norm; the reference where the kernels don't apply.
 pub fn norm_forward<R, F, I, BT>(
     y: BTensor<CubeBackend<R, F, I, BT>, 3>,

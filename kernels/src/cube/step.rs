@@ -1,9 +1,14 @@
-//! One-token decode updates as cubecl kernels: the causal conv1d step, the SSD (Mamba2) step and
-//! the selective-scan (Mamba1) step.
+//! One-token decode updates as cubecl kernels: the causal conv1d step, the SSD (Mamba2) step, the
+//! selective-scan (Mamba1) step, and the fused Mamba2 step that does the work of a mixer between
+//! its projections in one launch ([`mamba2_step`]).
 //!
 //! Each is one launch with one thread per output row (the state's last axis is looped over in
 //! the thread), every tensor indexed through its strides and every sum accumulated in f32. The
 //! new state is written to a fresh tensor (the inputs are left untouched).
+
+// Kernel code spells ceil-division and multiples out: `usize::div_ceil` and
+// `usize::is_multiple_of` are not cube functions.
+#![allow(clippy::manual_div_ceil, clippy::manual_is_multiple_of)]
 
 use super::ssd::dt_activation;
 use super::{elemwise, prim, wrap};
@@ -14,7 +19,7 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
-use crate::SsdStepInput;
+use crate::{Mamba2StepInput, Mamba2StepOutput, SsdStepInput};
 
 type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
@@ -127,6 +132,131 @@ fn ssd_step_kernel<F: Float>(
     }
     acc += f32::cast_from(d[h * d.stride(0)]) * xv;
     y[b * y.stride(0) + h * y.stride(1) + p * y.stride(2)] = F::cast_from(acc);
+}
+
+/// Threads of a cube of the fused Mamba2 step.
+const STEP_THREADS: usize = 128;
+
+/// The fused Mamba2 step, one cube per `(h, b)`. Phase 1: the conv step (with SiLU) for the
+/// head's `head_dim` channels of `x` and its group's `2 · state` channels of `B` and `C`, read
+/// from `proj` in place, into shared memory (f32); the new conv state is written by the cube that
+/// owns a channel (its head for `x`, the group's first head for `B` and `C`: every cube of the
+/// group reads the old state, so it goes to a fresh tensor). Thread 0 computes `dt` and
+/// `exp(dt A)`. Phase 2: one thread per row `p`, looping over the state:
+/// `s' = exp(dt A) s + dt x_p B`, `y_p = C · s' + D x_p`, written gated, `y_p · silu(z_p)`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn mamba2_step_kernel<F: Float, W: Float>(
+    proj: &Tensor<F>,                   // [batch, 2·d_mlp + I + conv_dim + heads]
+    conv_state: &Tensor<F>,             // [batch, conv_dim, width - 1]
+    conv_w: &Tensor<W>,                 // [conv_dim, width]
+    conv_b: &ComptimeOption<Tensor<W>>, // [conv_dim]
+    a: &Tensor<f32>,                    // [heads]
+    d: &Tensor<f32>,                    // [heads]
+    dt_bias: &Tensor<f32>,              // [heads]
+    ssm_state: &Tensor<F>,              // [batch, heads, head_dim, state]
+    y: &mut Tensor<F>,                  // [batch, I]
+    new_conv: &mut Tensor<F>,           // [batch, conv_dim, width - 1]
+    new_ssm: &mut Tensor<F>,            // [batch, heads, head_dim, state]
+    dt_min: f32,
+    dt_max: f32,
+    #[comptime] head_dim: usize,
+    #[comptime] dstate: usize,
+    #[comptime] groups: usize,
+    #[comptime] d_mlp: usize,
+    #[comptime] clamp_min: bool,
+    #[comptime] clamp_max: bool,
+    #[define(F, W)] _dtypes: [StorageType; 2],
+) {
+    let h = CUBE_POS_X as usize;
+    let b = CUBE_POS_Y as usize;
+    let heads = ssm_state.shape(1);
+    let inner = heads * head_dim;
+    let gn = comptime!(groups * dstate);
+    let conv_dim = inner + 2 * gn;
+    let per_group = heads / groups;
+    let g = h / per_group;
+    let wm1 = conv_w.shape(1) - 1;
+    let local = comptime!(head_dim + 2 * dstate);
+    let u = UNIT_POS as usize;
+
+    let mut xbc_s = SharedMemory::<f32>::new(local);
+    let mut dt_s = SharedMemory::<f32>::new(2usize);
+    let pbase = b * proj.stride(0);
+    let ps = proj.stride(1);
+    let xbc0 = 2 * d_mlp + inner;
+
+    for it in 0..comptime!((local + STEP_THREADS - 1) / STEP_THREADS) {
+        let lc = it * STEP_THREADS + u;
+        if lc < local {
+            let mut ch = h * head_dim + lc;
+            let mut owner = true;
+            if lc >= head_dim {
+                let j = lc - head_dim; // 0 .. 2·state: B's channels, then C's
+                let part = j / dstate;
+                ch = inner + part * gn + g * dstate + (j % dstate);
+                owner = h % per_group == 0;
+            }
+            let mut acc = 0.0f32;
+            #[comptime]
+            if let ComptimeOption::Some(bias) = conv_b {
+                acc = f32::cast_from(bias[ch * bias.stride(0)]);
+            }
+            let sbase = b * conv_state.stride(0) + ch * conv_state.stride(1);
+            let nbase = b * new_conv.stride(0) + ch * new_conv.stride(1);
+            let wbase = ch * conv_w.stride(0);
+            for k in 0..wm1 {
+                let sv = conv_state[sbase + k * conv_state.stride(2)];
+                acc += f32::cast_from(conv_w[wbase + k * conv_w.stride(1)]) * f32::cast_from(sv);
+                if owner && k >= 1 {
+                    new_conv[nbase + (k - 1) * new_conv.stride(2)] = sv;
+                }
+            }
+            let xv = proj[pbase + (xbc0 + ch) * ps];
+            acc += f32::cast_from(conv_w[wbase + wm1 * conv_w.stride(1)]) * f32::cast_from(xv);
+            if owner && wm1 >= 1 {
+                new_conv[nbase + (wm1 - 1) * new_conv.stride(2)] = xv;
+            }
+            xbc_s[lc] = acc * sigmoid_f32(acc);
+        }
+    }
+    if u == 0 {
+        let raw = f32::cast_from(proj[pbase + (xbc0 + conv_dim + h) * ps]);
+        let dtv = dt_activation(
+            raw + dt_bias[h * dt_bias.stride(0)],
+            dt_min,
+            dt_max,
+            clamp_min,
+            clamp_max,
+        );
+        dt_s[0] = dtv;
+        dt_s[1] = (dtv * a[h * a.stride(0)]).exp();
+    }
+    sync_cube();
+
+    let dtv = dt_s[0];
+    let da = dt_s[1];
+    let dh = d[h * d.stride(0)];
+    for it in 0..comptime!((head_dim + STEP_THREADS - 1) / STEP_THREADS) {
+        let p = it * STEP_THREADS + u;
+        if p < head_dim {
+            let xv = xbc_s[p];
+            let xdt = xv * dtv;
+            let sbase = b * ssm_state.stride(0) + h * ssm_state.stride(1) + p * ssm_state.stride(2);
+            let nbase = b * new_ssm.stride(0) + h * new_ssm.stride(1) + p * new_ssm.stride(2);
+            let mut acc = 0.0f32;
+            for n in 0..dstate {
+                let sv = f32::cast_from(ssm_state[sbase + n * ssm_state.stride(3)]) * da
+                    + xdt * xbc_s[head_dim + n];
+                new_ssm[nbase + n * new_ssm.stride(3)] = F::cast_from(sv);
+                acc += sv * xbc_s[head_dim + dstate + n];
+            }
+            acc += dh * xv;
+            let zv = f32::cast_from(proj[pbase + (2 * d_mlp + h * head_dim + p) * ps]);
+            y[b * y.stride(0) + (h * head_dim + p) * y.stride(1)] =
+                F::cast_from(acc * zv * sigmoid_f32(zv));
+        }
+    }
 }
 
 /// Selective step, one thread per `(b, ch)`, channel fastest, looping over the state:
@@ -370,4 +500,92 @@ where
         dtype.into(),
     );
     (wrap(y), wrap(new_state))
+}
+
+/// Kernel of [`crate::MambaBackend::mamba2_step`]: one launch for the conv step, the SSD step and
+/// the gate, reading `z`, `xBC` and `dt` from `proj` in place. Falls back to the composed
+/// reference ([`crate::reference::mamba2_step`]) when the dtypes of `proj` and the states differ,
+/// the conv weight and bias differ from each other, the width is 1, the heads are not a multiple
+/// of the groups, or the shapes do not fit together.
+pub fn mamba2_step<R, F, I, BT>(
+    input: Mamba2StepInput<Cb<R, F, I, BT>>,
+) -> Mamba2StepOutput<Cb<R, F, I, BT>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let dtype = input.proj.dtype();
+    let [batch, width_in] = input.proj.dims();
+    let [_, heads, head_dim, dstate] = input.ssm_state.dims();
+    let [_, conv_dim, wm1] = input.conv_state.dims();
+    let [_, width] = input.conv_weight.dims();
+    let groups = input.groups;
+    let wdtype = input.conv_weight.dtype();
+    let inner = heads * head_dim;
+    let fits = groups > 0
+        && heads % groups == 0
+        && conv_dim == inner + 2 * groups * dstate
+        && width_in == 2 * input.d_mlp + inner + conv_dim + heads
+        && width >= 2
+        && wm1 == width - 1
+        && input.conv_state.dtype() == dtype
+        && input.ssm_state.dtype() == dtype
+        && input.conv_bias.as_ref().is_none_or(|b| b.dtype() == wdtype)
+        && batch * heads > 0;
+    if !fits {
+        return crate::reference::mamba2_step(input);
+    }
+    let Mamba2StepInput {
+        proj,
+        d_mlp,
+        groups,
+        conv_state,
+        conv_weight,
+        conv_bias,
+        a,
+        d,
+        dt_bias,
+        dt_limit: (lo, hi),
+        ssm_state,
+    } = input;
+    let proj = prim(proj);
+    let client = proj.client.clone();
+    let device = proj.device.clone();
+    let empty =
+        |shape: Shape| empty_device_contiguous_dtype(client.clone(), device.clone(), shape, dtype);
+    let y = empty(Shape::new([batch, inner]));
+    let new_conv = empty(Shape::new([batch, conv_dim, wm1]));
+    let new_ssm = empty(Shape::new([batch, heads, head_dim, dstate]));
+    mamba2_step_kernel::launch::<R>(
+        &client,
+        CubeCount::Static(heads as u32, batch as u32, 1),
+        CubeDim::new_1d(STEP_THREADS as u32),
+        proj.into_tensor_arg(),
+        prim(conv_state).into_tensor_arg(),
+        prim(conv_weight).into_tensor_arg(),
+        conv_bias.map(|b| prim(b).into_tensor_arg()).into(),
+        prim(super::ssd::f32_of(a)).into_tensor_arg(),
+        prim(super::ssd::f32_of(d)).into_tensor_arg(),
+        prim(super::ssd::f32_of(dt_bias)).into_tensor_arg(),
+        prim(ssm_state).into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+        new_conv.clone().into_tensor_arg(),
+        new_ssm.clone().into_tensor_arg(),
+        lo as f32,
+        if hi.is_finite() { hi as f32 } else { 0.0 },
+        head_dim,
+        dstate,
+        groups,
+        d_mlp,
+        lo > 0.0,
+        hi.is_finite(),
+        [dtype.into(), wdtype.into()],
+    );
+    Mamba2StepOutput {
+        y: wrap(y),
+        conv_state: wrap(new_conv),
+        ssm_state: wrap(new_ssm),
+    }
 }
