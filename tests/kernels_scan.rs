@@ -558,6 +558,8 @@ fn decode_linear_matches_reference() {
         (32, 37, 70, 1, true, false),
         (5, 512, 9, 0, false, true),
         (2, 1000, 40, 4, false, true),
+        (1, 1000, 33, 4, true, true),
+        (1, 37, 5, 0, true, false),
     ];
     for (rows, k, n, groups, bias, residual) in cases {
         let x = random(&[rows, k + 5], 1.0);

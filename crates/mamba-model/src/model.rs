@@ -116,6 +116,29 @@ pub const FUSED_DECODE_MAX_ROWS: usize = 4;
 /// fused path took 27.6 ms a token at batch 1 against 17.2 ms with cubecl's matmuls.
 pub const FUSED_DECODE_MAX_WEIGHTS: usize = 8 << 20;
 
+/// `MAMBA_FUSED_DECODE`: `auto` (the default: the rule of [`FUSED_DECODE_MAX_ROWS`] and
+/// [`FUSED_DECODE_MAX_WEIGHTS`]), `on` (every Mamba2 model up to the kernel's 32 rows), `off`;
+/// for measuring one path against the other in one binary. Read once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FusedDecode {
+    Auto,
+    On,
+    Off,
+}
+
+fn fused_decode_mode() -> FusedDecode {
+    static MODE: std::sync::OnceLock<FusedDecode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("MAMBA_FUSED_DECODE").as_deref() {
+        Ok("on") | Ok("1") => FusedDecode::On,
+        Ok("off") | Ok("0") => FusedDecode::Off,
+        Ok("auto") | Ok("") | Err(_) => FusedDecode::Auto,
+        Ok(other) => {
+            eprintln!("MAMBA_FUSED_DECODE={other}: expected auto, on or off; using auto");
+            FusedDecode::Auto
+        }
+    })
+}
+
 /// Mamba / Mamba2 causal language model (transformers' `*ForCausalLM`).
 #[derive(Module, Debug)]
 pub struct MambaLM<B: Backend> {
@@ -343,13 +366,23 @@ impl<B: MambaBackend> MambaLM<B> {
     fn fused_decode(&self, batch: usize) -> bool {
         let plain = |l: &Linear<B>| l.lora.is_none();
         let small = |l: &Linear<B>| l.d_in() * l.d_out() <= FUSED_DECODE_MAX_WEIGHTS;
+        let mode = fused_decode_mode();
+        let size_ok = |l: &Linear<B>| match mode {
+            FusedDecode::Auto => small(l),
+            FusedDecode::On => true,
+            FusedDecode::Off => false,
+        };
+        let max_rows = match mode {
+            FusedDecode::On => mamba_kernels::DECODE_MAX_ROWS,
+            _ => FUSED_DECODE_MAX_ROWS,
+        };
         B::has_kernels()
             && mamba_kernels::kernels_active::<B>()
-            && batch <= FUSED_DECODE_MAX_ROWS
+            && batch <= max_rows
             && !matches!(self.compute, Compute::Bf16Emulated)
             && self.lm_head.as_ref().is_none_or(plain)
             && self.layers.iter().all(|l| match &l.mixer {
-                Mixer::Mamba2(m) => plain(&m.in_proj) && plain(&m.out_proj) && small(&m.in_proj),
+                Mixer::Mamba2(m) => plain(&m.in_proj) && plain(&m.out_proj) && size_ok(&m.in_proj),
                 Mixer::Mamba1(_) => false,
             })
     }
