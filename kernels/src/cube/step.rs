@@ -33,6 +33,38 @@ fn sigmoid_f32(v: f32) -> f32 {
     1.0f32 / (1.0f32 + (-v).exp())
 }
 
+/// The conv step of channel `c` of row `b`: `Σ_k w[c, k] window[k]` over the window
+/// `[state[b, c, ·], xv]` (f32), and, when `write`, the window shifted by one into `new_state`.
+/// Shared by the conv step and the fused Mamba2 step.
+#[cube]
+fn conv_channel<F: Float, W: Float>(
+    state: &Tensor<F>,
+    new_state: &mut Tensor<F>,
+    weight: &Tensor<W>,
+    b: usize,
+    c: usize,
+    xv: F,
+    write: bool,
+) -> f32 {
+    let wm1 = weight.shape(1) - 1;
+    let sbase = b * state.stride(0) + c * state.stride(1);
+    let nbase = b * new_state.stride(0) + c * new_state.stride(1);
+    let wbase = c * weight.stride(0);
+    let mut acc = 0.0f32;
+    for k in 0..wm1 {
+        let sv = state[sbase + k * state.stride(2)];
+        acc += f32::cast_from(weight[wbase + k * weight.stride(1)]) * f32::cast_from(sv);
+        if write && k >= 1 {
+            new_state[nbase + (k - 1) * new_state.stride(2)] = sv;
+        }
+    }
+    acc += f32::cast_from(weight[wbase + wm1 * weight.stride(1)]) * f32::cast_from(xv);
+    if write && wm1 >= 1 {
+        new_state[nbase + (wm1 - 1) * new_state.stride(2)] = xv;
+    }
+    acc
+}
+
 /// Conv step, one thread per `(b, c)`, channel fastest: `y = bias + Σ_k w[c, k] window[k]` over
 /// `window = [state[b, c, ·], x[b, c]]` (then SiLU), `new_state = window[1..]`.
 #[cube(launch)]
@@ -52,29 +84,14 @@ fn conv_step_kernel<F: Float>(
     }
     let c = ABSOLUTE_POS % channels;
     let b = ABSOLUTE_POS / channels;
-    let wm1 = weight.shape(1) - 1;
 
     let mut acc = 0.0f32;
     #[comptime]
     if let ComptimeOption::Some(bias) = bias {
         acc = f32::cast_from(bias[c * bias.stride(0)]);
     }
-    let sbase = b * state.stride(0) + c * state.stride(1);
-    let nbase = b * new_state.stride(0) + c * new_state.stride(1);
-    for k in 0..wm1 {
-        let s = state[sbase + k * state.stride(2)];
-        acc +=
-            f32::cast_from(weight[c * weight.stride(0) + k * weight.stride(1)]) * f32::cast_from(s);
-        if k >= 1 {
-            new_state[nbase + (k - 1) * new_state.stride(2)] = s;
-        }
-    }
     let xv = x[b * x.stride(0) + c * x.stride(1)];
-    acc +=
-        f32::cast_from(weight[c * weight.stride(0) + wm1 * weight.stride(1)]) * f32::cast_from(xv);
-    if wm1 >= 1 {
-        new_state[nbase + (wm1 - 1) * new_state.stride(2)] = xv;
-    }
+    acc += conv_channel::<F, F>(state, new_state, weight, b, c, xv, true);
     if silu {
         acc *= sigmoid_f32(acc);
     }
@@ -176,7 +193,6 @@ fn mamba2_step_kernel<F: Float, W: Float>(
     let conv_dim = inner + 2 * gn;
     let per_group = heads / groups;
     let g = h / per_group;
-    let wm1 = conv_w.shape(1) - 1;
     let local = comptime!(head_dim + 2 * dstate);
     let u = UNIT_POS as usize;
 
@@ -202,21 +218,8 @@ fn mamba2_step_kernel<F: Float, W: Float>(
             if let ComptimeOption::Some(bias) = conv_b {
                 acc = f32::cast_from(bias[ch * bias.stride(0)]);
             }
-            let sbase = b * conv_state.stride(0) + ch * conv_state.stride(1);
-            let nbase = b * new_conv.stride(0) + ch * new_conv.stride(1);
-            let wbase = ch * conv_w.stride(0);
-            for k in 0..wm1 {
-                let sv = conv_state[sbase + k * conv_state.stride(2)];
-                acc += f32::cast_from(conv_w[wbase + k * conv_w.stride(1)]) * f32::cast_from(sv);
-                if owner && k >= 1 {
-                    new_conv[nbase + (k - 1) * new_conv.stride(2)] = sv;
-                }
-            }
             let xv = proj[pbase + (xbc0 + ch) * ps];
-            acc += f32::cast_from(conv_w[wbase + wm1 * conv_w.stride(1)]) * f32::cast_from(xv);
-            if owner && wm1 >= 1 {
-                new_conv[nbase + (wm1 - 1) * new_conv.stride(2)] = xv;
-            }
+            acc += conv_channel::<F, W>(conv_state, new_conv, conv_w, b, ch, xv, owner);
             xbc_s[lc] = acc * sigmoid_f32(acc);
         }
     }
