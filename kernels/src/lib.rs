@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::tensor::{backend::Backend, Tensor};
 
+pub mod linear;
 pub mod memory;
 pub mod norm;
 pub mod reference;
@@ -332,6 +333,32 @@ pub trait MambaBackend: Backend {
         None
     }
 
+    /// Which implementation runs [`matmul_t`](MambaBackend::matmul_t) on this backend: `"burn"`
+    /// (burn's matmul), `"cubecl"` (the cube backend's autotuned matmul) or `"cublas"`.
+    fn matmul_provider() -> &'static str {
+        "burn"
+    }
+
+    /// `op(a) · op(b)` with `op` a transpose where `ta` / `tb` say: `a` `[m, k]` (`[k, m]` with
+    /// `ta`), `b` `[k, n]` (`[n, k]` with `tb`), same dtype; the output `[m, n]` in that dtype,
+    /// accumulated in f32. The default is burn's matmul over transposed views; on CUDA the cube
+    /// backend hands it to cuBLAS ([`linear`] says when).
+    fn matmul_t(a: Tensor<Self, 2>, b: Tensor<Self, 2>, ta: bool, tb: bool) -> Tensor<Self, 2> {
+        linear::matmul_t_reference(a, b, ta, tb)
+    }
+
+    /// A linear layer in PyTorch's layout: `x · wᵀ + bias`, `x` `[rows, in]`, `w` `[out, in]`,
+    /// `bias` `[out]`. Through [`matmul_t`](MambaBackend::matmul_t), so no transposed copy of `w`
+    /// is made; autodiff backends make it one node whose backward is two more `matmul_t`s
+    /// (`dx = dy · w`, `dw = dyᵀ · x`), each taken only for an input that needs it.
+    fn linear_layer(
+        x: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+    ) -> Tensor<Self, 2> {
+        linear::linear_forward::<Self>(x, w, bias)
+    }
+
     /// RMSNorm over the last dimension: `w · x / sqrt(mean(x²) + eps)`, `x` `[b, l, width]`.
     /// Autodiff backends make it one node that keeps only `x` and `w` ([`norm`]).
     fn rms_norm(x: Tensor<Self, 3>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
@@ -494,6 +521,25 @@ impl<B: MambaBackend, C: CheckpointStrategy> MambaBackend for Autodiff<B, C> {
 
     fn memory_stats(device: &Self::Device) -> Option<MemoryStats> {
         B::memory_stats(device)
+    }
+
+    fn matmul_provider() -> &'static str {
+        B::matmul_provider()
+    }
+
+    fn matmul_t(a: Tensor<Self, 2>, b: Tensor<Self, 2>, ta: bool, tb: bool) -> Tensor<Self, 2> {
+        let x = if ta { a.transpose() } else { a };
+        // Through the linear node (`x · wᵀ`) so that its backward is `B::matmul_t` too.
+        let w = if tb { b } else { b.transpose() };
+        linear::linear::<B, C>(x, w, None)
+    }
+
+    fn linear_layer(
+        x: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+    ) -> Tensor<Self, 2> {
+        linear::linear::<B, C>(x, w, bias)
     }
 
     fn rms_norm(x: Tensor<Self, 3>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
@@ -670,6 +716,27 @@ where
             reserved: usage.bytes_reserved,
             total,
         })
+    }
+
+    fn matmul_provider() -> &'static str {
+        #[cfg(feature = "cuda")]
+        if std::any::TypeId::of::<R>() == std::any::TypeId::of::<cubecl::cuda::CudaRuntime>() {
+            return cube::cublas::provider();
+        }
+        "cubecl"
+    }
+
+    fn matmul_t(a: Tensor<Self, 2>, b: Tensor<Self, 2>, ta: bool, tb: bool) -> Tensor<Self, 2> {
+        #[cfg(feature = "cuda")]
+        if let Some(out) = cube::cublas::matmul_t(
+            &a.clone().into_primitive().tensor(),
+            &b.clone().into_primitive().tensor(),
+            ta,
+            tb,
+        ) {
+            return cube::wrap(out);
+        }
+        linear::matmul_t_reference(a, b, ta, tb)
     }
 
     fn norm_forward(

@@ -11,8 +11,9 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{backend::Backend, DType, Distribution, Int, Tensor};
 
 use crate::model::{MambaLM, Mixer};
-use crate::nn::{Embedding, Linear};
+use crate::nn::{linear, Embedding, Linear};
 use crate::precision::{to_dtype, Compute};
+use mamba_kernels::MambaBackend;
 
 /// LoRA hyper-parameters (PEFT's `LoraConfig` subset that applies to Mamba).
 #[derive(Debug, Clone, PartialEq)]
@@ -82,23 +83,22 @@ impl<B: Backend> LoraLinear<B> {
         }
     }
 
-    /// `scaling · B A dropout(x)` over the last dimension, in the compute dtype `c` (the f32
-    /// masters `A`, `B` cast at use).
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, c: Compute) -> Tensor<B, D> {
-        let h = c.act(burn::tensor::module::linear(
-            self.dropout.forward(x),
-            c.weight(self.a.val()).transpose(),
-            None,
-        ));
-        c.act(
-            burn::tensor::module::linear(h, c.weight(self.b.val()).transpose(), None)
-                * self.scaling,
-        )
-    }
-
     /// `scaling · B A`, `[out, in]`.
     pub fn delta(&self) -> Tensor<B, 2> {
         self.b.val().matmul(self.a.val()) * self.scaling
+    }
+}
+
+impl<B: MambaBackend> LoraLinear<B> {
+    /// `scaling · B A dropout(x)` over the last dimension, in the compute dtype `c` (the f32
+    /// masters `A`, `B` cast at use).
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, c: Compute) -> Tensor<B, D> {
+        let h = c.act(linear(
+            self.dropout.forward(x),
+            c.weight(self.a.val()),
+            None,
+        ));
+        c.act(linear(h, c.weight(self.b.val()), None) * self.scaling)
     }
 }
 
@@ -124,18 +124,17 @@ impl<B: Backend> LoraEmbedding<B> {
         }
     }
 
-    /// `[batch, seq]` ids → `[batch, seq, hidden]` correction, in the compute dtype `c`.
-    pub fn forward(&self, ids: Tensor<B, 2, Int>, c: Compute) -> Tensor<B, 3> {
-        let after_a = burn::tensor::module::embedding(c.weight(self.a.val()).transpose(), ids); // [b, l, r]
-        c.act(
-            burn::tensor::module::linear(after_a, c.weight(self.b.val()).transpose(), None)
-                * self.scaling,
-        )
-    }
-
     /// `scaling · (B A)ᵀ`, `[vocab, hidden]`.
     pub fn delta(&self) -> Tensor<B, 2> {
         self.b.val().matmul(self.a.val()).transpose() * self.scaling
+    }
+}
+
+impl<B: MambaBackend> LoraEmbedding<B> {
+    /// `[batch, seq]` ids → `[batch, seq, hidden]` correction, in the compute dtype `c`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, c: Compute) -> Tensor<B, 3> {
+        let after_a = burn::tensor::module::embedding(c.weight(self.a.val()).transpose(), ids); // [b, l, r]
+        c.act(linear(after_a, c.weight(self.b.val()), None) * self.scaling)
     }
 }
 
@@ -426,7 +425,7 @@ pub fn merge<B: Backend>(mut model: MambaLM<B>) -> MambaLM<B> {
 
 /// The embedding forward with its adapter (used by [`Embedding::forward`]).
 /// The output is f32 (the residual stream's dtype).
-pub(crate) fn embed<B: Backend>(
+pub(crate) fn embed<B: MambaBackend>(
     e: &Embedding<B>,
     ids: Tensor<B, 2, Int>,
     c: Compute,

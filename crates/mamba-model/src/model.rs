@@ -239,23 +239,23 @@ impl<B: Backend> MambaLM<B> {
         model.compute = compute;
         model
     }
+}
 
+impl<B: MambaBackend> MambaLM<B> {
     /// `[.., hidden]` → `[.., vocab]` through the LM head or the tied embeddings, in the
     /// compute dtype.
     pub fn lm_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         let c = self.compute;
         match &self.lm_head {
             Some(head) => head.forward(hidden, c),
-            None => c.act(burn::tensor::module::linear(
+            None => c.act(crate::nn::linear(
                 c.act(hidden),
-                c.weight(self.embeddings.weight.val()).transpose(),
+                c.weight(self.embeddings.weight.val()),
                 None,
             )),
         }
     }
-}
 
-impl<B: MambaBackend> MambaLM<B> {
     /// Logits `[batch, seq, vocab]` for `ids` `[batch, seq]`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         self.forward_with(ids, ForwardArgs::default()).logits

@@ -40,14 +40,16 @@ impl<B: Backend> Linear<B> {
     pub fn d_out(&self) -> usize {
         self.weight.dims()[0]
     }
+}
 
+impl<B: MambaBackend> Linear<B> {
     /// `x @ Wᵀ + b` over the last dimension, plus the LoRA path when adapted, in the compute
     /// dtype `c` (input, weights and output; the weights cast at use).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, c: Compute) -> Tensor<B, D> {
         let x = c.act(x);
-        let base = c.act(burn::tensor::module::linear(
+        let base = c.act(linear(
             x.clone(),
-            c.weight(self.weight.val()).transpose(),
+            c.weight(self.weight.val()),
             self.bias.as_ref().map(|b| c.weight(b.val())),
         ));
         match &self.lora {
@@ -55,6 +57,21 @@ impl<B: Backend> Linear<B> {
             None => base,
         }
     }
+}
+
+/// `x · wᵀ + bias` over the last dimension of `x` (`[.., in]`), `w` `[out, in]` in PyTorch's
+/// layout: [`MambaBackend::linear_layer`] on the rows of `x`, so the weight is never transposed in
+/// memory and, on CUDA, the products are cuBLAS's.
+pub fn linear<B: MambaBackend, const D: usize>(
+    x: Tensor<B, D>,
+    w: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    let mut dims = x.dims();
+    let d_in = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    dims[D - 1] = w.dims()[0];
+    B::linear_layer(x.reshape([rows, d_in]), w, bias).reshape(dims)
 }
 
 /// Token embeddings, `weight` `[vocab, hidden]`.
@@ -73,7 +90,9 @@ impl<B: Backend> Embedding<B> {
             lora: None,
         }
     }
+}
 
+impl<B: MambaBackend> Embedding<B> {
     /// `[batch, seq]` ids to `[batch, seq, hidden]`, in f32 (the residual stream's dtype)
     /// whatever the dtype the table is stored in; the adapter runs in the compute dtype `c`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>, c: Compute) -> Tensor<B, 3> {

@@ -11,6 +11,8 @@ use cubecl::{calculate_cube_count_elemwise, prelude::*};
 pub mod autodiff;
 pub mod cache;
 pub mod conv;
+#[cfg(feature = "cuda")]
+pub mod cublas;
 pub mod gemv;
 pub mod norm;
 pub mod selective;

@@ -1,0 +1,139 @@
+//! Linear layers as one matrix product each way, in PyTorch's weight layout.
+//!
+//! A linear layer `y = x · wᵀ` (`x` `[rows, in]`, `w` `[out, in]`) needs three products: the
+//! forward, `dx = dy · w` and `dw = dyᵀ · x`. Each is one [`MambaBackend::matmul_t`], which reads
+//! its operands transposed or not as they lie in memory, so no transposed copy of a weight or an
+//! activation is ever made; on CUDA the cube backend gives them to cuBLAS (`cube::cublas`), on
+//! every other backend they are burn's matmul over transposed views.
+//!
+//! On `Autodiff<B>` the layer is one node ([`linear`]) whose backward runs those two products,
+//! each only for an input that takes a gradient: a frozen LoRA base weight costs no `dw`, and then
+//! the node keeps no copy of `x` either (burn's own matmul node decides the same way).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+use crate::MambaBackend;
+
+/// How f32 products run where the backend has a choice (CUDA), with torch's names
+/// (`torch.set_float32_matmul_precision`): `high` (the default) lets them use TF32 tensor cores
+/// (10-bit mantissa operands, f32 accumulation), as cubecl's matmul did on CUDA and as torch does
+/// with `allow_tf32`; `highest` keeps every product in f32 (several times slower on an H200).
+/// Set with `MAMBA_F32_MATMUL=high|highest`; bf16 and f16 products are unaffected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum F32Matmul {
+    High,
+    Highest,
+}
+
+/// `MAMBA_F32_MATMUL`, read once; an unknown value warns and means `high`.
+pub fn f32_matmul() -> F32Matmul {
+    static P: std::sync::OnceLock<F32Matmul> = std::sync::OnceLock::new();
+    *P.get_or_init(
+        || match std::env::var("MAMBA_F32_MATMUL").as_deref().map(str::trim) {
+            Err(_) | Ok("") | Ok("high") => F32Matmul::High,
+            Ok("highest") => F32Matmul::Highest,
+            Ok(other) => {
+                eprintln!("warning: MAMBA_F32_MATMUL=`{other}` is not high or highest; using high");
+                F32Matmul::High
+            }
+        },
+    )
+}
+
+/// `op(a) · op(b)` in burn's tensor ops (the default of [`MambaBackend::matmul_t`]).
+pub fn matmul_t_reference<B: Backend>(
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    ta: bool,
+    tb: bool,
+) -> Tensor<B, 2> {
+    let a = if ta { a.transpose() } else { a };
+    let b = if tb { b.transpose() } else { b };
+    a.matmul(b)
+}
+
+/// `x · wᵀ + bias` through `B::matmul_t` (the default of [`MambaBackend::linear_layer`] on backends
+/// without autodiff).
+pub fn linear_forward<B: MambaBackend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 2> {
+    let y = B::matmul_t(x, w, false, true);
+    match bias {
+        Some(b) => y + b.unsqueeze::<2>(),
+        None => y,
+    }
+}
+
+fn inner<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+#[derive(Debug)]
+struct LinearBackward;
+
+impl<B: MambaBackend> Backward<B, 2> for LinearBackward {
+    /// `x` when `w` takes a gradient, `w` when `x` does.
+    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = inner::<B, 2>(grads.consume::<B>(&ops.node)); // [rows, out]
+        let (x, w) = ops.state;
+        let [nx, nw] = ops.parents;
+        if let (Some(n), Some(w)) = (nx, w) {
+            // dx = dy · w: [rows, out] · [out, in]
+            let dx = B::matmul_t(dy.clone(), inner(w), false, false);
+            grads.register::<B>(n.id, prim(dx));
+        }
+        if let (Some(n), Some(x)) = (nw, x) {
+            // dw = dyᵀ · x: [out, rows] · [rows, in]
+            let dw = B::matmul_t(dy, inner(x), true, false);
+            grads.register::<B>(n.id, prim(dw));
+        }
+    }
+}
+
+/// [`MambaBackend::linear_layer`] on `Autodiff<B>`: `x · wᵀ` as one node over `B::matmul_t`, then the
+/// bias as an ordinary (differentiated) add.
+pub fn linear<B: MambaBackend, C: CheckpointStrategy>(
+    x: Tensor<Autodiff<B, C>, 2>,
+    w: Tensor<Autodiff<B, C>, 2>,
+    bias: Option<Tensor<Autodiff<B, C>, 1>>,
+) -> Tensor<Autodiff<B, C>, 2> {
+    let x = x.into_primitive().tensor();
+    let w = w.into_primitive().tensor();
+    let forward =
+        |x: FloatTensor<B>, w: FloatTensor<B>| prim(B::matmul_t(inner(x), inner(w), false, true));
+    let (x_tracked, w_tracked) = (x.is_tracked(), w.is_tracked());
+    let out = match LinearBackward
+        .prepare::<C>([x.node.clone(), w.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let state = (
+                w_tracked.then(|| x.primitive.clone()),
+                x_tracked.then(|| w.primitive.clone()),
+            );
+            prep.finish(state, forward(x.primitive, w.primitive))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, w.primitive)),
+    };
+    let y = Tensor::from_primitive(TensorPrimitive::Float(out));
+    match bias {
+        Some(b) => y + b.unsqueeze::<2>(),
+        None => y,
+    }
+}

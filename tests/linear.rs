@@ -1,0 +1,180 @@
+//! Linear layers through `MambaBackend::linear_layer` / `matmul_t` (kernels/src/linear.rs): the
+//! products against f64 on the host for every transpose flag and operand layout, and the
+//! autodiff node's output and gradients against burn's own differentiated `x · wᵀ + b`, with
+//! each input trained or frozen, on the CPU and on `Wgpu` (lavapipe without a GPU). On CUDA the
+//! same products are cuBLAS's: `bench gemm --shapes small` checks those against f64 on the device
+//! (BENCHMARKS.md).
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use mamba_burn::kernels::MambaBackend;
+
+#[path = "common/kernels.rs"]
+#[allow(dead_code)]
+mod kcommon;
+use kcommon::{check, random, rel_err, values, Cpu, Gpu};
+
+/// `op(a) · op(b)` in f64 from row-major host values of the operands' logical shapes.
+fn truth(a: &[f32], b: &[f32], [m, n, k]: [usize; 3], ta: bool, tb: bool) -> Vec<f32> {
+    let at = |i: usize, p: usize| if ta { a[p * m + i] } else { a[i * k + p] } as f64;
+    let bt = |p: usize, j: usize| if tb { b[j * k + p] } else { b[p * n + j] } as f64;
+    (0..m)
+        .flat_map(|i| (0..n).map(move |j| (i, j)))
+        .map(|(i, j)| (0..k).map(|p| at(i, p) * bt(p, j)).sum::<f64>() as f32)
+        .collect()
+}
+
+/// `data` (logical `[r, c]`) on `B`, lying in memory row-major, transposed (a transposed view of
+/// a `[c, r]` tensor) or pitched (a narrowed view of a wider tensor).
+fn operand<B: Backend>(data: &TensorData, layout: usize, device: &B::Device) -> Tensor<B, 2> {
+    let t = Tensor::<B, 2>::from_data(data.clone(), device);
+    let [r, c] = t.dims();
+    match layout {
+        0 => t,
+        1 => t.transpose().into_contiguous_for_test().transpose(),
+        _ => Tensor::<B, 2>::zeros([r, c + 3], device)
+            .slice_assign([0..r, 1..c + 1], t)
+            .narrow(1, 1, c),
+    }
+}
+
+/// burn has no public `into_contiguous`; a product with the identity is one, on any backend.
+trait Contiguous {
+    fn into_contiguous_for_test(self) -> Self;
+}
+
+impl<B: Backend> Contiguous for Tensor<B, 2> {
+    fn into_contiguous_for_test(self) -> Self {
+        let [_, c] = self.dims();
+        let eye = Tensor::<B, 2>::eye(c, &self.device());
+        self.matmul(eye)
+    }
+}
+
+fn matmul_t_matches_f64<B: MambaBackend>(device: &B::Device) {
+    let (m, n, k) = (7, 5, 6);
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        let a_dims = if ta { [k, m] } else { [m, k] };
+        let b_dims = if tb { [n, k] } else { [k, n] };
+        let (da, db) = (random(&a_dims, 1.0), random(&b_dims, 1.0));
+        let want = truth(
+            &da.to_vec::<f32>().unwrap(),
+            &db.to_vec::<f32>().unwrap(),
+            [m, n, k],
+            ta,
+            tb,
+        );
+        for la in 0..3 {
+            for lb in 0..3 {
+                let a = operand::<B>(&da, la, device);
+                let b = operand::<B>(&db, lb, device);
+                let (got, dims) = values(B::matmul_t(a, b, ta, tb));
+                assert_eq!(dims, vec![m, n]);
+                let err = rel_err(&got, &want);
+                assert!(
+                    err < 1e-6,
+                    "{} matmul_t ta={ta} tb={tb} layouts {la}/{lb}: error {err:e}",
+                    B::name(device)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_t_matches_f64_on_the_cpu() {
+    matmul_t_matches_f64::<Cpu>(&Default::default());
+}
+
+#[test]
+fn matmul_t_matches_f64_on_wgpu() {
+    matmul_t_matches_f64::<Gpu>(&Default::default());
+}
+
+/// `B::linear_layer` on `Autodiff<B>` (the linear node) against burn differentiating `x · wᵀ + b`
+/// itself on the CPU: output and the gradients of whichever of `x`, `w`, `b` are trained.
+fn linear_node_matches_burn<B: MambaBackend>(device: &B::Device) {
+    type Ref = Autodiff<Cpu>;
+    let cpu = Default::default();
+    let (rows, d_in, d_out) = (9, 12, 7);
+    let (dx, dw, db, dy) = (
+        random(&[rows, d_in], 1.0),
+        random(&[d_out, d_in], 0.3),
+        random(&[d_out], 1.0),
+        random(&[rows, d_out], 1.0),
+    );
+    for (train_x, train_w, bias) in [
+        (true, true, true),
+        (true, false, false),
+        (false, true, false),
+        (true, true, false),
+    ] {
+        let what = format!(
+            "{} linear (x {train_x}, w {train_w}, bias {bias})",
+            B::name(device)
+        );
+        let leaf = |d: &TensorData, train: bool| {
+            let t = Tensor::<Autodiff<B>, 2>::from_data(d.clone(), device);
+            if train {
+                t.require_grad()
+            } else {
+                t
+            }
+        };
+        let (x, w) = (leaf(&dx, train_x), leaf(&dw, train_w));
+        let b =
+            bias.then(|| Tensor::<Autodiff<B>, 1>::from_data(db.clone(), device).require_grad());
+        // A loss that weights every output differently: `sum(y · dy)`.
+        let y = <Autodiff<B> as MambaBackend>::linear_layer(x.clone(), w.clone(), b.clone());
+        let loss = (y.clone() * Tensor::from_data(dy.clone(), device)).sum();
+        let grads = loss.backward();
+
+        let (rx, rw) = (
+            Tensor::<Ref, 2>::from_data(dx.clone(), &cpu).require_grad(),
+            Tensor::<Ref, 2>::from_data(dw.clone(), &cpu).require_grad(),
+        );
+        let rb = Tensor::<Ref, 1>::from_data(db.clone(), &cpu).require_grad();
+        let mut ry = rx.clone().matmul(rw.clone().transpose());
+        if bias {
+            ry = ry + rb.clone().unsqueeze::<2>();
+        }
+        let rloss = (ry.clone() * Tensor::from_data(dy.clone(), &cpu)).sum();
+        let rgrads = rloss.backward();
+
+        check(&format!("{what}: y"), y.inner(), ry.inner());
+        assert_eq!(x.grad(&grads).is_some(), train_x, "{what}: dx present");
+        assert_eq!(w.grad(&grads).is_some(), train_w, "{what}: dw present");
+        if train_x {
+            check(
+                &format!("{what}: dx"),
+                x.grad(&grads).unwrap(),
+                rx.grad(&rgrads).unwrap(),
+            );
+        }
+        if train_w {
+            check(
+                &format!("{what}: dw"),
+                w.grad(&grads).unwrap(),
+                rw.grad(&rgrads).unwrap(),
+            );
+        }
+        if let Some(b) = b {
+            check(
+                &format!("{what}: db"),
+                b.grad(&grads).unwrap(),
+                rb.grad(&rgrads).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn linear_node_matches_burn_on_the_cpu() {
+    linear_node_matches_burn::<Cpu>(&Default::default());
+}
+
+#[test]
+fn linear_node_matches_burn_on_wgpu() {
+    linear_node_matches_burn::<Gpu>(&Default::default());
+}
