@@ -411,8 +411,9 @@ where
     let progress = Progress::new(t.steps, start);
     if device_total.is_some() && start < t.steps {
         progress.line(&format!(
-            "step {}: the first step on a device compiles and autotunes the kernels (minutes on a fresh machine; cached under target/ for later runs)",
-            start + 1
+            "step {}: the first step on a device compiles and autotunes the kernels (minutes on a fresh machine; cached under target/ for later runs); matrix products on {}",
+            start + 1,
+            A::matmul_provider()
         ));
     }
     let mut window_loss = 0.0;

@@ -8,6 +8,7 @@
 //! not just its submission. Agreement is `‖k − r‖ / ‖r‖` per tensor, computed in f64 on the host
 //! (a NaN or an infinity anywhere makes it infinite).
 
+pub mod gemm;
 pub mod generate;
 pub mod kernels;
 pub mod model;
@@ -143,10 +144,12 @@ pub struct RunInfo {
     /// `$GIT_COMMIT`, else the commit the binary was built from (stamped by build.rs; uncommitted
     /// changes are not marked), else `git rev-parse HEAD` in the working directory, else null.
     pub commit: Option<String>,
+    /// What ran the matrix products: `cublas`, `cubecl` or `burn` (`MAMBA_GEMM`).
+    pub matmul: &'static str,
 }
 
 impl RunInfo {
-    pub fn new<B: Backend>(device: &B::Device, name: &str) -> Self {
+    pub fn new<B: mamba_kernels::MambaBackend>(device: &B::Device, name: &str) -> Self {
         let gpu = if name.starts_with("cuda") {
             command_line("nvidia-smi", &["--query-gpu=name", "--format=csv,noheader"])
                 .and_then(|s| s.lines().next().map(str::to_string))
@@ -163,12 +166,16 @@ impl RunInfo {
                 .filter(|s| !s.is_empty())
                 .or_else(|| option_env!("MAMBA_BUILD_COMMIT").map(str::to_string))
                 .or_else(|| command_line("git", &["rev-parse", "HEAD"])),
+            matmul: B::matmul_provider(),
         }
     }
 
     /// One line for the readable reports.
     pub fn describe(&self) -> String {
-        let mut s = format!("{} ({})", self.device, self.backend);
+        let mut s = format!(
+            "{} ({}, matmuls: {})",
+            self.device, self.backend, self.matmul
+        );
         if let Some(g) = &self.gpu {
             s += &format!(", {g}");
         }

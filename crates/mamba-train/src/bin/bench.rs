@@ -1,3 +1,4 @@
+//! `bench gemm --device D [--shapes step|small] [--dtypes bf16,f32] [--skip-burn] [--json]`
 //! `bench kernels --device D [--shapes bench|small] [--only ssd,conv,scan] [--json]`
 //! `bench generate --device D [--config C] [--batch 1] [--prompt-len 512] [--new-tokens 256] [--precision P] [--json]`
 //! `bench model --device D [--config mamba2-130m|mamba1-130m|<config.json>] [--batch 2] [--seq 512] [--json]`
@@ -9,7 +10,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use mamba_model::MambaBackend;
-use mamba_train::bench::{generate, kernels, model, train};
+use mamba_train::bench::{gemm, generate, kernels, model, train};
 use mamba_train::{run_on, BackendJob, DeviceSpec};
 
 #[derive(Parser, Debug)]
@@ -84,6 +85,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The training step's matrix products through the backend's `matmul_t` (cuBLAS on CUDA)
+    /// and through burn's matmul (cubecl's), timed and checked against f64 rows on the host.
+    Gemm {
+        #[arg(long, default_value = "auto")]
+        device: DeviceSpec,
+        #[command(flatten)]
+        opts: gemm::Options,
+        #[arg(long)]
+        json: bool,
+    },
     /// Decoding speed of a randomly initialised model through `generate` (greedy): prefill time,
     /// per-token decode time and tokens/s at a batch size, prompt length and number of new
     /// tokens.
@@ -103,6 +114,15 @@ impl BackendJob for GenerateJob {
     type Output = generate::Report;
     fn run<B: MambaBackend>(self, device: B::Device, name: &str) -> Result<generate::Report> {
         generate::run::<B>(&device, name, &self.0)
+    }
+}
+
+struct GemmJob(gemm::Options);
+
+impl BackendJob for GemmJob {
+    type Output = gemm::Report;
+    fn run<B: MambaBackend>(self, device: B::Device, name: &str) -> Result<gemm::Report> {
+        gemm::run::<B>(&device, name, &self.0)
     }
 }
 
@@ -193,6 +213,22 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 println!("{}", train::line(&report));
+            }
+        }
+        Command::Gemm { device, opts, json } => {
+            let report = run_on(device, GemmJob(opts))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", gemm::table(&report));
+            }
+            let failed = gemm::failures(&report);
+            if !failed.is_empty() {
+                anyhow::bail!(
+                    "{} product(s) off the f64 truth:\n  {}",
+                    failed.len(),
+                    failed.join("\n  ")
+                );
             }
         }
         Command::Generate { device, opts, json } => {
