@@ -23,6 +23,21 @@ mod seed;
 
 pub use memory::MemoryStats;
 
+/// A tensor from its float primitive: what the custom autodiff nodes ([`norm`], [`linear`])
+/// hand to the inner backend's ops.
+pub(crate) fn from_prim<B: Backend, const D: usize>(
+    t: burn::tensor::ops::FloatTensor<B>,
+) -> Tensor<B, D> {
+    Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t))
+}
+
+/// A tensor's float primitive (the inverse of [`from_prim`]).
+pub(crate) fn to_prim<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+) -> burn::tensor::ops::FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
 /// The most rows (the decode batch) [`MambaBackend::decode_linear`]'s kernel takes.
 pub const DECODE_MAX_ROWS: usize = 32;
 pub use seed::{backward_with, BackwardWith};

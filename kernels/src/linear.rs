@@ -19,7 +19,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use crate::MambaBackend;
+use crate::{from_prim as inner, to_prim as prim, MambaBackend};
 
 /// How f32 products run where the backend has a choice (CUDA), with torch's names
 /// (`torch.set_float32_matmul_precision`): `high` (the default) lets them use TF32 tensor cores
@@ -71,14 +71,6 @@ pub fn linear_forward<B: MambaBackend>(
         Some(b) => y + b.unsqueeze::<2>(),
         None => y,
     }
-}
-
-fn inner<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
 }
 
 #[derive(Debug)]

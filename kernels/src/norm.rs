@@ -30,7 +30,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 
-use crate::MambaBackend;
+use crate::{from_prim as inner, to_prim as prim, MambaBackend};
 
 /// `x / sqrt(mean(x², last) + eps)` over groups of the last dimension: `x` `[b, l, width]`,
 /// `groups` dividing `width`. Returns the normalised tensor and `r` `[b, l, groups, 1]`.
@@ -178,14 +178,6 @@ pub fn norm_backward_reference<B: Backend>(
             }
         }
     }
-}
-
-fn inner<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
 }
 
 #[derive(Debug)]

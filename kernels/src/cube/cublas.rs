@@ -5,9 +5,9 @@
 //! ~700 (BENCHMARKS.md), and on a fresh machine every distinct problem is autotuned by compiling
 //! ~30 candidate kernels, minutes before the first step. So on CUDA, [`MambaBackend::matmul_t`]
 //! (the three products of every linear layer and the LM head, `crate::linear`) calls
-//! `cublasGemmEx` on the tensors' device memory: f32 accumulation (`CUBLAS_COMPUTE_32F`, no
-//! TF32: f32 stays f32), bf16/f16/f32 operands read transposed or not as they lie (any row or
-//! column stride), the output a fresh contiguous tensor.
+//! `cublasGemmEx` on the tensors' device memory: f32 accumulation, bf16/f16/f32 operands (f32 ones
+//! through TF32 unless `MAMBA_F32_MATMUL=highest`, [`crate::linear::f32_matmul`]) read transposed
+//! or not as they lie (any row or column stride), the output a fresh contiguous tensor.
 //!
 //! cuBLAS runs on cubecl's own stream for the calling thread, so its products are ordered with
 //! cubecl's kernels exactly as another kernel would be: no waits, no extra launches. cubecl 0.10
@@ -18,8 +18,10 @@
 //! cubecl's stream is synchronised before each product and cuBLAS's after it. That costs
 //! ~90 µs a product (measured on an H200), more than the product itself below ~10 GFLOP, so it
 //! is the fallback, named in `matmul_provider` (`cublas-host-sync`) and on stderr.
-//! (A GPU-side hand-over between two streams with a spinning kernel was tried and dropped: it
-//! deadlocks when the driver lazily loads a cuBLAS kernel while the spinner holds its stream.)
+//! (A GPU-side hand-over between two streams, a spinning kernel on cubecl's and
+//! `cuStreamWaitValue32` on cuBLAS's, was tried and dropped: the driver refused the wait on the
+//! H100 it ran on, and a spinner can deadlock against the driver's lazy loading of a cuBLAS
+//! kernel.)
 //!
 //! libcublas is loaded at run time (`libcublas.so.13` or another version cudarc knows, from the
 //! library path). Without it, or with `MAMBA_GEMM=cubecl`, or when cuBLAS refuses a call, the
@@ -50,11 +52,9 @@ use crate::linear::{f32_matmul, F32Matmul};
 /// Which implementation runs the cube backend's matrix products on CUDA (`MAMBA_GEMM`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmRoute {
-    /// cuBLAS when it loads, cubecl's matmul otherwise (the default).
-    Auto,
-    /// cuBLAS; a warning and cubecl's matmul when it cannot be loaded.
+    /// cuBLAS when it loads, cubecl's matmul otherwise (`auto` or `cublas`, the default).
     Cublas,
-    /// cubecl's (autotuned) matmul, as before cuBLAS was used.
+    /// cubecl's (autotuned) matmul, as before cuBLAS was used (`cubecl`).
     Cubecl,
 }
 
@@ -63,14 +63,13 @@ pub fn gemm_route() -> GemmRoute {
     static ROUTE: OnceLock<GemmRoute> = OnceLock::new();
     *ROUTE.get_or_init(
         || match std::env::var("MAMBA_GEMM").as_deref().map(str::trim) {
-            Err(_) | Ok("") | Ok("auto") => GemmRoute::Auto,
-            Ok("cublas") => GemmRoute::Cublas,
+            Err(_) | Ok("") | Ok("auto") | Ok("cublas") => GemmRoute::Cublas,
             Ok("cubecl") => GemmRoute::Cubecl,
             Ok(other) => {
                 eprintln!(
                     "warning: MAMBA_GEMM=`{other}` is not auto, cublas or cubecl; using auto"
                 );
-                GemmRoute::Auto
+                GemmRoute::Cublas
             }
         },
     )
@@ -493,10 +492,11 @@ fn gemm(
     };
     BLAS.with(|cell| {
         let mut map = cell.borrow_mut();
-        if !map.contains_key(&index) {
-            map.insert(index, Blas::new(&a)?);
-        }
-        map[&index].run(&client, product)
+        let blas = match map.entry(index) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(Blas::new(&a)?),
+        };
+        blas.run(&client, product)
     })?;
     // The operands' tensors may be dropped now: cubecl reuses their memory only in kernels
     // queued behind the product on the same stream (or, host-synchronised, after it).
