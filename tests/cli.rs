@@ -577,6 +577,43 @@ fn bench_kernels_cpu_is_reference_only() {
     }
 }
 
+/// `bench gemm` at the small shapes on the CPU: every transpose flag and operand layout (44
+/// cases), `matmul_t` and burn's matmul both checked against f64 rows, the report naming what
+/// ran the products; bf16 on a backend without it is an error naming `--dtypes`.
+#[test]
+fn bench_gemm_small_on_the_cpu() {
+    let out = run_limited(
+        BENCH,
+        &[
+            "gemm", "--device", "cpu", "--shapes", "small", "--dtypes", "f32", "--json", "--iters",
+            "1", "--warmup", "0",
+        ],
+        BENCH_LIMIT,
+    );
+    let v = json_of(&out);
+    assert_eq!(v["bench"], "gemm");
+    assert_eq!(v["matmul"], "burn", "{v}");
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 36 + 3 + 3 + 2, "{v}");
+    for r in results {
+        for key in ["rel_err", "burn_rel_err"] {
+            let e = r[key].as_f64().unwrap_or_else(|| panic!("{key}: {r}"));
+            assert!(e < 1e-6, "{key} {e}: {r}");
+        }
+        positive(&r["ms"], "ms");
+    }
+    let out = run_limited(
+        BENCH,
+        &[
+            "gemm", "--device", "cpu", "--shapes", "small", "--dtypes", "bf16",
+        ],
+        BENCH_LIMIT,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--dtypes") && err.contains("bf16"), "{err}");
+}
+
 /// `bench model` on wgpu with tiny configs: the loss and every parameter gradient with the
 /// kernels match the reference.
 #[test]

@@ -9,46 +9,37 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use mamba_burn::kernels::MambaBackend;
+use mamba_burn::train::bench::gemm::matmul_t_f64;
 
 #[path = "common/kernels.rs"]
 #[allow(dead_code)]
 mod kcommon;
 use kcommon::{check, random, rel_err, values, Cpu, Gpu};
 
-/// `op(a) · op(b)` in f64 from row-major host values of the operands' logical shapes.
-fn truth(a: &[f32], b: &[f32], [m, n, k]: [usize; 3], ta: bool, tb: bool) -> Vec<f32> {
-    let at = |i: usize, p: usize| if ta { a[p * m + i] } else { a[i * k + p] } as f64;
-    let bt = |p: usize, j: usize| if tb { b[j * k + p] } else { b[p * n + j] } as f64;
-    (0..m)
-        .flat_map(|i| (0..n).map(move |j| (i, j)))
-        .map(|(i, j)| (0..k).map(|p| at(i, p) * bt(p, j)).sum::<f64>() as f32)
-        .collect()
-}
-
-/// `data` (logical `[r, c]`) on `B`, lying in memory row-major, transposed (a transposed view of
-/// a `[c, r]` tensor) or pitched (a narrowed view of a wider tensor).
+/// `data` (logical `[r, c]`) on `B`, lying in memory row-major (0), transposed (1: a transposed
+/// view of the `[c, r]` transpose) or pitched (2: a narrowed view of a wider tensor).
 fn operand<B: Backend>(data: &TensorData, layout: usize, device: &B::Device) -> Tensor<B, 2> {
-    let t = Tensor::<B, 2>::from_data(data.clone(), device);
-    let [r, c] = t.dims();
+    let [r, c] = [data.shape[0], data.shape[1]];
+    let v = data.to_vec::<f32>().unwrap();
     match layout {
-        0 => t,
-        1 => t.transpose().into_contiguous_for_test().transpose(),
-        _ => Tensor::<B, 2>::zeros([r, c + 3], device)
-            .slice_assign([0..r, 1..c + 1], t)
-            .narrow(1, 1, c),
-    }
-}
-
-/// burn has no public `into_contiguous`; a product with the identity is one, on any backend.
-trait Contiguous {
-    fn into_contiguous_for_test(self) -> Self;
-}
-
-impl<B: Backend> Contiguous for Tensor<B, 2> {
-    fn into_contiguous_for_test(self) -> Self {
-        let [_, c] = self.dims();
-        let eye = Tensor::<B, 2>::eye(c, &self.device());
-        self.matmul(eye)
+        0 => Tensor::from_data(data.clone(), device),
+        1 => {
+            let t: Vec<f32> = (0..c * r).map(|i| v[(i % r) * c + i / r]).collect();
+            Tensor::<B, 2>::from_data(TensorData::new(t, [c, r]), device).transpose()
+        }
+        _ => {
+            let wide: Vec<f32> = (0..r * (c + 3))
+                .map(|i| {
+                    let (row, col) = (i / (c + 3), i % (c + 3));
+                    if (1..=c).contains(&col) {
+                        v[row * c + col - 1]
+                    } else {
+                        f32::NAN
+                    }
+                })
+                .collect();
+            Tensor::<B, 2>::from_data(TensorData::new(wide, [r, c + 3]), device).narrow(1, 1, c)
+        }
     }
 }
 
@@ -58,12 +49,12 @@ fn matmul_t_matches_f64<B: MambaBackend>(device: &B::Device) {
         let a_dims = if ta { [k, m] } else { [m, k] };
         let b_dims = if tb { [n, k] } else { [k, n] };
         let (da, db) = (random(&a_dims, 1.0), random(&b_dims, 1.0));
-        let want = truth(
+        let want = matmul_t_f64(
             &da.to_vec::<f32>().unwrap(),
             &db.to_vec::<f32>().unwrap(),
             [m, n, k],
-            ta,
-            tb,
+            (ta, tb),
+            &(0..m).collect::<Vec<_>>(),
         );
         for la in 0..3 {
             for lb in 0..3 {

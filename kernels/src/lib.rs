@@ -349,7 +349,8 @@ pub trait MambaBackend: Backend {
     }
 
     /// Which implementation runs [`matmul_t`](MambaBackend::matmul_t) on this backend: `"burn"`
-    /// (burn's matmul), `"cubecl"` (the cube backend's autotuned matmul) or `"cublas"`.
+    /// (burn's matmul), `"cubecl"` (the cube backend's autotuned matmul), `"cublas"` (on CUDA)
+    /// or `"cublas-host-sync"` (cuBLAS where CUPTI could not name cubecl's stream).
     fn matmul_provider() -> &'static str {
         "burn"
     }
@@ -357,7 +358,7 @@ pub trait MambaBackend: Backend {
     /// `op(a) · op(b)` with `op` a transpose where `ta` / `tb` say: `a` `[m, k]` (`[k, m]` with
     /// `ta`), `b` `[k, n]` (`[n, k]` with `tb`), same dtype; the output `[m, n]` in that dtype,
     /// accumulated in f32. The default is burn's matmul over transposed views; on CUDA the cube
-    /// backend hands it to cuBLAS ([`linear`] says when).
+    /// backend hands it to cuBLAS (`cube::cublas`, DESIGN.md "Matrix products").
     fn matmul_t(a: Tensor<Self, 2>, b: Tensor<Self, 2>, ta: bool, tb: bool) -> Tensor<Self, 2> {
         linear::matmul_t_reference(a, b, ta, tb)
     }

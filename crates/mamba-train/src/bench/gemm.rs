@@ -104,7 +104,7 @@ pub struct CaseResult {
     #[serde(flatten)]
     pub case: Case,
     pub dtype: String,
-    /// `B::matmul_t` (the provider named in the report).
+    /// `B::matmul_t` (what ran it: the report's `matmul`).
     pub ms: Option<Num>,
     pub tflops: Option<Num>,
     /// burn's matmul over transposed views (cubecl's on cube backends).
@@ -121,8 +121,6 @@ pub struct Report {
     pub bench: &'static str,
     #[serde(flatten)]
     pub info: RunInfo,
-    /// What `matmul_t` ran on: `cublas`, `cubecl` or `burn`.
-    pub provider: &'static str,
     pub results: Vec<CaseResult>,
 }
 
@@ -232,11 +230,18 @@ fn check_rows(m: usize) -> Vec<usize> {
     r
 }
 
-/// `op(a)[rows] · op(b)` in f64 from host copies (`a`, `b` as stored, row-major).
-fn truth(c: &Case, a: &[f32], b: &[f32], rows: &[usize]) -> Vec<f32> {
-    let (m, n, k) = (c.m, c.n, c.k);
-    let at = |i: usize, p: usize| if c.ta { a[p * m + i] } else { a[i * k + p] } as f64;
-    let bt = |p: usize, j: usize| if c.tb { b[j * k + p] } else { b[p * n + j] } as f64;
+/// Rows `rows` of `op(a) · op(b)` (`[m, k] · [k, n]`), summed in f64 from the operands' values
+/// in row-major order of their logical shapes (`a` `[k, m]` with `ta`, `b` `[n, k]` with `tb`):
+/// the truth `bench gemm` and tests/linear.rs check `matmul_t` against.
+pub fn matmul_t_f64(
+    a: &[f32],
+    b: &[f32],
+    [m, n, k]: [usize; 3],
+    (ta, tb): (bool, bool),
+    rows: &[usize],
+) -> Vec<f32> {
+    let at = |i: usize, p: usize| if ta { a[p * m + i] } else { a[i * k + p] } as f64;
+    let bt = |p: usize, j: usize| if tb { b[j * k + p] } else { b[p * n + j] } as f64;
     let mut out = Vec::with_capacity(rows.len() * n);
     for &i in rows {
         let ai: Vec<f64> = (0..k).map(|p| at(i, p)).collect();
@@ -292,6 +297,11 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
         .iter()
         .map(|d| dtype_of(d).map(|t| (d.trim().to_string(), t)))
         .collect::<Result<Vec<_>>>()?;
+    if let Some((d, _)) = dtypes.iter().find(|(_, t)| !B::supports_dtype(device, *t)) {
+        anyhow::bail!(
+            "--dtypes: the {name} backend has no {d} tensors (on the CPU and wgpu use --dtypes f32)"
+        );
+    }
     let mut results = Vec::new();
     for c in cases(opts.shapes) {
         if opts
@@ -326,7 +336,6 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
     Ok(Report {
         bench: "gemm",
         info: RunInfo::new::<B>(device, name),
-        provider: B::matmul_provider(),
         results,
     })
 }
@@ -347,7 +356,7 @@ fn measure<B: MambaBackend>(
         host(b.clone().cast(DType::F32)),
     );
     let rows = check_rows(c.m);
-    let want = truth(c, &ha, &hb, &rows);
+    let want = matmul_t_f64(&ha, &hb, [c.m, c.n, c.k], (c.ta, c.tb), &rows);
     let flop = 2.0 * (c.m * c.n * c.k) as f64;
     let tflops = |ms: f64| Num(flop / (ms * 1e-3) / 1e12);
 
@@ -386,9 +395,8 @@ fn opt(v: &Option<Num>, prec: usize) -> String {
 /// The readable report.
 pub fn table(r: &Report) -> String {
     let mut s = format!(
-        "{}; matmul_t on {}\n{:<24} {:>5} {:>6} {:>6} {:>6} {:>9} {:>8} {:>9} {:>8} {:>9} {:>9}\n",
+        "{}\n{:<24} {:>5} {:>6} {:>6} {:>6} {:>9} {:>8} {:>9} {:>8} {:>9} {:>9}\n",
         r.info.describe(),
-        r.provider,
         "case",
         "dtype",
         "m",

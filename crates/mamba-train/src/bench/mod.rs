@@ -144,7 +144,8 @@ pub struct RunInfo {
     /// `$GIT_COMMIT`, else the commit the binary was built from (stamped by build.rs; uncommitted
     /// changes are not marked), else `git rev-parse HEAD` in the working directory, else null.
     pub commit: Option<String>,
-    /// What ran the matrix products: `cublas`, `cubecl` or `burn` (`MAMBA_GEMM`).
+    /// What ran the matrix products ([`mamba_kernels::MambaBackend::matmul_provider`]):
+    /// `cublas`, `cublas-host-sync`, `cubecl` or `burn`.
     pub matmul: &'static str,
 }
 
