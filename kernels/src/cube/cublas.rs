@@ -75,6 +75,33 @@ pub fn gemm_route() -> GemmRoute {
     )
 }
 
+/// The smallest product (`2 m n k` floating-point operations) sent to cuBLAS; smaller ones run on
+/// cubecl's matmul. Each cuBLAS product waits, on the host, for cubecl's server thread to launch
+/// everything queued before it (that is how it is ordered after them, see [`gemm`]); for a small
+/// product that wait costs more than cuBLAS saves. Measured on an H100 (BENCHMARKS.md, 12-06):
+/// decoding the Codestral-7B shape at batch 1 (0.15 GFLOP products) took 29.4 ms a token with
+/// every product on cuBLAS against 12.7 ms with cubecl's (H200, 12-02), mamba2-130m at batch 32
+/// (0.16 GFLOP) 7.5 ms against 4.8; a training step's projections are 10-1,000 GFLOP.
+/// `MAMBA_CUBLAS_MIN_FLOP` overrides it (`0`: every product). Read once.
+pub fn cublas_min_flop() -> f64 {
+    static MIN: OnceLock<f64> = OnceLock::new();
+    *MIN.get_or_init(|| {
+        const DEFAULT: f64 = 1e9;
+        match std::env::var("MAMBA_CUBLAS_MIN_FLOP").as_deref().map(str::trim) {
+            Err(_) | Ok("") => DEFAULT,
+            Ok(v) => match v.parse::<f64>() {
+                Ok(x) if x >= 0.0 => x,
+                _ => {
+                    eprintln!(
+                        "warning: MAMBA_CUBLAS_MIN_FLOP=`{v}` is not a number ≥ 0; using {DEFAULT:e}"
+                    );
+                    DEFAULT
+                }
+            },
+        }
+    })
+}
+
 /// How a (device, thread)'s products are ordered with cubecl's kernels.
 #[derive(Debug, Clone, Copy)]
 enum Order {
@@ -388,8 +415,9 @@ fn cuda_type(dtype: DType) -> Option<cb::cudaDataType> {
     }
 }
 
-/// `op(a) · op(b)` by cuBLAS when `R` is CUDA and cuBLAS is active; `None` leaves the product to
-/// the caller (another runtime, another dtype, an empty product, cuBLAS off or failed).
+/// `op(a) · op(b)` by cuBLAS when `R` is CUDA, cuBLAS is active and the product is at least
+/// [`cublas_min_flop`]; `None` leaves the product to the caller (another runtime, another dtype,
+/// an empty or small product, cuBLAS off or failed).
 pub fn matmul_t<R: CubeRuntime>(
     a: &CubeTensor<R>,
     b: &CubeTensor<R>,
@@ -406,6 +434,9 @@ pub fn matmul_t<R: CubeRuntime>(
     let (m, k) = if ta { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
     let (kb, n) = if tb { (sb[1], sb[0]) } else { (sb[0], sb[1]) };
     if k != kb || m == 0 || n == 0 || k == 0 || [m, n, k].iter().any(|&d| d > i32::MAX as usize) {
+        return None;
+    }
+    if 2.0 * m as f64 * n as f64 * (k as f64) < cublas_min_flop() {
         return None;
     }
     match gemm(a.clone(), b.clone(), ta, tb, [m, n, k]) {

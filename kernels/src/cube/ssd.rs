@@ -22,8 +22,8 @@
 #![allow(clippy::manual_div_ceil)]
 
 use super::tile::{
-    contract, fetch_slab, mma_slab, slab_k, slab_v, store_slab, tile_col, tile_row, zero_acc, KT,
-    SLAB, THREADS, TILE, V4,
+    contract, fetch_slab, mma_slab, out_smem, put_slab, slab_k, slab_smem, slab_v, store_slab,
+    tc_add_into, tc_mma_slab, tc_zero, tensor_cores, tile_col, tile_row, zero_acc, KT, THREADS, TILE, V4,
 };
 use super::{elemwise, prim, spread, wrap};
 use burn::tensor::backend::Backend;
@@ -189,6 +189,7 @@ fn ssd_state_tile_kernel<F: Float>(
     da_cs: &Tensor<f32>,   // [batch, heads, chunks, chunk]
     out: &mut Tensor<f32>, // [batch, chunks, heads, head_dim, state]
     #[comptime] to_end: bool,
+    #[comptime] tensor_cores: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let nchunks = out.shape(1);
@@ -217,22 +218,39 @@ fn ssd_state_tile_kernel<F: Float>(
     stage_chunk(dt_c, da_cs, b, h, c, &mut cs_s, &mut dt_s);
     row_scales(&cs_s, &dt_s, &mut rs_s, to_end);
 
-    let mut a_s = SharedMemory::<V4>::new(SLAB);
-    let mut b_s = SharedMemory::<V4>::new(SLAB);
+    let mut a_s = slab_smem();
+    let mut b_s = slab_smem();
+    let mut o_s = out_smem(tensor_cores);
     let mut acc = zero_acc();
     let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
     let ybase = b * ym.stride(0) + t0 * ym.stride(1) + g * ym.stride(2) + n0 * ym.stride(3);
     // The slab loop of `contract`, with x scaled by `rs_s[k]` on its way to shared memory.
     let (xs1, xs3, ys1, ys3) = (xin.stride(1), xin.stride(3), ym.stride(1), ym.stride(3));
-    for s in 0..(qlim + KT - 1) / KT {
-        let k0 = s * KT;
-        let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
-        let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
-        store_slab(&mut a_s, av * V4::new(rs_s[k0 + slab_k(false)]), false);
-        store_slab(&mut b_s, bv, false);
-        sync_cube();
-        mma_slab(&a_s, &b_s, &mut acc);
-        sync_cube();
+    let slabs = (qlim + KT - 1) / KT;
+    if tensor_cores {
+        let frags = tc_zero();
+        for s in 0..slabs {
+            let k0 = s * KT;
+            let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
+            let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
+            put_slab(&mut a_s, av * V4::new(rs_s[k0 + slab_k(false)]), false, true);
+            put_slab(&mut b_s, bv, false, true);
+            sync_cube();
+            tc_mma_slab(&a_s, &b_s, &frags);
+            sync_cube();
+        }
+        tc_add_into(&frags, &mut o_s, &mut acc);
+    } else {
+        for s in 0..slabs {
+            let k0 = s * KT;
+            let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
+            let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
+            store_slab(&mut a_s, av * V4::new(rs_s[k0 + slab_k(false)]), false);
+            store_slab(&mut b_s, bv, false);
+            sync_cube();
+            mma_slab(&a_s, &b_s, &mut acc);
+            sync_cube();
+        }
     }
 
     let obase = b * out.stride(0) + c * out.stride(1) + h * out.stride(2);
@@ -312,6 +330,7 @@ fn ssd_cb_tile_kernel<F: Float>(
     cm: &Tensor<F>,       // [batch, seq, groups, state]
     bm: &Tensor<F>,       // [batch, seq, groups, state]
     cb: &mut Tensor<f32>, // [batch, chunks, groups, chunk, chunk]
+    #[comptime] tensor_cores: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let nchunks = cb.shape(1);
@@ -323,8 +342,9 @@ fn ssd_cb_tile_kernel<F: Float>(
     let t0 = c * TILE;
     let qlim = chunk_len(seqlen, t0);
 
-    let mut a_s = SharedMemory::<V4>::new(SLAB);
-    let mut b_s = SharedMemory::<V4>::new(SLAB);
+    let mut a_s = slab_smem();
+    let mut b_s = slab_smem();
+    let mut o_s = out_smem(tensor_cores);
     let mut acc = zero_acc();
     let cbase = b * cm.stride(0) + t0 * cm.stride(1) + g * cm.stride(2);
     let bbase = b * bm.stride(0) + t0 * bm.stride(1) + g * bm.stride(2);
@@ -342,9 +362,11 @@ fn ssd_cb_tile_kernel<F: Float>(
         dstate,
         &mut a_s,
         &mut b_s,
+        &mut o_s,
         &mut acc,
         true,
         true,
+        tensor_cores,
     );
     let obase = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2);
     #[unroll]
@@ -432,6 +454,7 @@ fn ssd_scan_tile_kernel<F: Float>(
     d: &Tensor<f32>,     // [heads]
     out: &mut Tensor<F>, // [batch, seq, heads, head_dim]
     #[comptime] transposed: bool,
+    #[comptime] tensor_cores: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let seqlen = out.shape(1);
@@ -453,8 +476,9 @@ fn ssd_scan_tile_kernel<F: Float>(
     stage_chunk(dt_c, da_cs, b, h, c, &mut cs_s, &mut dt_s);
     row_scales(&cs_s, &dt_s, &mut rs_s, transposed);
 
-    let mut a_s = SharedMemory::<V4>::new(SLAB);
-    let mut b_s = SharedMemory::<V4>::new(SLAB);
+    let mut a_s = slab_smem();
+    let mut b_s = slab_smem();
+    let mut o_s = out_smem(tensor_cores);
     let mut acc = zero_acc();
 
     // Through the state: K = n.
@@ -474,9 +498,11 @@ fn ssd_scan_tile_kernel<F: Float>(
         dstate,
         &mut a_s,
         &mut b_s,
+        &mut o_s,
         &mut acc,
         true,
         true,
+        tensor_cores,
     );
     #[unroll]
     for i in 0..4usize {
@@ -492,19 +518,36 @@ fn ssd_scan_tile_kernel<F: Float>(
     let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
     // The slab loop of `contract`, the left operand being M (staged from CB, `cs` and `dt`).
     let (xs1, xs3) = (xin.stride(1), xin.stride(3));
-    for s in 0..(qlim + KT - 1) / KT {
-        let k0 = s * KT;
-        let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
-        let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
-        store_slab(
-            &mut a_s,
-            mix_scale(av, &cs_s, &dt_s, k0, transposed),
-            comptime!(!transposed),
-        );
-        store_slab(&mut b_s, bv, false);
-        sync_cube();
-        mma_slab(&a_s, &b_s, &mut acc);
-        sync_cube();
+    let slabs = (qlim + KT - 1) / KT;
+    if tensor_cores {
+        let frags = tc_zero();
+        for s in 0..slabs {
+            let k0 = s * KT;
+            let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
+            let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
+            let mv = mix_scale(av, &cs_s, &dt_s, k0, transposed);
+            put_slab(&mut a_s, mv, comptime!(!transposed), true);
+            put_slab(&mut b_s, bv, false, true);
+            sync_cube();
+            tc_mma_slab(&a_s, &b_s, &frags);
+            sync_cube();
+        }
+        tc_add_into(&frags, &mut o_s, &mut acc);
+    } else {
+        for s in 0..slabs {
+            let k0 = s * KT;
+            let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
+            let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
+            store_slab(
+                &mut a_s,
+                mix_scale(av, &cs_s, &dt_s, k0, transposed),
+                comptime!(!transposed),
+            );
+            store_slab(&mut b_s, bv, false);
+            sync_cube();
+            mma_slab(&a_s, &b_s, &mut acc);
+            sync_cube();
+        }
     }
 
     let dv = f32::cast_from(d[h * d.stride(0)]);
@@ -658,6 +701,7 @@ pub(crate) fn state_tiles<R: CubeRuntime>(
             da_cs.clone().into_tensor_arg(),
             out.clone().into_tensor_arg(),
             to_end,
+            tensor_cores(&xin.client),
             p.dtype.into(),
         );
     }
@@ -694,6 +738,7 @@ pub(crate) fn scan_tiles<R: CubeRuntime>(
             p.d.clone().into_tensor_arg(),
             out.clone().into_tensor_arg(),
             transposed,
+            tensor_cores(&xin.client),
             p.dtype.into(),
         );
     }
@@ -778,6 +823,7 @@ pub(crate) fn parts<R: CubeRuntime>(p: &Prims<R>) -> Parts<R> {
             p.cm.clone().into_tensor_arg(),
             p.bm.clone().into_tensor_arg(),
             cb.clone().into_tensor_arg(),
+            tensor_cores(&client),
             dtype.into(),
         );
     }

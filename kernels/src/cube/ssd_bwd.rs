@@ -39,7 +39,8 @@ use super::ssd::{
     Prims,
 };
 use super::tile::{
-    contract, stage_tile, tile_col, tile_get, tile_row, zero_acc, SLAB, THREADS, TILE, V4,
+    contract, out_smem, slab_smem, stage_tile, tensor_cores, tile_col, tile_get, tile_row,
+    zero_acc, THREADS, TILE, V4,
 };
 use super::{elemwise, prim, wrap};
 use crate::{SsdGrads, SsdInput};
@@ -225,6 +226,7 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
     rowsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk, 16]
     colsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk, 16]
     ddiag: &mut Tensor<f32>,  // [batch, heads, chunks, 16]
+    #[comptime] tensor_cores: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let splits = wg.shape(0);
@@ -257,8 +259,9 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
 
     let mut cs_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * (TILE + 1)));
     let mut dt_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * TILE));
-    let mut a_s = SharedMemory::<V4>::new(SLAB);
-    let mut b_s = SharedMemory::<V4>::new(SLAB);
+    let mut a_s = slab_smem();
+    let mut b_s = slab_smem();
+    let mut o_s = out_smem(tensor_cores);
     stage_heads(dt_c, da_cs, b, c, h_lo, h_hi - h_lo, &mut cs_s, &mut dt_s);
     for h in h_lo..h_hi {
         let cso = (h - h_lo) * (TILE + 1);
@@ -280,9 +283,11 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
             head_dim,
             &mut a_s,
             &mut b_s,
+            &mut o_s,
             &mut acc,
             true,
             true,
+            tensor_cores,
         );
         // W's diagonal before the decay, Σ_p dy_q · x_q: shares of D's gradient.
         if tr == tc {
@@ -357,6 +362,7 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
     out: &mut Tensor<f32>,  // [splits, batch, seq, groups, state]
     part: &mut Tensor<f32>, // [batch, seq, heads, n tiles]
     #[comptime] for_b: bool,
+    #[comptime] tensor_cores: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let nchunks = st.shape(1);
@@ -403,8 +409,9 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
     // lavapipe among them) give a workgroup.
     let mut cs_s = SharedMemory::<f32>::new(comptime!(TILE + 1));
     let mut dt_s = SharedMemory::<f32>::new(TILE);
-    let mut a_s = SharedMemory::<V4>::new(SLAB);
-    let mut b_s = SharedMemory::<V4>::new(SLAB);
+    let mut a_s = slab_smem();
+    let mut b_s = slab_smem();
+    let mut o_s = out_smem(tensor_cores);
     let mut part_s = SharedMemory::<f32>::new(SHARES);
     let mut total = zero_acc();
     for h in h_lo..h_hi {
@@ -428,9 +435,11 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
             head_dim,
             &mut a_s,
             &mut b_s,
+            &mut o_s,
             &mut acc,
             true,
             false,
+            tensor_cores,
         );
         #[unroll]
         for i in 0..4usize {
@@ -487,9 +496,11 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
             qlim,
             &mut a_s,
             &mut b_s,
+            &mut o_s,
             &mut total,
             comptime!(!for_b),
             false,
+            tensor_cores,
         );
     }
 
@@ -707,6 +718,7 @@ where
             rowsum.clone().into_tensor_arg(),
             colsum.clone().into_tensor_arg(),
             ddiag.clone().into_tensor_arg(),
+            tensor_cores(&client),
             dtype.into(),
         );
     }
@@ -748,6 +760,7 @@ where
                 out.clone().into_tensor_arg(),
                 part.clone().into_tensor_arg(),
                 for_b,
+                tensor_cores(&client),
                 dtype.into(),
             );
         }

@@ -20,7 +20,9 @@
 // Kernel code spells ceil-division out: `usize::div_ceil` is not a cube function.
 #![allow(clippy::manual_div_ceil)]
 
+use cubecl::cmma;
 use cubecl::prelude::*;
+use cubecl::tf32;
 
 /// Side of an output tile, and the SSD kernels' chunk length.
 pub const TILE: usize = 64;
@@ -108,6 +110,22 @@ pub fn store_slab(smem: &mut SharedMemory<V4>, vec: V4, #[comptime] k_contig: bo
     smem[slab_k(k_contig) * PITCH4 + slab_v(k_contig)] = vec;
 }
 
+/// [`store_slab`] for either multiply: with `tc` the lanes are first rounded to TF32 (round to
+/// nearest, as cuBLAS and Triton do; the tensor cores would otherwise drop the low 13 bits).
+#[cube]
+pub fn put_slab(
+    smem: &mut SharedMemory<V4>,
+    vec: V4,
+    #[comptime] k_contig: bool,
+    #[comptime] tc: bool,
+) {
+    let mut v = vec;
+    if tc {
+        v = V4::cast_from(Vector::<tf32, Const<4>>::cast_from(vec));
+    }
+    store_slab(smem, v, k_contig);
+}
+
 /// `acc[a][b] += Σ_k a_s[k][row a] · b_s[k][col b]` over one slab.
 #[cube]
 pub fn mma_slab(a_s: &SharedMemory<V4>, b_s: &SharedMemory<V4>, acc: &mut Array<f32>) {
@@ -157,26 +175,217 @@ pub fn contract<FA: Float, FB: Float>(
     klim: usize,
     a_s: &mut SharedMemory<V4>,
     b_s: &mut SharedMemory<V4>,
+    o_s: &mut SharedMemory<V4>,
     acc: &mut Array<f32>,
     #[comptime] a_kc: bool,
     #[comptime] b_kc: bool,
+    #[comptime] tc: bool,
 ) {
-    for s in 0..(klim + KT - 1) / KT {
-        let k0 = s * KT;
-        store_slab(
-            a_s,
-            fetch_slab::<FA>(a, abase, ask, asr, k0, klim, arlim, a_kc),
-            a_kc,
-        );
-        store_slab(
-            b_s,
-            fetch_slab::<FB>(b, bbase, bsk, bsr, k0, klim, brlim, b_kc),
-            b_kc,
-        );
-        sync_cube();
-        mma_slab(a_s, b_s, acc);
-        sync_cube();
+    if tc {
+        let frags = tc_zero();
+        for s in 0..(klim + KT - 1) / KT {
+            let k0 = s * KT;
+            let av = fetch_slab::<FA>(a, abase, ask, asr, k0, klim, arlim, a_kc);
+            let bv = fetch_slab::<FB>(b, bbase, bsk, bsr, k0, klim, brlim, b_kc);
+            put_slab(a_s, av, a_kc, true);
+            put_slab(b_s, bv, b_kc, true);
+            sync_cube();
+            tc_mma_slab(a_s, b_s, &frags);
+            sync_cube();
+        }
+        tc_add_into(&frags, o_s, acc);
+    } else {
+        for s in 0..(klim + KT - 1) / KT {
+            let k0 = s * KT;
+            store_slab(
+                a_s,
+                fetch_slab::<FA>(a, abase, ask, asr, k0, klim, arlim, a_kc),
+                a_kc,
+            );
+            store_slab(
+                b_s,
+                fetch_slab::<FB>(b, bbase, bsk, bsr, k0, klim, brlim, b_kc),
+                b_kc,
+            );
+            sync_cube();
+            mma_slab(a_s, b_s, acc);
+            sync_cube();
+        }
     }
+}
+
+// Tensor cores (CUDA, TF32 `wmma` 16 × 16 × 8, f32 accumulation). The cube's eight warps split
+// the 64 × 64 tile into 16 × 32 strips: warp `w` owns rows `16 (w / 2) ..` and columns
+// `32 (w % 2) ..` as two 16 × 16 accumulators. They read the same shared slabs as
+// [`mma_slab`]: `A[k][m]` at float `k · 68 + m` is `A` column-major and `B[k][n]` row-major, both
+// with a leading dimension of 68 floats; every fragment starts 32-byte aligned (slabs and the
+// output stage are declared so by [`slab_smem`] and [`out_smem`]). At the end the fragments go
+// through a shared stage into the per-thread 4 × 4 layout the kernels' epilogues use
+// ([`tc_add_into`]), so both paths share every epilogue.
+
+/// Leading dimension, in floats, of slabs and the output stage as the tensor cores read them.
+const LD: u32 = (PITCH4 * 4) as u32;
+
+/// A warp's two 16 × 16 accumulators.
+#[derive(CubeType)]
+pub struct TcAcc {
+    m0: cmma::Matrix<f32>,
+    m1: cmma::Matrix<f32>,
+}
+
+/// Zeroed accumulators.
+#[cube]
+pub fn tc_zero() -> TcAcc {
+    TcAcc {
+        m0: cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            8usize,
+            cmma::MatrixLayout::Undefined,
+            0.0f32,
+        ),
+        m1: cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            8usize,
+            cmma::MatrixLayout::Undefined,
+            0.0f32,
+        ),
+    }
+}
+
+/// `acc += A · B` over one slab on the tensor cores (the slabs staged by [`put_slab`] with
+/// `tc`, so already TF32 values).
+#[cube]
+pub fn tc_mma_slab(a_s: &SharedMemory<V4>, b_s: &SharedMemory<V4>, acc: &TcAcc) {
+    let w = UNIT_POS as usize / 32;
+    let wr = w / 2;
+    let wc = w % 2;
+    #[unroll]
+    for kk in 0..comptime!(KT / 8) {
+        let k_off = kk * 8 * PITCH4;
+        let a = unsafe {
+            cmma::Matrix::<tf32>::uninitialized(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                8usize,
+                cmma::MatrixLayout::ColMajor,
+            )
+        };
+        let b0 = unsafe {
+            cmma::Matrix::<tf32>::uninitialized(
+                cmma::MatrixIdent::B,
+                16usize,
+                16usize,
+                8usize,
+                cmma::MatrixLayout::RowMajor,
+            )
+        };
+        let b1 = unsafe {
+            cmma::Matrix::<tf32>::uninitialized(
+                cmma::MatrixIdent::B,
+                16usize,
+                16usize,
+                8usize,
+                cmma::MatrixLayout::RowMajor,
+            )
+        };
+        cmma::load(&a, &a_s.slice(k_off + wr * 4, SLAB), LD);
+        cmma::load(&b0, &b_s.slice(k_off + wc * 8, SLAB), LD);
+        cmma::load(&b1, &b_s.slice(k_off + wc * 8 + 4, SLAB), LD);
+        cmma::execute::<tf32, tf32, f32, f32>(&a, &b0, &acc.m0, &acc.m0);
+        cmma::execute::<tf32, tf32, f32, f32>(&a, &b1, &acc.m1, &acc.m1);
+    }
+}
+
+/// `regs[a * 4 + b] += ` the accumulated tile at this thread's output positions
+/// (`tile_row(a)`, `tile_col(b)`), staged through `o_s`. Begins and ends synced.
+#[cube]
+pub fn tc_add_into(acc: &TcAcc, o_s: &mut SharedMemory<V4>, regs: &mut Array<f32>) {
+    let w = UNIT_POS as usize / 32;
+    let base = (w / 2) * 16 * PITCH4 + (w % 2) * 8;
+    cmma::store(
+        &mut o_s.slice_mut(base, OUT),
+        &acc.m0,
+        LD,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut o_s.slice_mut(base + 4, OUT),
+        &acc.m1,
+        LD,
+        cmma::MatrixLayout::RowMajor,
+    );
+    sync_cube();
+    #[unroll]
+    for i in 0..4usize {
+        let v = o_s[tile_row(i) * PITCH4 + UNIT_POS as usize % 16];
+        #[unroll]
+        for j in 0..4usize {
+            regs[i * 4 + j] += v[j];
+        }
+    }
+    sync_cube();
+}
+
+/// Whether the SSD contractions run on the tensor cores of `client`'s device: asked for with
+/// `MAMBA_SSD_TENSOR_CORES=1` (off by default: on an H100 every tiled kernel ran 1.3-1.7× slower
+/// this way, BENCHMARKS.md 12-06: the kernels wait on their global loads and syncs, not on the
+/// FMAs the tensor cores replace, and the tensor-core path adds an output stage and registers),
+/// f32 products allowed TF32 ([`crate::linear::f32_matmul`], `MAMBA_F32_MATMUL`, default `high`),
+/// and a device with TF32 `wmma` (16 × 16 × 8, f32 accumulation) and 32-lane warps. The
+/// environment is read once per process; the device check is cheap.
+pub fn tensor_cores<R: burn_cubecl::CubeRuntime>(client: &ComputeClient<R>) -> bool {
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let allowed = *ENV.get_or_init(|| {
+        let on = match std::env::var("MAMBA_SSD_TENSOR_CORES").as_deref().map(str::trim) {
+            Err(_) | Ok("") | Ok("0") | Ok("off") => false,
+            Ok("1") | Ok("on") => true,
+            Ok(other) => {
+                eprintln!(
+                    "warning: MAMBA_SSD_TENSOR_CORES=`{other}` is not 0, off, 1 or on; using off"
+                );
+                false
+            }
+        };
+        on && crate::linear::f32_matmul() == crate::linear::F32Matmul::High
+    });
+    if !allowed {
+        return false;
+    }
+    let props = client.properties();
+    let tf32 = tf32::as_type_native_unchecked().storage_type();
+    let f32t = f32::as_type_native_unchecked().storage_type();
+    let config = cubecl::features::MmaConfig {
+        a_type: tf32,
+        b_type: tf32,
+        cd_type: f32t,
+        m: 16,
+        n: 16,
+        k: 8,
+    };
+    props.hardware.plane_size_min == 32
+        && props.hardware.plane_size_max == 32
+        && props.features.matmul.cmma.contains(&config)
+}
+
+/// 4-vectors of the output stage: `TILE` rows at a pitch of [`PITCH4`].
+pub const OUT: usize = TILE * PITCH4;
+
+/// A slab in shared memory, aligned for the tensor cores' loads.
+#[cube]
+pub fn slab_smem() -> SharedMemory<V4> {
+    SharedMemory::<V4>::new_aligned(SLAB, 32usize)
+}
+
+/// The output stage of [`tc_add_into`]: a whole tile with `tc`, a single vector (unused)
+/// without.
+#[cube]
+pub fn out_smem(#[comptime] tc: bool) -> SharedMemory<V4> {
+    SharedMemory::<V4>::new_aligned(comptime!(if tc { OUT } else { 1 }), 32usize)
 }
 
 /// Stages a whole `TILE × TILE` tile of a strided operand in shared memory, row-major by
