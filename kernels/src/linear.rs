@@ -47,6 +47,21 @@ pub fn f32_matmul() -> F32Matmul {
     )
 }
 
+/// Runs `f` (one decode step of a model) with its small products kept off cuBLAS: on CUDA a
+/// product under 1 GFLOP then runs on cubecl's matmul, which does not make the host wait for
+/// cubecl's queue as a cuBLAS product does (DESIGN.md, "Matrix products"). Elsewhere, and for
+/// training, it changes nothing. Scoped to the calling thread.
+pub fn decode_products<T>(f: impl FnOnce() -> T) -> T {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cube::cublas::in_decode(f)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        f()
+    }
+}
+
 /// `op(a) · op(b)` in burn's tensor ops (the default of [`MambaBackend::matmul_t`]).
 pub fn matmul_t_reference<B: Backend>(
     a: Tensor<B, 2>,

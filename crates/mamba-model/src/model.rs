@@ -331,7 +331,16 @@ impl<B: MambaBackend> MambaLM<B> {
     }
 
     /// One-token step in O(1): `ids` `[batch]` → logits `[batch, vocab]` and the updated cache.
+    /// Its small products stay off cuBLAS ([`mamba_kernels::linear::decode_products`]).
     pub fn step(
+        &self,
+        ids: Tensor<B, 1, Int>,
+        cache: ModelCache<B>,
+    ) -> (Tensor<B, 2>, ModelCache<B>) {
+        mamba_kernels::linear::decode_products(|| self.step_inner(ids, cache))
+    }
+
+    fn step_inner(
         &self,
         ids: Tensor<B, 1, Int>,
         cache: ModelCache<B>,

@@ -30,7 +30,7 @@
 //! [`MambaBackend::matmul_t`]: crate::MambaBackend::matmul_t
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,29 +75,59 @@ pub fn gemm_route() -> GemmRoute {
     )
 }
 
-/// The smallest product (`2 m n k` floating-point operations) sent to cuBLAS; smaller ones run on
-/// cubecl's matmul. Each cuBLAS product waits, on the host, for cubecl's server thread to launch
-/// everything queued before it (that is how it is ordered after them, see [`gemm`]); for a small
-/// product that wait costs more than cuBLAS saves. Measured on an H100 (BENCHMARKS.md, 12-06):
-/// decoding the Codestral-7B shape at batch 1 (0.15 GFLOP products) took 29.4 ms a token with
-/// every product on cuBLAS against 12.7 ms with cubecl's (H200, 12-02), mamba2-130m at batch 32
-/// (0.16 GFLOP) 7.5 ms against 4.8; a training step's projections are 10-1,000 GFLOP.
-/// `MAMBA_CUBLAS_MIN_FLOP` overrides it (`0`: every product). Read once.
+/// The smallest product (`2 m n k` floating-point operations) sent to cuBLAS in a decode step
+/// ([`crate::linear::decode_products`]); smaller ones run on cubecl's matmul. Each cuBLAS product
+/// waits, on the host, for cubecl's server thread to launch everything queued before it (that is
+/// how it is ordered after them, see [`gemm`]); for a decode step's small products that wait
+/// costs more than cuBLAS saves. On an H100 (BENCHMARKS.md, 12-06) the Codestral-7B shape
+/// decoded at batch 1 (0.15 GFLOP products) in 19.2 ms a token this way against 29.4 ms with
+/// every product on cuBLAS, and mamba2-130m at batch 32 in 5.7 against 7.5 ms. Outside decode
+/// steps every product goes to cuBLAS: with training's small products (LoRA's rank-8 ones) on
+/// cubecl, its autotuning kept the first step of the LoRA job from finishing within 150 s.
+const DECODE_MIN_FLOP: f64 = 1e9;
+
+thread_local! {
+    /// Whether this thread is inside [`crate::linear::decode_products`].
+    static DECODE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with this thread's products sized as a decode step's (see [`DECODE_MIN_FLOP`]).
+pub fn in_decode<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DECODE.with(|d| d.set(self.0));
+        }
+    }
+    let _restore = Restore(DECODE.with(|d| d.replace(true)));
+    f()
+}
+
+/// The smallest product this thread sends to cuBLAS now: `MAMBA_CUBLAS_MIN_FLOP` when set
+/// (read once; `0` sends every product, decode steps included), else [`DECODE_MIN_FLOP`] inside
+/// decode steps and 0 outside.
 pub fn cublas_min_flop() -> f64 {
-    static MIN: OnceLock<f64> = OnceLock::new();
-    *MIN.get_or_init(|| {
-        const DEFAULT: f64 = 1e9;
-        match std::env::var("MAMBA_CUBLAS_MIN_FLOP").as_deref().map(str::trim) {
-            Err(_) | Ok("") => DEFAULT,
+    static ENV: OnceLock<Option<f64>> = OnceLock::new();
+    let env = *ENV.get_or_init(|| {
+        match std::env::var("MAMBA_CUBLAS_MIN_FLOP")
+            .as_deref()
+            .map(str::trim)
+        {
+            Err(_) | Ok("") => None,
             Ok(v) => match v.parse::<f64>() {
-                Ok(x) if x >= 0.0 => x,
+                Ok(x) if x >= 0.0 => Some(x),
                 _ => {
-                    eprintln!(
-                        "warning: MAMBA_CUBLAS_MIN_FLOP=`{v}` is not a number ≥ 0; using {DEFAULT:e}"
-                    );
-                    DEFAULT
+                    eprintln!("warning: MAMBA_CUBLAS_MIN_FLOP=`{v}` is not a number ≥ 0; ignored");
+                    None
                 }
             },
+        }
+    });
+    env.unwrap_or_else(|| {
+        if DECODE.with(Cell::get) {
+            DECODE_MIN_FLOP
+        } else {
+            0.0
         }
     })
 }
@@ -538,6 +568,31 @@ fn gemm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_steps_keep_small_products_off_cublas() {
+        // The environment's override would replace both thresholds; CI does not set it.
+        assert!(
+            std::env::var_os("MAMBA_CUBLAS_MIN_FLOP").is_none(),
+            "unset MAMBA_CUBLAS_MIN_FLOP to run this test"
+        );
+        assert_eq!(
+            cublas_min_flop(),
+            0.0,
+            "outside a decode step every product"
+        );
+        let (outer, nested) = crate::linear::decode_products(|| {
+            let nested = crate::linear::decode_products(cublas_min_flop);
+            (cublas_min_flop(), nested)
+        });
+        assert_eq!((outer, nested), (DECODE_MIN_FLOP, DECODE_MIN_FLOP));
+        assert_eq!(cublas_min_flop(), 0.0, "restored after the step");
+        let unwound = std::panic::catch_unwind(|| {
+            crate::linear::decode_products(|| panic!("a failing decode step"))
+        });
+        assert!(unwound.is_err());
+        assert_eq!(cublas_min_flop(), 0.0, "restored after a panic");
+    }
 
     #[test]
     fn layouts_cublas_can_read() {

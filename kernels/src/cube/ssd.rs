@@ -23,7 +23,8 @@
 
 use super::tile::{
     contract, fetch_slab, mma_slab, out_smem, put_slab, slab_k, slab_smem, slab_v, store_slab,
-    tc_add_into, tc_mma_slab, tc_zero, tensor_cores, tile_col, tile_row, zero_acc, KT, THREADS, TILE, V4,
+    tc_add_into, tc_mma_slab, tc_zero, tensor_cores, tile_col, tile_row, zero_acc, KT, THREADS,
+    TILE, V4,
 };
 use super::{elemwise, prim, spread, wrap};
 use burn::tensor::backend::Backend;
@@ -233,7 +234,12 @@ fn ssd_state_tile_kernel<F: Float>(
             let k0 = s * KT;
             let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
             let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
-            put_slab(&mut a_s, av * V4::new(rs_s[k0 + slab_k(false)]), false, true);
+            put_slab(
+                &mut a_s,
+                av * V4::new(rs_s[k0 + slab_k(false)]),
+                false,
+                true,
+            );
             put_slab(&mut b_s, bv, false, true);
             sync_cube();
             tc_mma_slab(&a_s, &b_s, &frags);

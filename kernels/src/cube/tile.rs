@@ -341,7 +341,10 @@ pub fn tc_add_into(acc: &TcAcc, o_s: &mut SharedMemory<V4>, regs: &mut Array<f32
 pub fn tensor_cores<R: burn_cubecl::CubeRuntime>(client: &ComputeClient<R>) -> bool {
     static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let allowed = *ENV.get_or_init(|| {
-        let on = match std::env::var("MAMBA_SSD_TENSOR_CORES").as_deref().map(str::trim) {
+        let on = match std::env::var("MAMBA_SSD_TENSOR_CORES")
+            .as_deref()
+            .map(str::trim)
+        {
             Err(_) | Ok("") | Ok("0") | Ok("off") => false,
             Ok("1") | Ok("on") => true,
             Ok(other) => {
