@@ -194,26 +194,27 @@ pub fn train_on<B: MambaBackend>(
     run::<Autodiff<B>>(cfg, &devices, &names, resume)
 }
 
-fn run<A>(cfg: &RunConfig, devices: &[A::Device], names: &[String], resume: bool) -> Result<Summary>
-where
-    A: AutodiffBackend + MambaBackend + BackwardWith,
-    A::InnerBackend: MambaBackend,
-{
-    let device = devices[0].clone();
-    let topology = Topology::of(cfg, devices.len())?;
-    let world = topology.world;
-    // Node 0 of several processes (or the only one) owns the output directory.
-    let io = topology.writes();
-    let t = &cfg.train;
-    ensure!(
-        t.batch_size.is_multiple_of(world),
-        "`train.batch_size` = {} does not split evenly over {world} devices: use a multiple of {world} (it is the global batch; each device takes batch_size / {world} rows)",
-        t.batch_size
-    );
-    let device_batch = t.batch_size / world;
-    let out = cfg.output.dir.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let existing = list_checkpoints(&out);
+/// The model, data and sizes a run starts from, before any checkpoint is resumed.
+struct Setup<A: AutodiffBackend + MambaBackend> {
+    model: MambaLM<A>,
+    lora: Option<LoraConfig>,
+    data: Prepared,
+    precision: mamba_model::Precision,
+    /// Rows of each batch one device takes.
+    device_batch: usize,
+    total_params: usize,
+    trainable_params: usize,
+    est: crate::memory::Estimate,
+    /// The device's memory, where the backend reports it.
+    device_total: Option<u64>,
+}
+
+/// The output directory made and checked (no checkpoints unless resuming), the run's config
+/// written into it by the node that owns it; returns the checkpoints already there.
+fn prepare_output(cfg: &RunConfig, io: bool, resume: bool) -> Result<Vec<(u64, PathBuf)>> {
+    let out = &cfg.output.dir;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let existing = list_checkpoints(out);
     if !resume && !existing.is_empty() {
         bail!(
             "{} already holds checkpoints (last: step {}); pass --resume to continue that run, or choose another output.dir",
@@ -227,8 +228,30 @@ where
             toml::to_string_pretty(cfg)?.as_bytes(),
         )?;
     }
+    Ok(existing)
+}
 
-    let (model, model_dir) = base_model::<A>(cfg, &device)?;
+/// Loads the model and the data, applies the adapters and the precision, and estimates the
+/// memory a step takes, saying each on stderr as a user follows a run.
+fn setup<A>(
+    cfg: &RunConfig,
+    topology: &Topology,
+    names: &[String],
+    device: &A::Device,
+) -> Result<Setup<A>>
+where
+    A: AutodiffBackend + MambaBackend,
+{
+    let t = &cfg.train;
+    let world = topology.world;
+    ensure!(
+        t.batch_size.is_multiple_of(world),
+        "`train.batch_size` = {} does not split evenly over {world} devices: use a multiple of {world} (it is the global batch; each device takes batch_size / {world} rows)",
+        t.batch_size
+    );
+    let device_batch = t.batch_size / world;
+
+    let (model, model_dir) = base_model::<A>(cfg, device)?;
     let data: Prepared = prepare(
         &cfg.data,
         &cfg.tokenizer,
@@ -247,15 +270,15 @@ where
 
     let lora = cfg.lora.enabled.then(|| lora_config(cfg));
     let model = match &lora {
-        Some(l) => with_lora(model, l, cfg, &device)?,
+        Some(l) => with_lora(model, l, cfg, device)?,
         None => model,
     };
-    let (total, trainable) = count_params(&model);
-    eprintln!("params: {total} total, {trainable} trainable");
+    let (total_params, trainable_params) = count_params(&model);
+    eprintln!("params: {total_params} total, {trainable_params} trainable");
 
     let precision = t.precision();
-    let model = model.with_precision(precision, &device);
-    A::memory_cleanup(&device);
+    let model = model.with_precision(precision, device);
+    A::memory_cleanup(device);
     if precision.is_bf16() {
         eprintln!(
             "precision: {precision}: compute in {}; trainable weights and AdamW state {}",
@@ -267,7 +290,6 @@ where
             }
         );
     }
-    let mut model = model;
     let backprop = backprop_options(cfg);
     let est = estimate(
         &model,
@@ -276,7 +298,7 @@ where
         backprop.checkpoint_every,
         backprop.loss_chunk,
     );
-    let device_total = A::memory_stats(&device).and_then(|m| m.total);
+    let device_total = A::memory_stats(device).and_then(|m| m.total);
     if world > 1 {
         let nodes = match &topology.nodes {
             Some(n) => format!(
@@ -307,6 +329,175 @@ where
             );
         }
     }
+    Ok(Setup {
+        model,
+        lora,
+        data,
+        precision,
+        device_batch,
+        total_params,
+        trainable_params,
+        est,
+        device_total,
+    })
+}
+
+/// Where a resumed run picks up: the step reached and the validation loss before training.
+struct Resumed {
+    start: u64,
+    initial_val_loss: Option<f64>,
+}
+
+/// Model and optimizer state from the last checkpoint in `existing` (none: from scratch, said
+/// on stderr), stored as `precision` says, adapters-only training kept frozen on the base.
+#[allow(clippy::too_many_arguments)]
+fn resume_from<A, O>(
+    existing: &[(u64, PathBuf)],
+    out: &Path,
+    model: MambaLM<A>,
+    optim: O,
+    recorder: &Rec,
+    lora: bool,
+    precision: mamba_model::Precision,
+    world: usize,
+    device: &A::Device,
+) -> Result<(MambaLM<A>, O, Resumed)>
+where
+    A: AutodiffBackend + MambaBackend,
+    O: burn::optim::Optimizer<MambaLM<A>, A>,
+{
+    let Some((step, dir)) = existing.last() else {
+        eprintln!(
+            "--resume: no checkpoint in {}, starting from scratch",
+            checkpoint::checkpoints_dir(out).display()
+        );
+        let fresh = Resumed {
+            start: 0,
+            initial_val_loss: None,
+        };
+        return Ok((model, optim, fresh));
+    };
+    let (m, optim, state) = checkpoint::load(dir, model, optim, recorder, device)?;
+    let model = if lora {
+        mamba_model::lora::freeze_base(m)
+    } else {
+        m
+    };
+    // The checkpoint's tensors come back in f32: store them as the precision says.
+    let model = model.with_precision(precision, device);
+    let wrote = state.devices.unwrap_or(1);
+    if wrote != world {
+        eprintln!(
+            "resume: the checkpoint was written on {wrote} device(s), this run has {world}: the same global batches, split over {world}"
+        );
+    }
+    eprintln!("resumed from {} (step {step})", dir.display());
+    let resumed = Resumed {
+        start: state.step,
+        initial_val_loss: state.initial_val_loss,
+    };
+    Ok((model, optim, resumed))
+}
+
+/// The error a failed step ends the run with: what happened, at which step, on which device,
+/// and the last checkpoint (left intact). `oom` builds the out-of-memory message.
+fn step_failure(
+    err: StepError,
+    on: &str,
+    step: u64,
+    last_checkpoint: &str,
+    oom: impl FnOnce(&str) -> String,
+) -> anyhow::Error {
+    match err {
+        StepError::OutOfMemory(msg) => anyhow::anyhow!("{}", oom(&msg)),
+        StepError::NonFinite(value) => anyhow::anyhow!(
+            "the loss is {value} at step {step}: stopping (last checkpoint: {last_checkpoint}, left intact). Lower train.lr or check the data."
+        ),
+        StepError::PeerFailed => anyhow::anyhow!(
+            "step {step}: a data-parallel rank failed without saying why (rank 0 on {on} was told so); last checkpoint: {last_checkpoint}"
+        ),
+        StepError::Other(e) => e.context(format!("step {step} on {on}")),
+    }
+}
+
+/// The training losses since the last log line.
+#[derive(Default)]
+struct LossWindow {
+    sum: f64,
+    n: usize,
+}
+
+impl LossWindow {
+    fn add(&mut self, loss: f64) {
+        self.sum += loss;
+        self.n += 1;
+    }
+
+    /// The window's mean loss; empties it.
+    fn take(&mut self) -> f64 {
+        let mean = self.sum / self.n.max(1) as f64;
+        *self = Self::default();
+        mean
+    }
+}
+
+/// One log line: its record in metrics.jsonl and the line on stderr.
+#[allow(clippy::too_many_arguments)]
+fn log_step(
+    metrics: &mut Metrics,
+    progress: &Progress,
+    speed: &Throughput,
+    done: u64,
+    steps: u64,
+    mean: f64,
+    lr: f64,
+    grad_norm: f64,
+) -> Result<()> {
+    let tps = speed.windowed();
+    let eta = speed.step_seconds() * (steps - done) as f64;
+    let (in_use, reserved) = peaks();
+    let mem = (reserved > 0)
+        .then(|| json!({"peak_in_use_bytes": in_use, "peak_reserved_bytes": reserved}));
+    let mut rec = json!({"step": done, "loss": mean, "perplexity": mean.exp(), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "tokens_per_s_cumulative": speed.cumulative(), "step_s": speed.step_seconds(), "elapsed_s": speed.elapsed()});
+    if let (Some(m), Some(obj)) = (mem, rec.as_object_mut()) {
+        obj.extend(m.as_object().cloned().unwrap_or_default());
+    }
+    metrics.write(rec)?;
+    let mem_text = if reserved > 0 {
+        format!(" mem {:.2}/{:.2} GiB", gib(in_use), gib(reserved))
+    } else {
+        String::new()
+    };
+    progress.line(&format!(
+        "step {done}/{steps}: loss {mean:.4} lr {lr:.2e} |g| {grad_norm:.3} {tps:.0} tok/s{mem_text} ETA {eta:.0}s"
+    ));
+    Ok(())
+}
+
+fn run<A>(cfg: &RunConfig, devices: &[A::Device], names: &[String], resume: bool) -> Result<Summary>
+where
+    A: AutodiffBackend + MambaBackend + BackwardWith,
+    A::InnerBackend: MambaBackend,
+{
+    let device = devices[0].clone();
+    let topology = Topology::of(cfg, devices.len())?;
+    let world = topology.world;
+    // Node 0 of several processes (or the only one) owns the output directory.
+    let io = topology.writes();
+    let t = &cfg.train;
+    let out = cfg.output.dir.clone();
+    let existing = prepare_output(cfg, io, resume)?;
+    let Setup {
+        mut model,
+        lora,
+        data,
+        precision,
+        device_batch,
+        total_params,
+        trainable_params,
+        est,
+        device_total,
+    } = setup::<A>(cfg, &topology, names, &device)?;
 
     let mut optim = AdamWConfig::new()
         .with_beta_1(t.beta1 as f32)
@@ -318,31 +509,20 @@ where
     let mut start = 0u64;
     let mut initial_val_loss = None;
     if resume {
-        if let Some((step, dir)) = existing.last() {
-            let (m, o, state) = checkpoint::load(dir, model, optim, &recorder, &device)?;
-            model = if lora.is_some() {
-                mamba_model::lora::freeze_base(m)
-            } else {
-                m
-            };
-            // The checkpoint's tensors come back in f32: store them as the precision says.
-            model = model.with_precision(precision, &device);
-            optim = o;
-            start = state.step;
-            let wrote = state.devices.unwrap_or(1);
-            if wrote != world {
-                eprintln!(
-                    "resume: the checkpoint was written on {wrote} device(s), this run has {world}: the same global batches, split over {world}"
-                );
-            }
-            initial_val_loss = state.initial_val_loss;
-            eprintln!("resumed from {} (step {step})", dir.display());
-        } else {
-            eprintln!(
-                "--resume: no checkpoint in {}, starting from scratch",
-                checkpoint::checkpoints_dir(&out).display()
-            );
-        }
+        let (m, o, resumed) = resume_from(
+            &existing,
+            &out,
+            model,
+            optim,
+            &recorder,
+            lora.is_some(),
+            precision,
+            world,
+            &device,
+        )?;
+        (model, optim) = (m, o);
+        start = resumed.start;
+        initial_val_loss = resumed.initial_val_loss;
     }
     let mut metrics = if io {
         Metrics::open(&out, start)?
@@ -354,7 +534,7 @@ where
         grad_accum: t.grad_accum,
         max_grad_norm: t.max_grad_norm,
         weight_decay: t.weight_decay,
-        backprop,
+        backprop: backprop_options(cfg),
     };
     // Ranks 1.. start from rank 0's model and optimizer state, resumed or not.
     let replicas = if world > 1 {
@@ -416,8 +596,7 @@ where
             A::matmul_provider()
         ));
     }
-    let mut window_loss = 0.0;
-    let mut window_n = 0usize;
+    let mut window = LossWindow::default();
     let mut last_val = None;
     let last_checkpoint = |out: &Path| {
         list_checkpoints(out)
@@ -434,57 +613,44 @@ where
             replicas: replicas.as_ref(),
             name: &names[0],
         };
-        let (m, report) = match ranks.step(
-            model,
-            &mut optim,
-            batches,
-            step,
-            lr,
-            &settings,
-            &skip_decay,
-            &device,
-        ) {
-            Ok(r) => r,
-            Err((StepError::OutOfMemory(msg), on)) => bail!(
-                "{}",
-                OutOfMemory {
-                    step: step + 1,
-                    batch: device_batch,
-                    seq: cfg.data.seq_len,
-                    runtime_message: &if world > 1 {
-                        format!("{on}: {msg}")
-                    } else {
-                        msg
-                    },
-                    total: device_total,
-                    estimate: &est,
-                    checkpointing: t.gradient_checkpointing,
-                    last_checkpoint: &last_checkpoint(&out),
-                }
-                .message()
-            ),
-            Err((StepError::NonFinite(value), _)) => bail!(
-                "the loss is {value} at step {}: stopping (last checkpoint: {}, left intact). Lower train.lr or check the data.",
-                step + 1,
-                last_checkpoint(&out)
-            ),
-            Err((StepError::PeerFailed, on)) => bail!(
-                "step {}: a data-parallel rank failed without saying why (rank 0 on {on} was told so); last checkpoint: {}",
-                step + 1,
-                last_checkpoint(&out)
-            ),
-            Err((StepError::Other(e), on)) => {
-                return Err(e.context(format!("step {} on {on}", step + 1)))
-            }
-        };
-        model = m;
         let done = step + 1;
+        let (m, report) = ranks
+            .step(
+                model,
+                &mut optim,
+                batches,
+                step,
+                lr,
+                &settings,
+                &skip_decay,
+                &device,
+            )
+            .map_err(|(err, on)| {
+                let last = last_checkpoint(&out);
+                step_failure(err, &on, done, &last, |msg| {
+                    OutOfMemory {
+                        step: done,
+                        batch: device_batch,
+                        seq: cfg.data.seq_len,
+                        runtime_message: &if world > 1 {
+                            format!("{on}: {msg}")
+                        } else {
+                            msg.to_string()
+                        },
+                        total: device_total,
+                        estimate: &est,
+                        checkpointing: t.gradient_checkpointing,
+                        last_checkpoint: &last,
+                    }
+                    .message()
+                })
+            })?;
+        model = m;
         let step_s = speed.step(report.tokens);
         if step == start {
             progress.line(&format!("step {done}: first step took {step_s:.1} s (on a GPU this includes compiling and autotuning the kernels)"));
         }
-        window_loss += report.loss;
-        window_n += 1;
+        window.add(report.loss);
         progress.step(
             done,
             format!(
@@ -496,28 +662,17 @@ where
         );
 
         if done % t.log_every.max(1) == 0 || done == t.steps {
-            let tps = speed.windowed();
-            let eta = speed.step_seconds() * (t.steps - done) as f64;
-            let mean = window_loss / window_n as f64;
-            let (in_use, reserved) = peaks();
-            let mem = (reserved > 0)
-                .then(|| json!({"peak_in_use_bytes": in_use, "peak_reserved_bytes": reserved}));
-            let mut rec = json!({"step": done, "loss": mean, "perplexity": mean.exp(), "lr": lr, "grad_norm": report.grad_norm, "tokens_per_s": tps, "tokens_per_s_cumulative": speed.cumulative(), "step_s": speed.step_seconds(), "elapsed_s": speed.elapsed()});
-            if let (Some(m), Some(obj)) = (mem, rec.as_object_mut()) {
-                obj.extend(m.as_object().cloned().unwrap_or_default());
-            }
-            metrics.write(rec)?;
-            let mem_text = if reserved > 0 {
-                format!(" mem {:.2}/{:.2} GiB", gib(in_use), gib(reserved))
-            } else {
-                String::new()
-            };
-            progress.line(&format!(
-                "step {done}/{}: loss {mean:.4} lr {lr:.2e} |g| {:.3} {tps:.0} tok/s{mem_text} ETA {eta:.0}s",
-                t.steps, report.grad_norm
-            ));
-            window_loss = 0.0;
-            window_n = 0;
+            let mean = window.take();
+            log_step(
+                &mut metrics,
+                &progress,
+                &speed,
+                done,
+                t.steps,
+                mean,
+                lr,
+                report.grad_norm,
+            )?;
         }
         let eval_now = (t.eval_every > 0 && done % t.eval_every == 0) || done == t.steps;
         if io && eval_now && !data.validation.is_empty() {
@@ -560,8 +715,8 @@ where
         initial_val_loss,
         final_val_loss: last_val,
         final_val_perplexity: last_val.map(f64::exp),
-        trainable_params: trainable,
-        total_params: total,
+        trainable_params,
+        total_params,
         tokens_per_s: speed.windowed(),
         tokens_per_s_cumulative: speed.cumulative(),
         peak_in_use_bytes: (reserved > 0).then_some(in_use),
