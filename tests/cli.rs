@@ -507,8 +507,18 @@ fn bench_kernels_small_on_wgpu() {
     let out = run_limited(
         BENCH,
         &[
-            "kernels", "--device", "wgpu", "--shapes", "small", "--json", "--iters", "2",
-            "--warmup", "1",
+            "kernels",
+            "--device",
+            "wgpu",
+            "--shapes",
+            "small",
+            "--json",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--max-err",
+            "1e-4",
         ],
         BENCH_LIMIT,
     );
@@ -552,6 +562,44 @@ fn bench_kernels_small_on_wgpu() {
                 &format!("{what} fwd_bwd_copy_fraction"),
             );
         }
+    }
+}
+
+/// `--max-err` fails the run when a kernel is further than that from the reference, after the
+/// report: the SSD kernels on wgpu agree with the reference to ~1e-7, not to 1e-12.
+#[test]
+fn bench_kernels_max_err_fails_past_the_tolerance() {
+    let out = run_limited(
+        BENCH,
+        &[
+            "kernels",
+            "--device",
+            "wgpu",
+            "--shapes",
+            "small",
+            "--only",
+            "ssd",
+            "--json",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--max-err",
+            "1e-12",
+        ],
+        BENCH_LIMIT,
+    );
+    assert!(!out.status.success(), "a 1e-12 tolerance passed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--max-err 1e-12 exceeded") && err.contains("ssd "),
+        "stderr: {err}"
+    );
+    // The report was printed before the failure, with the errors that failed it.
+    let v: Value = serde_json::from_slice(&out.stdout).expect("the report on stdout");
+    for r in v["results"].as_array().unwrap() {
+        let e = r["max_rel_err"].as_f64().unwrap();
+        assert!(e > 1e-12 && e <= REL_TOL, "ssd error {e:e}");
     }
 }
 

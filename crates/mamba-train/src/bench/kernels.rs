@@ -853,6 +853,44 @@ fn ratio(r: Option<f64>, k: Option<f64>) -> String {
     }
 }
 
+/// The results whose kernels are further than `max` from the truth: their worst error against
+/// f64 where the run computed it, else `max_rel_err` against the reference ops; a result
+/// without kernels (CPU) has nothing to check. One line each, naming the op, the shape, the
+/// error and the tensor.
+pub fn over_tolerance(report: &Report, max: f64) -> Vec<String> {
+    let mut over = Vec::new();
+    for r in report.results.iter().filter(|r| r.kernels.is_some()) {
+        let vs_f64 = r
+            .vs_f64
+            .as_ref()
+            .and_then(|v| v.get("kernels"))
+            .and_then(Value::as_object)
+            .and_then(|m| {
+                m.iter()
+                    .map(|(n, e)| (n.clone(), e.as_f64().unwrap_or(f64::INFINITY)))
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+            });
+        let (against, worst) = match vs_f64 {
+            Some(w) => ("f64", Some(w)),
+            None => (
+                "the reference",
+                r.max_rel_err
+                    .as_ref()
+                    .map(|e| (r.worst_tensor.clone().unwrap_or_default(), e.0)),
+            ),
+        };
+        match worst {
+            Some((_, err)) if err <= max => {}
+            Some((tensor, err)) => over.push(format!(
+                "{} {}: {err:.2e} against {against} ({tensor})",
+                r.op, r.label
+            )),
+            None => over.push(format!("{} {}: no error was computed", r.op, r.label)),
+        }
+    }
+    over
+}
+
 /// One result as a table row (also the progress line).
 fn line(r: &OpResult) -> String {
     let t = |t: &Option<Timing>| {

@@ -7,7 +7,7 @@
 //! (`mamba_train::bench::kernels`) and of a whole model's loss and gradients
 //! (`mamba_train::bench::model`).
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use clap::{Parser, Subcommand};
 use mamba_model::MambaBackend;
 use mamba_train::bench::{gemm, generate, kernels, model, train};
@@ -49,6 +49,11 @@ enum Command {
         /// Also compute the SSD scan in f64 on the CPU and report both sides' errors against it.
         #[arg(long)]
         truth_f64: bool,
+        /// Fail (exit status 1, after the report) when the kernels' largest relative error on
+        /// any output or gradient exceeds this: against f64 with `--truth-f64`, else against
+        /// the reference ops. The device check of a kernel path CI cannot run.
+        #[arg(long)]
+        max_err: Option<f64>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -164,8 +169,15 @@ fn main() -> Result<()> {
             only,
             seed,
             truth_f64,
+            max_err,
             json,
         } => {
+            if let Some(m) = max_err {
+                ensure!(
+                    m.is_finite() && m >= 0.0,
+                    "--max-err {m}: expected a finite number ≥ 0"
+                );
+            }
             let opts = kernels::Options {
                 shapes,
                 warmup,
@@ -180,6 +192,14 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 print!("{}", kernels::table(&report));
+            }
+            if let Some(max) = max_err {
+                let over = kernels::over_tolerance(&report, max);
+                ensure!(
+                    over.is_empty(),
+                    "--max-err {max:e} exceeded: {}",
+                    over.join("; ")
+                );
             }
         }
         Command::Model {
