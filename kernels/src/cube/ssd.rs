@@ -22,9 +22,9 @@
 #![allow(clippy::manual_div_ceil)]
 
 use super::tile::{
-    contract, fetch_slab, mma_slab, out_smem, put_slab, slab_k, slab_smem, slab_v, store_slab,
-    tc_add_into, tc_mma_slab, tc_zero, tensor_cores, tile_col, tile_row, zero_acc, KT, THREADS,
-    TILE, V4,
+    contract, fetch_slab, mma_slab, out_smem, slab_k, slab_smem, slab_v, store_slab,
+    store_slab_tf32, tc_add_into, tc_mma_slab, tc_zero, tensor_cores, tile_col, tile_row, zero_acc,
+    KT, THREADS, TILE, V4,
 };
 use super::{elemwise, prim, spread, wrap};
 use burn::tensor::backend::Backend;
@@ -234,13 +234,8 @@ fn ssd_state_tile_kernel<F: Float>(
             let k0 = s * KT;
             let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
             let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
-            put_slab(
-                &mut a_s,
-                av * V4::new(rs_s[k0 + slab_k(false)]),
-                false,
-                true,
-            );
-            put_slab(&mut b_s, bv, false, true);
+            store_slab_tf32(&mut a_s, av * V4::new(rs_s[k0 + slab_k(false)]), false);
+            store_slab_tf32(&mut b_s, bv, false);
             sync_cube();
             tc_mma_slab(&a_s, &b_s, &frags);
             sync_cube();
@@ -532,8 +527,8 @@ fn ssd_scan_tile_kernel<F: Float>(
             let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
             let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
             let mv = mix_scale(av, &cs_s, &dt_s, k0, transposed);
-            put_slab(&mut a_s, mv, comptime!(!transposed), true);
-            put_slab(&mut b_s, bv, false, true);
+            store_slab_tf32(&mut a_s, mv, comptime!(!transposed));
+            store_slab_tf32(&mut b_s, bv, false);
             sync_cube();
             tc_mma_slab(&a_s, &b_s, &frags);
             sync_cube();

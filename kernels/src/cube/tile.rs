@@ -110,20 +110,15 @@ pub fn store_slab(smem: &mut SharedMemory<V4>, vec: V4, #[comptime] k_contig: bo
     smem[slab_k(k_contig) * PITCH4 + slab_v(k_contig)] = vec;
 }
 
-/// [`store_slab`] for either multiply: with `tc` the lanes are first rounded to TF32 (round to
-/// nearest, as cuBLAS and Triton do; the tensor cores would otherwise drop the low 13 bits).
+/// [`store_slab`] for the tensor cores: the lanes rounded to TF32 first (round to nearest, as
+/// cuBLAS and Triton do; the tensor cores would otherwise drop the low 13 bits).
 #[cube]
-pub fn put_slab(
-    smem: &mut SharedMemory<V4>,
-    vec: V4,
-    #[comptime] k_contig: bool,
-    #[comptime] tc: bool,
-) {
-    let mut v = vec;
-    if tc {
-        v = V4::cast_from(Vector::<tf32, Const<4>>::cast_from(vec));
-    }
-    store_slab(smem, v, k_contig);
+pub fn store_slab_tf32(smem: &mut SharedMemory<V4>, vec: V4, #[comptime] k_contig: bool) {
+    store_slab(
+        smem,
+        V4::cast_from(Vector::<tf32, Const<4>>::cast_from(vec)),
+        k_contig,
+    );
 }
 
 /// `acc[a][b] += Σ_k a_s[k][row a] · b_s[k][col b]` over one slab.
@@ -187,8 +182,8 @@ pub fn contract<FA: Float, FB: Float>(
             let k0 = s * KT;
             let av = fetch_slab::<FA>(a, abase, ask, asr, k0, klim, arlim, a_kc);
             let bv = fetch_slab::<FB>(b, bbase, bsk, bsr, k0, klim, brlim, b_kc);
-            put_slab(a_s, av, a_kc, true);
-            put_slab(b_s, bv, b_kc, true);
+            store_slab_tf32(a_s, av, a_kc);
+            store_slab_tf32(b_s, bv, b_kc);
             sync_cube();
             tc_mma_slab(a_s, b_s, &frags);
             sync_cube();
@@ -256,8 +251,8 @@ pub fn tc_zero() -> TcAcc {
     }
 }
 
-/// `acc += A · B` over one slab on the tensor cores (the slabs staged by [`put_slab`] with
-/// `tc`, so already TF32 values).
+/// `acc += A · B` over one slab on the tensor cores (the slabs staged by [`store_slab_tf32`],
+/// so already TF32 values).
 #[cube]
 pub fn tc_mma_slab(a_s: &SharedMemory<V4>, b_s: &SharedMemory<V4>, acc: &TcAcc) {
     let w = UNIT_POS as usize / 32;
