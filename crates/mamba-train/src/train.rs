@@ -244,11 +244,7 @@ where
 {
     let t = &cfg.train;
     let world = topology.world;
-    ensure!(
-        t.batch_size.is_multiple_of(world),
-        "`train.batch_size` = {} does not split evenly over {world} devices: use a multiple of {world} (it is the global batch; each device takes batch_size / {world} rows)",
-        t.batch_size
-    );
+    // `run` checked that the batch splits evenly.
     let device_batch = t.batch_size / world;
 
     let (model, model_dir) = base_model::<A>(cfg, device)?;
@@ -485,6 +481,12 @@ where
     // Node 0 of several processes (or the only one) owns the output directory.
     let io = topology.writes();
     let t = &cfg.train;
+    // Bad input is refused before anything is written.
+    ensure!(
+        t.batch_size.is_multiple_of(world),
+        "`train.batch_size` = {} does not split evenly over {world} devices: use a multiple of {world} (it is the global batch; each device takes batch_size / {world} rows)",
+        t.batch_size
+    );
     let out = cfg.output.dir.clone();
     let existing = prepare_output(cfg, io, resume)?;
     let Setup {
