@@ -544,9 +544,10 @@ fn mamba2_step_matches_reference() {
 }
 
 /// The decode projection kernel (norm folded in before, residual and bias after) against the
-/// reference composition on the CPU: one row and the most rows it takes, `k` below, at and
-/// across a slab of 256, several norm groups, no norm, no bias, no residual, and `x` read through
-/// a strided view.
+/// reference composition on the CPU: one row and the most rows it takes, `k` not a multiple of
+/// any vector (scalar loads), of 2 and of 4, `k` over one staged slab (several slabs), enough
+/// columns for four a thread group (with a ragged last cube), several norm groups, no norm, no
+/// bias, no residual, and `x` read through a strided view.
 #[test]
 fn decode_linear_matches_reference() {
     let gpu = Default::default();
@@ -560,6 +561,10 @@ fn decode_linear_matches_reference() {
         (2, 1000, 40, 4, false, true),
         (1, 1000, 33, 4, true, true),
         (1, 37, 5, 0, true, false),
+        (1, 3000, 17, 2, true, true),
+        (4, 1024, 30, 1, false, true),
+        (32, 768, 50, 1, true, true),
+        (2, 256, 4100, 1, true, true),
     ];
     for (rows, k, n, groups, bias, residual) in cases {
         let x = random(&[rows, k + 5], 1.0);
