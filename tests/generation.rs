@@ -78,6 +78,63 @@ fn greedy_matches_transformers() {
     }
 }
 
+/// The same on the cube kernels (wgpu; lavapipe in CI), where greedy decoding is pipelined: step
+/// `n + 1` is queued on the device's tokens before step `n`'s are read back
+/// (`MambaBackend::read_while`). Every transformers case without a repetition penalty (those
+/// decode on the host), `min_new_tokens` included, and a left-padded batch whose rows finish at
+/// different steps (EOS).
+#[test]
+fn greedy_on_the_kernels_matches_transformers() {
+    type Gpu = burn::backend::Wgpu<f32, i32, u32>;
+    let device = Default::default();
+    for case in ["mamba2_g1_tied", "mamba2_g2_untied_bias_limit", "mamba1_tied"] {
+        let dir = fixtures().join(case);
+        let model: MambaLM<Gpu> = load_model_dir(&dir, NormMode::Hf, &device).unwrap();
+        let (cpu, gen) = load(case);
+        let prompt = u32s(&gen["prompt_ids"]);
+        let mut checked = 0;
+        for (name, c) in gen["cases"].as_object().unwrap() {
+            if c.get("repetition_penalty").is_some() {
+                continue;
+            }
+            let cfg = GenerationConfig {
+                max_new_tokens: c["max_new_tokens"].as_u64().unwrap() as usize,
+                min_new_tokens: c["min_new_tokens"].as_u64().unwrap() as usize,
+                eos_token_ids: u32s(&c["eos_token_id"]),
+                ..Default::default()
+            };
+            let got = model
+                .generate(std::slice::from_ref(&prompt), &cfg, &device, |_, _| {})
+                .unwrap();
+            assert_eq!(got[0].ids, u32s(&c["ids"]), "{case} {name} on wgpu");
+            checked += 1;
+        }
+        assert!(checked >= 2, "{case}: fixture cases");
+        // A batch whose rows end at different steps: the first row's own first new token is
+        // its EOS, the others go on; each row as on the CPU, with the same streamed tokens.
+        let b = &gen["batch"];
+        let prompts: Vec<Vec<u32>> = b["prompts"].as_array().unwrap().iter().map(u32s).collect();
+        let first = run(&cpu, &prompts[..1], &GenerationConfig::default())[0][prompts[0].len()];
+        let cfg = GenerationConfig {
+            max_new_tokens: 6,
+            eos_token_ids: vec![first],
+            pad_token_id: b["pad_token_id"].as_u64().unwrap() as u32,
+            ..Default::default()
+        };
+        let mut streamed = vec![Vec::new(); prompts.len()];
+        let got = model
+            .generate(&prompts, &cfg, &device, |row, id| streamed[row].push(id))
+            .unwrap();
+        let want = run(&cpu, &prompts, &cfg);
+        for (i, g) in got.iter().enumerate() {
+            assert_eq!(g.ids, want[i], "{case} batch row {i} on wgpu");
+            assert_eq!(streamed[i], g.new_ids(), "{case} batch row {i} streamed");
+        }
+        assert_eq!(got[0].new_tokens, 1, "{case}: the first row ends at its EOS");
+        assert!(got[1..].iter().any(|g| g.new_tokens > 1), "{case}: others go on");
+    }
+}
+
 /// Left-padded batches: each row is the row transformers returns for the same batch, and, where
 /// the model has no in_proj bias, what its prompt gives alone (with one, transformers lets the
 /// bias of the masked positions into the conv window, and so do we: the g2 fixture's second row

@@ -348,6 +348,19 @@ pub trait MambaBackend: Backend {
         None
     }
 
+    /// Reads `t` to the host while `meanwhile` runs: the copy is queued behind the work already
+    /// queued and ahead of whatever `meanwhile` queues, and is waited for after `meanwhile`
+    /// returns, so the device never waits for the host in between. A decode loop reads step
+    /// `n`'s tokens while it queues step `n + 1`. The default reads first (backends that do not
+    /// queue work).
+    fn read_while<T>(
+        t: Tensor<Self, 1, burn::tensor::Int>,
+        meanwhile: impl FnOnce() -> T,
+    ) -> (burn::tensor::TensorData, T) {
+        let data = t.into_data();
+        (data, meanwhile())
+    }
+
     /// Which implementation runs [`matmul_t`](MambaBackend::matmul_t) on this backend: `"burn"`
     /// (burn's matmul), `"cubecl"` (the cube backend's autotuned matmul), `"cublas"` (on CUDA)
     /// or `"cublas-host-sync"` (cuBLAS where CUPTI could not name cubecl's stream).
@@ -543,6 +556,13 @@ impl<B: MambaBackend, C: CheckpointStrategy> MambaBackend for Autodiff<B, C> {
         B::matmul_provider()
     }
 
+    fn read_while<T>(
+        t: Tensor<Self, 1, burn::tensor::Int>,
+        meanwhile: impl FnOnce() -> T,
+    ) -> (burn::tensor::TensorData, T) {
+        B::read_while(Tensor::from_primitive(t.into_primitive()), meanwhile)
+    }
+
     fn matmul_t(a: Tensor<Self, 2>, b: Tensor<Self, 2>, ta: bool, tb: bool) -> Tensor<Self, 2> {
         let x = if ta { a.transpose() } else { a };
         // Through the linear node (`x · wᵀ`) so that its backward is `B::matmul_t` too.
@@ -732,6 +752,13 @@ where
             reserved: usage.bytes_reserved,
             total,
         })
+    }
+
+    fn read_while<T>(
+        t: Tensor<Self, 1, burn::tensor::Int>,
+        meanwhile: impl FnOnce() -> T,
+    ) -> (burn::tensor::TensorData, T) {
+        cube::read_while::<Self, R, T>(t, meanwhile)
     }
 
     fn matmul_provider() -> &'static str {

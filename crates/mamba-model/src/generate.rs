@@ -8,8 +8,9 @@
 //! prompt alone would; a row that produces an EOS id stops growing while the others go on.
 //! Decoding is cached by default: one prefill over the prompts, then one O(1) recurrent step per
 //! token ([`MambaLM::step`]). Greedy decoding without a repetition penalty picks tokens on the
-//! device (one `[batch]` read back per step); the other modes read the step's logits back and
-//! process them on the host.
+//! device and feeds them straight to the next step, which is queued before the tokens are read
+//! back (one `[batch]` read a step, overlapping the next step); the other modes read the step's
+//! logits back and process them on the host.
 
 use burn::tensor::{Int, Tensor, TensorData};
 use mamba_kernels::MambaBackend;
@@ -226,7 +227,26 @@ impl<B: MambaBackend> MambaLM<B> {
                 .unzip()
         };
         for n in 0..cfg.max_new_tokens {
-            let next = picker.pick(logits, n, &rows);
+            let last = n + 1 == cfg.max_new_tokens;
+            // Greedy on the device with a cache: step n + 1 is queued on step n's tokens before
+            // they are read back, so the host queues the next step while the device runs this
+            // one. Every row is fed its own argmax, a finished row too (rows do not mix; its
+            // extra tokens are dropped below), and a step queued after the last row finished
+            // is dropped unread.
+            let (next, ahead) = match (picker.on_device(&logits, n), cache.take()) {
+                (Some(tok), Some(c)) if !last => {
+                    let (ids, ahead) = B::read_while(tok.clone(), || self.step(tok, c));
+                    (ids_of(ids), Some(ahead))
+                }
+                (tok, c) => {
+                    cache = c;
+                    let next = match tok {
+                        Some(tok) => ids_of(tok.into_data()),
+                        None => picker.pick_on_host(logits, n, &rows),
+                    };
+                    (next, None)
+                }
+            };
             let mut fed = Vec::with_capacity(batch);
             for (row, (r, &tok)) in rows.iter_mut().zip(&next).enumerate() {
                 if r.eos {
@@ -239,11 +259,15 @@ impl<B: MambaBackend> MambaLM<B> {
                 on_token(row, tok);
                 fed.push(tok);
             }
-            if n + 1 == cfg.max_new_tokens || rows.iter().all(|r| r.eos) {
+            if last || rows.iter().all(|r| r.eos) {
                 break;
             }
-            logits = match cache.take() {
-                Some(c) => {
+            logits = match (ahead, cache.take()) {
+                (Some((l, c)), _) => {
+                    cache = Some(c);
+                    l
+                }
+                (None, Some(c)) => {
                     let data: Vec<i64> = fed.iter().map(|&t| t as i64).collect();
                     let tok =
                         Tensor::<B, 1, Int>::from_data(TensorData::new(data, [batch]), device);
@@ -251,7 +275,7 @@ impl<B: MambaBackend> MambaLM<B> {
                     cache = Some(c);
                     l
                 }
-                None => {
+                (None, None) => {
                     for ((s, m), &t) in seq.iter_mut().zip(&mut mask_rows).zip(&fed) {
                         s.push(t);
                         m.push(1.0);
@@ -350,18 +374,24 @@ impl<'a, B: MambaBackend> Picker<'a, B> {
         }
     }
 
-    /// The next token of every row (finished rows' entries are ignored by the caller), `n` new
-    /// tokens existing so far.
-    fn pick(&mut self, logits: Tensor<B, 2>, n: usize, rows: &[Generated]) -> Vec<u32> {
-        let suppress = n < self.cfg.min_new_tokens;
-        if self.cfg.device_greedy() {
-            let logits = match (&self.eos_bias, suppress) {
-                (Some(bias), true) => logits + bias.clone(),
-                _ => logits,
-            };
-            let ids = logits.argmax(1).reshape([self.batch]).into_data();
-            return ids.iter::<i64>().map(|i| i as u32).collect();
+    /// The next token of every row chosen on the device, `[batch]`, where the mode allows it
+    /// (greedy, no repetition penalty), `n` new tokens existing so far.
+    fn on_device(&self, logits: &Tensor<B, 2>, n: usize) -> Option<Tensor<B, 1, Int>> {
+        if !self.cfg.device_greedy() {
+            return None;
         }
+        let logits = match (&self.eos_bias, n < self.cfg.min_new_tokens) {
+            (Some(bias), true) => logits.clone() + bias.clone(),
+            _ => logits.clone(),
+        };
+        Some(logits.argmax(1).reshape([self.batch]))
+    }
+
+    /// The next token of every row chosen on the host from the logits read back (sampling, a
+    /// repetition penalty; finished rows' entries are ignored by the caller), `n` new tokens
+    /// existing so far.
+    fn pick_on_host(&mut self, logits: Tensor<B, 2>, n: usize, rows: &[Generated]) -> Vec<u32> {
+        let suppress = n < self.cfg.min_new_tokens;
         let data = logits.into_data().convert::<f32>();
         let flat = data.as_slice::<f32>().expect("f32 logits");
         flat.chunks_exact(self.vocab)
@@ -377,6 +407,11 @@ impl<'a, B: MambaBackend> Picker<'a, B> {
             })
             .collect()
     }
+}
+
+/// Token ids read back from the device.
+fn ids_of(data: TensorData) -> Vec<u32> {
+    data.iter::<i64>().map(|i| i as u32).collect()
 }
 
 /// transformers' logits processors in its order, on one row's scores: repetition penalty,

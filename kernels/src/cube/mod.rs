@@ -48,3 +48,30 @@ pub(crate) fn spread(n: usize) -> (CubeCount, CubeDim) {
         CubeDim::new_1d(DIM as u32),
     )
 }
+
+/// [`crate::MambaBackend::read_while`] on a cube backend: the copy is handed to the runtime's
+/// queue first (behind the work already queued), `meanwhile` queues more, and only then does the
+/// host wait, for that copy alone.
+pub(crate) fn read_while<B, R, T>(
+    t: BTensor<B, 1, burn::tensor::Int>,
+    meanwhile: impl FnOnce() -> T,
+) -> (burn::tensor::TensorData, T)
+where
+    B: Backend<IntTensorPrimitive = burn_cubecl::tensor::CubeTensor<R>>,
+    R: CubeRuntime,
+{
+    let t = burn_cubecl::kernel::into_contiguous(t.into_primitive());
+    let shape = t.meta.shape().clone();
+    let dtype = t.dtype;
+    let desc = cubecl::server::CopyDescriptor::new(
+        t.handle.clone().binding(),
+        shape.clone(),
+        t.meta.strides().clone(),
+        t.elem_size(),
+    );
+    let read = t.client.read_one_tensor_async(desc);
+    let out = meanwhile();
+    let bytes = cubecl::future::block_on(read)
+        .unwrap_or_else(|e| panic!("reading {shape:?} {dtype:?} from the device: {e}"));
+    (burn::tensor::TensorData::from_bytes(bytes, shape, dtype), out)
+}
