@@ -106,14 +106,18 @@ fn add_norm<B: MambaBackend>(
     }
 }
 
-/// The largest decode batch [`MambaLM::step`] runs in three launches a layer. On the H200 the
-/// fused projections took mamba2-130m's step from 3.8 to 2.2 ms at batch 1 but from 4.7 to
-/// 12.4 ms at batch 32 (BENCHMARKS.md); batches between were not measured.
+/// The largest decode batch [`MambaLM::step`] runs in three launches a layer for a model whose
+/// in-projection has at most [`FUSED_DECODE_MAX_WEIGHTS`] elements. On the H200 the fused
+/// projections took mamba2-130m's step from 3.8 to 2.2 ms at batch 1 but from 4.7 to 12.4 ms at
+/// batch 32 (BENCHMARKS.md); with the vectorised kernel, on an H100, batch 32 still lost (8.6
+/// against 5.2 ms), batch 4 ran at 2.7 ms.
 pub const FUSED_DECODE_MAX_ROWS: usize = 4;
 
-/// The largest in-projection (elements) of a model whose decode step runs fused: mamba2-130m's
-/// is 2.6 M; at the Codestral-7B shape's 76 M, where a step is bound by reading the weights, the
-/// fused path took 27.6 ms a token at batch 1 against 17.2 ms with cubecl's matmuls.
+/// The largest in-projection (elements) of a model that runs fused at up to
+/// [`FUSED_DECODE_MAX_ROWS`] rows; larger models run fused at batch 1 only. mamba2-130m's is
+/// 2.6 M; at the Codestral-7B shape's 76 M, where a step is bound by reading the weights, the
+/// vectorised projection kernel took batch 1 from 20.7 ms a token (cubecl's matmuls) to 14.3 ms,
+/// and batch 4 was even (23.0 against 22.3 ms; H100, BENCHMARKS.md).
 pub const FUSED_DECODE_MAX_WEIGHTS: usize = 8 << 20;
 
 /// `MAMBA_FUSED_DECODE`: `auto` (the default: the rule of [`FUSED_DECODE_MAX_ROWS`] and
@@ -367,17 +371,17 @@ impl<B: MambaBackend> MambaLM<B> {
     }
 
     /// Whether [`Self::step`] takes the fused path ([`Self::step_fused`]): kernels active, every
-    /// layer Mamba2 with projections small enough that the step is bound by its launches (an
-    /// in-projection of at most [`FUSED_DECODE_MAX_WEIGHTS`] elements), a batch of at most
-    /// [`FUSED_DECODE_MAX_ROWS`], no adapter on the projections or the LM head (their LoRA paths
-    /// are not folded in), and compute not emulated. Where the weights or the batch are larger,
-    /// cubecl's matmuls beat the fused projection kernel (measured on the H200: BENCHMARKS.md).
+    /// layer Mamba2, a batch of one, or of at most [`FUSED_DECODE_MAX_ROWS`] for projections
+    /// small enough that the step is bound by its launches (an in-projection of at most
+    /// [`FUSED_DECODE_MAX_WEIGHTS`] elements), no adapter on the projections or the LM head
+    /// (their LoRA paths are not folded in), and compute not emulated. Where the batch is larger,
+    /// cubecl's matmuls beat the fused projection kernel (measured: BENCHMARKS.md).
     fn fused_decode(&self, batch: usize) -> bool {
         let plain = |l: &Linear<B>| l.lora.is_none();
         let small = |l: &Linear<B>| l.d_in() * l.d_out() <= FUSED_DECODE_MAX_WEIGHTS;
         let mode = fused_decode_mode();
         let size_ok = |l: &Linear<B>| match mode {
-            FusedDecode::Auto => small(l),
+            FusedDecode::Auto => batch == 1 || small(l),
             FusedDecode::On => true,
             FusedDecode::Off => false,
         };
