@@ -18,6 +18,7 @@ use burn::tensor::{backend::Backend, Tensor};
 pub mod linear;
 pub mod memory;
 pub mod norm;
+pub mod optim;
 pub mod reference;
 mod seed;
 
@@ -346,6 +347,13 @@ pub trait MambaBackend: Backend {
     /// (the CPU backend).
     fn memory_stats(_device: &Self::Device) -> Option<MemoryStats> {
         None
+    }
+
+    /// One AdamW update of one parameter ([`optim`]: burn's arithmetic with the gradient's
+    /// scale and the decoupled decay folded in). The default composes it in tensor ops; kernel
+    /// backends run one launch.
+    fn adamw_step(input: optim::AdamWInput<Self>) -> optim::AdamWOutput<Self> {
+        optim::adamw_reference(input)
     }
 
     /// Reads `t` to the host while `meanwhile` runs: the copy is queued behind the work already
@@ -759,6 +767,13 @@ where
         meanwhile: impl FnOnce() -> T,
     ) -> (burn::tensor::TensorData, T) {
         cube::read_while::<Self, R, T>(t, meanwhile)
+    }
+
+    fn adamw_step(input: optim::AdamWInput<Self>) -> optim::AdamWOutput<Self> {
+        if !kernels_active::<Self>() {
+            return optim::adamw_reference(input);
+        }
+        cube::optim::adamw_step(input)
     }
 
     fn matmul_provider() -> &'static str {

@@ -12,6 +12,7 @@ pub mod export;
 pub mod generation;
 pub mod memory;
 pub mod metrics;
+pub mod optim;
 pub mod parallel;
 pub mod plot;
 pub mod step;

@@ -33,7 +33,7 @@ use burn::collective::{
     PeerId, ReduceOperation,
 };
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::optim::{GradientsParams, Optimizer};
+use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_communication::Address;
@@ -381,7 +381,7 @@ impl Replicas {
     where
         A: AutodiffBackend + MambaBackend + BackwardWith,
         A::InnerBackend: MambaBackend,
-        O: Optimizer<MambaLM<A>, A> + 'static,
+        O: crate::optim::ScaledStep<MambaLM<A>, A> + 'static,
     {
         let lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
         // What a failed run before this one in the process may have left.
@@ -534,7 +534,7 @@ fn rank_loop<A, O>(
 ) where
     A: AutodiffBackend + MambaBackend + BackwardWith,
     A::InnerBackend: MambaBackend,
-    O: Optimizer<MambaLM<A>, A>,
+    O: crate::optim::ScaledStep<MambaLM<A>, A>,
 {
     let joined = peer.join::<A::InnerBackend>(&device).and_then(|()| {
         if several_nodes {
@@ -619,7 +619,7 @@ impl Ranks<'_> {
     where
         A: AutodiffBackend + MambaBackend + BackwardWith,
         A::InnerBackend: MambaBackend,
-        O: burn::optim::Optimizer<MambaLM<A>, A>,
+        O: crate::optim::ScaledStep<MambaLM<A>, A>,
     {
         let at = |e: StepError| (e, self.name.to_string());
         let Some(replicas) = self.replicas else {

@@ -10,14 +10,15 @@
 use std::collections::HashSet;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use mamba_data::Batch;
 use mamba_kernels::BackwardWith;
 use mamba_model::{BackpropOptions, MambaBackend, MambaLM, Mixer};
 
+use crate::optim::{Scale, ScaledStep, Scaling};
 use crate::parallel::Peer;
 
 /// Environment variable that makes step N fail as an out-of-memory would (for tests of the
@@ -147,22 +148,6 @@ pub fn no_decay_ids<B: burn::tensor::backend::Backend>(model: &MambaLM<B>) -> Ha
     ids
 }
 
-/// Decoupled weight decay `p ← p (1 − lr·wd)` on trainable parameters not in `skip`.
-struct Decay<'a> {
-    skip: &'a HashSet<ParamId>,
-    factor: f64,
-}
-
-impl<B: AutodiffBackend> ModuleMapper<B> for Decay<'_> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        if self.skip.contains(&param.id) || !param.is_require_grad() {
-            return param;
-        }
-        let factor = self.factor;
-        param.map(|t| Tensor::from_inner(t.inner() * factor).require_grad())
-    }
-}
-
 /// Sum of squared gradients.
 struct SquaredNorm<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
@@ -177,20 +162,6 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
                 Some(t) => t + s,
                 None => s,
             });
-        }
-    }
-}
-
-/// Multiply every gradient by `factor`.
-struct Scale<'a> {
-    grads: &'a mut GradientsParams,
-    factor: f64,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-            self.grads.register(param.id, g * self.factor);
         }
     }
 }
@@ -273,7 +244,7 @@ pub fn optimizer_step<A, O>(
 where
     A: AutodiffBackend + MambaBackend + BackwardWith,
     A::InnerBackend: MambaBackend,
-    O: Optimizer<MambaLM<A>, A>,
+    O: ScaledStep<MambaLM<A>, A>,
 {
     let rank = peer.map_or(0, |p| p.rank);
     let simulated = std::env::var(SIMULATE_OOM_ENV)
@@ -420,11 +391,12 @@ fn zero_grads<A: AutodiffBackend>(model: &MambaLM<A>) -> GradientsParams {
 }
 
 /// The mean over `accum_n` micro-batches of `grads` (their sum), clipped by its global norm,
-/// decoupled weight decay, the optimizer step. Returns the model and the norm before clipping.
+/// decoupled weight decay, the optimizer step (the scale and the decay folded into it: one launch
+/// a parameter with [`crate::optim::AdamW`]). Returns the model and the norm before clipping.
 fn clip_and_update<A, O>(
     model: MambaLM<A>,
     optim: &mut O,
-    mut grads: GradientsParams,
+    grads: GradientsParams,
     accum_n: f64,
     lr: f64,
     settings: &StepSettings,
@@ -432,7 +404,7 @@ fn clip_and_update<A, O>(
 ) -> (MambaLM<A>, f64)
 where
     A: AutodiffBackend,
-    O: Optimizer<MambaLM<A>, A>,
+    O: ScaledStep<MambaLM<A>, A>,
 {
     let mut sq = SquaredNorm::<A> {
         grads: &grads,
@@ -449,19 +421,10 @@ where
     } else {
         1.0
     };
-    let factor = clip / accum_n;
-    if factor != 1.0 {
-        model.visit(&mut Scale {
-            grads: &mut grads,
-            factor,
-        });
-    }
-    let mut model = model;
-    if settings.weight_decay > 0.0 {
-        model = model.map(&mut Decay {
-            skip: skip_decay,
-            factor: 1.0 - lr * settings.weight_decay,
-        });
-    }
-    (optim.step(lr, model, grads), norm)
+    let scaling = Scaling {
+        grad_scale: clip / accum_n,
+        weight_decay: settings.weight_decay,
+        skip_decay: Some(skip_decay),
+    };
+    (optim.step_scaled(lr, model, grads, scaling), norm)
 }

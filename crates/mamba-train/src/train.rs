@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::optim::AdamWConfig;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 use mamba_data::{batch_stream, collate, Batch, Row};
@@ -501,12 +500,7 @@ where
         device_total,
     } = setup::<A>(cfg, &topology, names, &device)?;
 
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(t.beta1 as f32)
-        .with_beta_2(t.beta2 as f32)
-        .with_epsilon(t.eps as f32)
-        .with_weight_decay(0.0)
-        .init::<A, MambaLM<A>>();
+    let mut optim = crate::optim::AdamW::<A>::new(t.beta1 as f32, t.beta2 as f32, t.eps as f32);
     let recorder = Rec::new();
     let mut start = 0u64;
     let mut initial_val_loss = None;

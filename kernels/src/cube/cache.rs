@@ -31,6 +31,7 @@ pub const KERNELS_HASH: u64 = {
     h = fnv1a(h, include_str!("conv.rs").as_bytes());
     h = fnv1a(h, include_str!("gemv.rs").as_bytes());
     h = fnv1a(h, include_str!("norm.rs").as_bytes());
+    h = fnv1a(h, include_str!("optim.rs").as_bytes());
     h = fnv1a(h, include_str!("selective.rs").as_bytes());
     h = fnv1a(h, include_str!("ssd.rs").as_bytes());
     h = fnv1a(h, include_str!("ssd_bwd.rs").as_bytes());

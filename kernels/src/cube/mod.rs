@@ -15,6 +15,7 @@ pub mod conv;
 pub mod cublas;
 pub mod gemv;
 pub mod norm;
+pub mod optim;
 pub mod selective;
 pub mod ssd;
 pub mod ssd_bwd;

@@ -8,11 +8,10 @@
 
 use anyhow::Result;
 use burn::backend::Autodiff;
-use burn::optim::AdamWConfig;
 use mamba_data::Batch;
 use mamba_kernels::memory::{peaks, reset_peaks, set_tracking};
 use mamba_model::lora::{apply_lora, LoraConfig, LoraTargets};
-use mamba_model::{BackpropOptions, MambaBackend, MambaLM};
+use mamba_model::{BackpropOptions, MambaBackend};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
@@ -139,7 +138,7 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
             tokens: n - opts.batch,
         })
     };
-    let mut optim = AdamWConfig::new().init::<A<B>, MambaLM<A<B>>>();
+    let mut optim = crate::optim::AdamW::<A<B>>::new(0.9, 0.999, 1e-5);
     let settings = StepSettings {
         grad_accum: 1,
         max_grad_norm: 1.0,

@@ -1,0 +1,158 @@
+//! The training loop's AdamW (`mamba_train::optim::AdamW`): the one-launch kernel against the
+//! composition in tensor ops, and the optimizer against burn's own `AdamW` adaptor (same
+//! parameters step by step, with and without the gradient scale and decoupled decay, and each
+//! one resuming from the other's record).
+
+mod common;
+#[path = "common/kernels.rs"]
+mod kcommon;
+
+use std::collections::HashSet;
+
+use burn::module::{Module, ParamId};
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::{Distribution, Tensor};
+use common::CpuAd;
+use kcommon::{check, poison, random, Cpu, Gpu};
+use mamba_burn::kernels::optim::{adamw_reference, AdamWInput, AdamWScalars};
+use mamba_burn::kernels::MambaBackend;
+use mamba_burn::train::optim::{AdamW, ScaledStep, Scaling};
+
+/// The kernel (wgpu) against the reference (CPU): first step (no moments) and a later one, with
+/// a gradient scale and a decay, at a length that is not a multiple of any cube.
+#[test]
+fn adamw_kernel_matches_reference() {
+    let gpu = Default::default();
+    let cpu = Default::default();
+    let n = 1_237;
+    let data = [
+        random(&[n], 1.0),
+        random(&[n], 0.1),
+        random(&[n], 0.01),
+        random(&[n], 1e-4).convert::<f32>(),
+    ];
+    // v ≥ 0, as a second moment is.
+    let v = Tensor::<Cpu, 1>::from_data(data[3].clone(), &cpu).abs().into_data();
+    for (time, with_state, grad_scale, decay) in [(1, false, 1.0, 1.0), (7, true, 0.37, 0.999)] {
+        let scalars = AdamWScalars {
+            lr: 3e-3,
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-8,
+            time,
+            grad_scale,
+            decay,
+        };
+        fn input<B: MambaBackend>(
+            d: &[burn::tensor::TensorData],
+            v: &burn::tensor::TensorData,
+            with_state: bool,
+            scalars: AdamWScalars,
+            device: &B::Device,
+        ) -> AdamWInput<B> {
+            let t = |x: &burn::tensor::TensorData| Tensor::<B, 1>::from_data(x.clone(), device);
+            AdamWInput {
+                param: t(&d[0]),
+                grad: t(&d[1]),
+                moments: with_state.then(|| (t(&d[2]), t(v))),
+                scalars,
+            }
+        }
+        let want = adamw_reference(input::<Cpu>(&data, &v, with_state, scalars, &cpu));
+        poison(n);
+        let got = Gpu::adamw_step(input::<Gpu>(&data, &v, with_state, scalars, &gpu));
+        let what = format!("adamw t={time} state={with_state}");
+        let e = [
+            check(&format!("{what} param"), got.param, want.param),
+            check(&format!("{what} m"), got.moment_1, want.moment_1),
+            check(&format!("{what} v"), got.moment_2, want.moment_2),
+        ];
+        eprintln!("{what}: {:.2e} {:.2e} {:.2e}", e[0], e[1], e[2]);
+    }
+}
+
+fn model() -> Linear<CpuAd> {
+    LinearConfig::new(12, 7)
+        .with_bias(true)
+        .init(&Default::default())
+}
+
+/// Gradients of a fixed loss at the model's current parameters.
+fn grads(m: &Linear<CpuAd>, step: usize) -> GradientsParams {
+    let device = Default::default();
+    <CpuAd as burn::tensor::backend::Backend>::seed(&device, 100 + step as u64);
+    let x = Tensor::<CpuAd, 2>::random([5, 12], Distribution::Normal(0.0, 1.0), &device);
+    let y = m.forward(x);
+    let loss = (y.clone() * y).sum();
+    GradientsParams::from_grads(loss.backward(), m)
+}
+
+fn params(m: &Linear<CpuAd>) -> Vec<Tensor<Cpu, 1>> {
+    let mut out = vec![m.weight.val().inner().flatten(0, 1)];
+    out.extend(m.bias.as_ref().map(|b| b.val().inner()));
+    out
+}
+
+fn same(what: &str, a: &Linear<CpuAd>, b: &Linear<CpuAd>) {
+    for (x, y) in params(a).into_iter().zip(params(b)) {
+        let err = kcommon::rel_err(
+            &x.into_data().to_vec::<f32>().unwrap(),
+            &y.into_data().to_vec::<f32>().unwrap(),
+        );
+        assert!(err < 1e-6, "{what}: relative difference {err:e}");
+    }
+}
+
+/// Step for step what burn's `AdamW` adaptor does: plain steps, then steps with a gradient
+/// scale and a decay that skips the bias; and either resumes from the other's record.
+#[test]
+fn adamw_matches_burn_adamw_and_its_record() {
+    // burn initialises parameters lazily, and each clone of an unread one draws its own: start
+    // both from one record.
+    let start = model();
+    let record = || start.clone().into_record();
+    let mut burn_opt = AdamWConfig::new()
+        .with_weight_decay(0.0)
+        .with_epsilon(1e-8)
+        .init::<CpuAd, Linear<CpuAd>>();
+    let mut ours = AdamW::<CpuAd>::new(0.9, 0.999, 1e-8);
+    let _ = params(&start);
+    let (mut a, mut b) = (model().load_record(record()), model().load_record(record()));
+    same("start", &a, &b);
+    let skip: HashSet<ParamId> = a.bias.iter().map(|p| p.id).collect();
+    for step in 0..6 {
+        let lr = 1e-2 / (step + 1) as f64;
+        let (ga, gb) = (grads(&a, step), grads(&b, step));
+        if step < 3 {
+            a = burn_opt.step(lr, a, ga);
+            b = Optimizer::step(&mut ours, lr, b, gb);
+        } else {
+            let scaling = Scaling {
+                grad_scale: 0.25,
+                weight_decay: 0.1,
+                skip_decay: Some(&skip),
+            };
+            a = burn_opt.step_scaled(lr, a, ga, scaling);
+            b = ours.step_scaled(lr, b, gb, scaling);
+        }
+        same(&format!("step {step}"), &a, &b);
+    }
+    // Resume each from the other's record: the next step agrees again.
+    let burn_from_ours = AdamWConfig::new()
+        .with_weight_decay(0.0)
+        .with_epsilon(1e-8)
+        .init::<CpuAd, Linear<CpuAd>>()
+        .load_record(Optimizer::<Linear<CpuAd>, CpuAd>::to_record(&ours));
+    let ours_from_burn = Optimizer::<Linear<CpuAd>, CpuAd>::load_record(
+        AdamW::<CpuAd>::new(0.9, 0.999, 1e-8),
+        burn_opt.to_record(),
+    );
+    let (mut c, mut d) = (b.clone(), a.clone());
+    let (gc, gd) = (grads(&c, 9), grads(&d, 9));
+    let mut burn_from_ours = burn_from_ours;
+    let mut ours_from_burn = ours_from_burn;
+    c = burn_from_ours.step(1e-3, c, gc);
+    d = Optimizer::step(&mut ours_from_burn, 1e-3, d, gd);
+    same("resumed across", &c, &d);
+}
