@@ -87,7 +87,11 @@ fn greedy_matches_transformers() {
 fn greedy_on_the_kernels_matches_transformers() {
     type Gpu = burn::backend::Wgpu<f32, i32, u32>;
     let device = Default::default();
-    for case in ["mamba2_g1_tied", "mamba2_g2_untied_bias_limit", "mamba1_tied"] {
+    for case in [
+        "mamba2_g1_tied",
+        "mamba2_g2_untied_bias_limit",
+        "mamba1_tied",
+    ] {
         let dir = fixtures().join(case);
         let model: MambaLM<Gpu> = load_model_dir(&dir, NormMode::Hf, &device).unwrap();
         let (cpu, gen) = load(case);
@@ -130,8 +134,14 @@ fn greedy_on_the_kernels_matches_transformers() {
             assert_eq!(g.ids, want[i], "{case} batch row {i} on wgpu");
             assert_eq!(streamed[i], g.new_ids(), "{case} batch row {i} streamed");
         }
-        assert_eq!(got[0].new_tokens, 1, "{case}: the first row ends at its EOS");
-        assert!(got[1..].iter().any(|g| g.new_tokens > 1), "{case}: others go on");
+        assert_eq!(
+            got[0].new_tokens, 1,
+            "{case}: the first row ends at its EOS"
+        );
+        assert!(
+            got[1..].iter().any(|g| g.new_tokens > 1),
+            "{case}: others go on"
+        );
     }
 }
 

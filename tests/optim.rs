@@ -33,7 +33,9 @@ fn adamw_kernel_matches_reference() {
         random(&[n], 1e-4).convert::<f32>(),
     ];
     // v ≥ 0, as a second moment is.
-    let v = Tensor::<Cpu, 1>::from_data(data[3].clone(), &cpu).abs().into_data();
+    let v = Tensor::<Cpu, 1>::from_data(data[3].clone(), &cpu)
+        .abs()
+        .into_data();
     for (time, with_state, grad_scale, decay) in [(1, false, 1.0, 1.0), (7, true, 0.37, 0.999)] {
         let scalars = AdamWScalars {
             lr: 3e-3,

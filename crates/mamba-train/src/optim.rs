@@ -16,7 +16,7 @@ use burn::module::{AutodiffModule, ModuleMapper, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::AdaptorRecord;
 use burn::optim::{
-    AdaptiveMomentumState, AdamWState, GradientsParams, LearningRate, MultiGradientsParams,
+    AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, MultiGradientsParams,
     Optimizer,
 };
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -86,7 +86,10 @@ enum Grads {
 }
 
 impl Grads {
-    fn remove<B: Backend, const D: usize>(&mut self, id: ParamId) -> Option<(Tensor<B, D>, B::Device)> {
+    fn remove<B: Backend, const D: usize>(
+        &mut self,
+        id: ParamId,
+    ) -> Option<(Tensor<B, D>, B::Device)> {
         match self {
             Grads::Single(g) => g.remove::<B, D>(id).map(|t| {
                 let device = t.device();

@@ -1,6 +1,7 @@
 //! The training loop: full or LoRA fine-tuning (or training from scratch) of a causal LM.
 //!
-//! A plain loop over burn's `AdamW`, not burn-train's `Learner`: the loop needs things the
+//! A plain loop over AdamW (`crate::optim`: burn's arithmetic and record, one launch a
+//! parameter), not burn-train's `Learner`: the loop needs things the
 //! Learner of burn 0.21 does not express together — gradient accumulation with *global*-norm
 //! clipping (burn's `GradientClipping` clips per parameter), weight decay that skips A_log, D,
 //! dt_bias, norms and biases (AdamW's decay applies to every parameter), a backward pass driven

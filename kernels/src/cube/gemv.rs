@@ -143,35 +143,57 @@ fn decode_linear_kernel<F: Float, W: Float, N: Float, O: Float, V: Size>(
     let step = comptime!(LANES * vs);
     let (ws0, ws1) = (w.stride(0), w.stride(1));
 
-    // The norm's scales r[m, g] = 1 / sqrt(mean over group g of x[m]² + eps): one thread group
-    // per (row, group) pair, GROUPS pairs a round.
+    // The norm's scales r[m, g] = 1 / sqrt(mean over group g of x[m]² + eps). A (row, group)
+    // pair takes `spread` thread groups (all eight for a single pair: one row, one norm group),
+    // each lane four independent loads at a time, so that this pass, which every cube makes
+    // before it can stream a weight, is short.
     let mut rs = SharedMemory::<f32>::new(comptime!(rows * groups));
     // The staged input, and at the end the partial sums.
     let mut xs = SharedMemory::<f32>::new(scratch);
     #[comptime]
     if let ComptimeOption::Some(_nw) = nw {
         let pairs = comptime!(rows * groups);
-        for round in 0..comptime!((rows * groups + GROUPS - 1) / GROUPS) {
-            let pair = round * GROUPS + grp;
+        let spread = comptime!(if rows * groups >= GROUPS {
+            1
+        } else {
+            GROUPS / (rows * groups)
+        });
+        let per_round = comptime!(GROUPS / spread);
+        let width = comptime!(spread * LANES);
+        let sub = grp % spread;
+        for round in 0..comptime!((rows * groups + per_round - 1) / per_round) {
+            let pair = round * per_round + grp / spread;
             let mut ss = 0.0f32;
             if pair < pairs {
                 let m = pair / groups;
                 let g = pair % groups;
-                let base = m * x.stride(0);
-                for it in 0..(gsize + LANES - 1) / LANES {
-                    let kk = it * LANES + lane;
-                    if kk < gsize {
-                        let v = f32::cast_from(x[base + (g * gsize + kk) * x.stride(1)]);
-                        ss += v * v;
+                let base = m * x.stride(0) + g * gsize * x.stride(1);
+                let first = sub * LANES + lane;
+                for it in 0..(gsize + 4 * width - 1) / (4 * width) {
+                    #[unroll]
+                    for j in 0..4usize {
+                        let kk = (it * 4 + j) * width + first;
+                        if kk < gsize {
+                            let v = f32::cast_from(x[base + kk * x.stride(1)]);
+                            ss += v * v;
+                        }
                     }
                 }
             }
             xs[u] = ss;
             sync_cube();
-            if lane == 0 && pair < pairs {
+            if lane == 0 {
                 let mut t = 0.0f32;
                 for l in 0..LANES {
                     t += xs[grp * LANES + l];
+                }
+                xs[THREADS + grp] = t;
+            }
+            sync_cube();
+            if lane == 0 && sub == 0 && pair < pairs {
+                let mut t = 0.0f32;
+                for q in 0..spread {
+                    t += xs[THREADS + grp + q];
                 }
                 rs[pair] = 1.0f32 / (t / f32::cast_from(gsize) + eps).sqrt();
             }

@@ -74,5 +74,8 @@ where
     let out = meanwhile();
     let bytes = cubecl::future::block_on(read)
         .unwrap_or_else(|e| panic!("reading {shape:?} {dtype:?} from the device: {e}"));
-    (burn::tensor::TensorData::from_bytes(bytes, shape, dtype), out)
+    (
+        burn::tensor::TensorData::from_bytes(bytes, shape, dtype),
+        out,
+    )
 }

@@ -64,7 +64,10 @@ where
     let same = |t: &burn::tensor::Tensor<Cb<R, F, I, BT>, 1>| t.dtype() == dtype && t.dims() == [n];
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
         || !same(&input.grad)
-        || input.moments.as_ref().is_some_and(|(m, v)| !same(m) || !same(v))
+        || input
+            .moments
+            .as_ref()
+            .is_some_and(|(m, v)| !same(m) || !same(v))
     {
         return adamw_reference(input);
     }
@@ -77,9 +80,8 @@ where
     let p = into_contiguous(prim(param));
     let g = into_contiguous(prim(grad));
     let client = p.client.clone();
-    let out = || {
-        empty_device_contiguous_dtype(client.clone(), p.device.clone(), Shape::new([n]), dtype)
-    };
+    let out =
+        || empty_device_contiguous_dtype(client.clone(), p.device.clone(), Shape::new([n]), dtype);
     let (p_out, m_out, v_out) = (out(), out(), out());
     let has_state = moments.is_some();
     let (m, v) = match moments {
