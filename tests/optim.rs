@@ -5,6 +5,7 @@
 
 mod common;
 #[path = "common/kernels.rs"]
+#[allow(dead_code)]
 mod kcommon;
 
 use std::collections::HashSet;

@@ -90,7 +90,11 @@ fn plan(
     let scratch = scratch_len(max_shared);
     let v = vector_sizes
         .filter(|&v| {
-            v == 1 || (ws1 == 1 && k % v == 0 && ws0 % v == 0 && rows * LANES * v <= scratch)
+            v == 1
+                || (ws1 == 1
+                    && k.is_multiple_of(v)
+                    && ws0.is_multiple_of(v)
+                    && rows * LANES * v <= scratch)
         })
         .max()
         .unwrap_or(1);
