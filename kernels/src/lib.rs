@@ -16,11 +16,14 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use burn::tensor::{backend::Backend, Tensor};
 
 pub mod linear;
+pub mod loss;
 pub mod memory;
 pub mod norm;
 pub mod optim;
+mod outputs;
 pub mod reference;
 mod seed;
+pub mod split;
 
 pub use memory::MemoryStats;
 
@@ -456,6 +459,42 @@ pub trait MambaBackend: Backend {
         Self::norm_forward(y, Some(z), w, groups, eps)
     }
 
+    /// `x` `[.., width]` cut along its last dimension into pieces of `sizes` (which add up to
+    /// `width`), as views. Autodiff backends make the pieces one op whose backward writes the
+    /// input's gradient once, the pieces' gradients side by side ([`split`]), where `narrow`'s
+    /// backward fills a full-size zero tensor per piece and adds them.
+    fn split_last<const D: usize>(x: Tensor<Self, D>, sizes: &[usize]) -> Vec<Tensor<Self, D>> {
+        split::split_last_reference(x, sizes)
+    }
+
+    /// The causal-LM loss's cross-entropy per row: the negative log-likelihood of `labels` `[n]`
+    /// under `logits` `[n, vocab]`, `[n]` in f32, 0 where a label is [`loss::IGNORE_INDEX`].
+    /// Autodiff backends make it one node over [`nll_forward`](MambaBackend::nll_forward) and
+    /// [`nll_backward`](MambaBackend::nll_backward), so the log-softmax is never stored.
+    fn nll_rows(logits: Tensor<Self, 2>, labels: Tensor<Self, 1, burn::tensor::Int>) -> Tensor<Self, 1> {
+        Self::nll_forward(logits, labels).0
+    }
+
+    /// [`nll_rows`](MambaBackend::nll_rows)'s values and each row's log-sum-exp, both `[n]` f32.
+    /// Tensor ops here; one kernel on the cube backends.
+    fn nll_forward(
+        logits: Tensor<Self, 2>,
+        labels: Tensor<Self, 1, burn::tensor::Int>,
+    ) -> (Tensor<Self, 1>, Tensor<Self, 1>) {
+        loss::nll_forward_reference(logits, labels)
+    }
+
+    /// The logits' gradient of [`nll_rows`](MambaBackend::nll_rows) given `dnll` `[n]` and the
+    /// forward's `lse`, in the logits' dtype. Tensor ops here; one kernel on the cube backends.
+    fn nll_backward(
+        logits: Tensor<Self, 2>,
+        labels: Tensor<Self, 1, burn::tensor::Int>,
+        lse: Tensor<Self, 1>,
+        dnll: Tensor<Self, 1>,
+    ) -> Tensor<Self, 2> {
+        loss::nll_backward_reference(logits, labels, lse, dnll)
+    }
+
     /// Whether this backend overrides the ops with kernels. Kernel impls also honour
     /// [`ops_mode`]: under `OpsMode::Reference` they run the reference.
     fn has_kernels() -> bool {
@@ -554,6 +593,14 @@ pub trait MambaBackend: Backend {
 impl<B: MambaBackend, C: CheckpointStrategy> MambaBackend for Autodiff<B, C> {
     fn has_kernels() -> bool {
         B::has_kernels()
+    }
+
+    fn nll_rows(logits: Tensor<Self, 2>, labels: Tensor<Self, 1, burn::tensor::Int>) -> Tensor<Self, 1> {
+        loss::nll_rows::<B, C>(logits, labels)
+    }
+
+    fn split_last<const D: usize>(x: Tensor<Self, D>, sizes: &[usize]) -> Vec<Tensor<Self, D>> {
+        split::split_last::<B, C, D>(x, sizes)
     }
 
     fn memory_stats(device: &Self::Device) -> Option<MemoryStats> {
@@ -774,6 +821,28 @@ where
             return optim::adamw_reference(input);
         }
         cube::optim::adamw_step(input)
+    }
+
+    fn nll_forward(
+        logits: Tensor<Self, 2>,
+        labels: Tensor<Self, 1, burn::tensor::Int>,
+    ) -> (Tensor<Self, 1>, Tensor<Self, 1>) {
+        if !kernels_active::<Self>() {
+            return loss::nll_forward_reference(logits, labels);
+        }
+        cube::loss::nll_forward(logits, labels)
+    }
+
+    fn nll_backward(
+        logits: Tensor<Self, 2>,
+        labels: Tensor<Self, 1, burn::tensor::Int>,
+        lse: Tensor<Self, 1>,
+        dnll: Tensor<Self, 1>,
+    ) -> Tensor<Self, 2> {
+        if !kernels_active::<Self>() {
+            return loss::nll_backward_reference(logits, labels, lse, dnll);
+        }
+        cube::loss::nll_backward(logits, labels, lse, dnll)
     }
 
     fn matmul_provider() -> &'static str {

@@ -1,10 +1,10 @@
 //! Causal-LM loss as transformers computes it, whole or in chunks of tokens.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor};
+use mamba_kernels::MambaBackend;
 
 /// Label value that is not counted.
-pub const IGNORE_INDEX: i64 = -100;
+pub use mamba_kernels::loss::IGNORE_INDEX;
 
 /// Elements of one chunk's logits (`tokens × vocab`) when the chunk size is left to us: 2^26,
 /// 256 MiB in f32 (1,334 tokens at mamba2-130m's vocab of 50,288; 2,048 at Codestral's 32,768).
@@ -26,7 +26,7 @@ pub fn chunk_tokens(chunk: usize, vocab: usize, n: usize) -> usize {
 /// Next-token cross-entropy: `logits` `[batch, seq, vocab]`, `labels` `[batch, seq]` (not yet
 /// shifted; `-100` ignored). Position `t` predicts `labels[t + 1]`; the mean runs over counted
 /// labels. Returns `[1]`.
-pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+pub fn causal_lm_loss<B: MambaBackend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [batch, seq, vocab] = logits.dims();
     if seq < 2 {
         // Nothing to predict: transformers returns NaN (0/0); so do we.
@@ -47,17 +47,10 @@ pub fn shift_labels<B: Backend>(labels: Tensor<B, 2, Int>) -> Tensor<B, 1, Int> 
 }
 
 /// Summed negative log-likelihood of `labels` `[n]` under `logits` `[n, vocab]`, `-100`
-/// skipped. Returns `[1]`.
-pub fn nll_sum<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> Tensor<B, 1> {
-    let [n, _] = logits.dims();
-    let counted = labels.clone().not_equal_elem(IGNORE_INDEX); // [n]
-    let safe = labels.mask_fill(counted.clone().bool_not(), 0); // [n]
-                                                                // Cross-entropy in f32, whatever dtype the head ran in.
-    let logits = crate::precision::to_dtype(logits, burn::tensor::DType::F32);
-    let picked = log_softmax(logits, 1)
-        .gather(1, safe.reshape([n, 1]))
-        .reshape([n]); // [n]
-    (picked * counted.float()).sum().neg()
+/// skipped, in f32 whatever dtype the head ran in. Returns `[1]`. One op each way
+/// ([`MambaBackend::nll_rows`]): the log-softmax is never stored.
+pub fn nll_sum<B: MambaBackend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    B::nll_rows(logits, labels).sum()
 }
 
 /// The number of counted (not `-100`) targets after the shift.
@@ -77,7 +70,7 @@ pub fn counted_targets<B: Backend>(labels: &Tensor<B, 2, Int>) -> usize {
 /// [`causal_lm_loss`] from the final hidden states `h` `[batch, seq, hidden]` and a head
 /// `logits_of` (`[n, hidden]` → `[n, vocab]`), `chunk` tokens at a time, so that the logits of
 /// all positions never exist at once. The same value as the whole-tensor loss.
-pub fn chunked_causal_lm_loss<B: Backend>(
+pub fn chunked_causal_lm_loss<B: MambaBackend>(
     h: Tensor<B, 3>,
     labels: Tensor<B, 2, Int>,
     chunk: usize,

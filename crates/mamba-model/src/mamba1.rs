@@ -126,8 +126,10 @@ impl<B: MambaBackend> Mamba1Mixer<B> {
         let d = &self.dims;
         let i = d.intermediate;
         let proj = self.in_proj.forward(x, c); // [b, l, 2I]
-        let xs = apply_mask(proj.clone().narrow(2, 0, i), mask); // [b, l, I]
-        let z = proj.narrow(2, i, i); // [b, l, I]
+        let [xs, z]: [Tensor<B, 3>; 2] = B::split_last(proj, &[i, i])
+            .try_into()
+            .expect("two pieces"); // [b, l, I] each
+        let xs = apply_mask(xs, mask);
         let (conv_state, ssm_state) = match state {
             Some(s) => (Some(s.conv), Some(s.ssm)),
             None => (None, None),
@@ -141,9 +143,10 @@ impl<B: MambaBackend> Mamba1Mixer<B> {
         });
         let xs = apply_mask(c.act(conv.y), mask);
         let params = self.x_proj.forward(xs.clone(), c); // [b, l, R + 2N]
-        let ts = params.clone().narrow(2, 0, d.dt_rank);
-        let bm = params.clone().narrow(2, d.dt_rank, d.state); // [b, l, N]
-        let cm = params.narrow(2, d.dt_rank + d.state, d.state); // [b, l, N]
+        let [ts, bm, cm]: [Tensor<B, 3>; 3] =
+            B::split_last(params, &[d.dt_rank, d.state, d.state])
+                .try_into()
+                .expect("three pieces"); // [b, l, R], [b, l, N], [b, l, N]
         let delta = self.dt_proj.forward(ts, c); // [b, l, I], bias included
         let a = self.a();
         let scan = B::selective_scan(SelectiveScanInput {

@@ -140,13 +140,18 @@ pub fn init_dt_bias<B: Backend>(
 }
 
 impl<B: MambaBackend> Mamba2Mixer<B> {
+    /// `proj` `[b, l, in_proj]` → `z` `[b, l, I]`, `xBC` `[b, l, conv_dim]`, `dt` `[b, l, H]`
+    /// (views; the MLP part, when `d_mlp > 0`, is dropped). One [`MambaBackend::split_last`], so
+    /// the backward writes the projection's gradient once.
     fn split_proj(&self, proj: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
         let d = &self.dims;
-        let z = proj.clone().narrow(2, 2 * d.d_mlp, d.intermediate); // [b, l, I]
-        let xbc = proj
-            .clone()
-            .narrow(2, 2 * d.d_mlp + d.intermediate, d.conv_dim()); // [b, l, conv_dim]
-        let dt = proj.narrow(2, 2 * d.d_mlp + d.intermediate + d.conv_dim(), d.heads); // [b, l, H]
+        let mut sizes = vec![d.intermediate, d.conv_dim(), d.heads];
+        if d.d_mlp > 0 {
+            sizes.insert(0, 2 * d.d_mlp);
+        }
+        let mut pieces = B::split_last(proj, &sizes).into_iter().rev();
+        let mut next = || pieces.next().expect("three pieces");
+        let (dt, xbc, z) = (next(), next(), next());
         (z, xbc, dt)
     }
 
@@ -183,17 +188,12 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
         });
         let xbc = apply_mask(c.act(conv.y), mask); // [b, l, conv_dim]
         let gn = d.groups * d.state;
-        let xs = xbc
-            .clone()
-            .narrow(2, 0, d.intermediate)
-            .reshape([batch, seq, d.heads, d.head_dim]);
-        let bm = xbc
-            .clone()
-            .narrow(2, d.intermediate, gn)
-            .reshape([batch, seq, d.groups, d.state]);
-        let cm = xbc
-            .narrow(2, d.intermediate + gn, gn)
-            .reshape([batch, seq, d.groups, d.state]);
+        let [xs, bm, cm]: [Tensor<B, 3>; 3] = B::split_last(xbc, &[d.intermediate, gn, gn])
+            .try_into()
+            .expect("three pieces");
+        let xs = xs.reshape([batch, seq, d.heads, d.head_dim]);
+        let bm = bm.reshape([batch, seq, d.groups, d.state]);
+        let cm = cm.reshape([batch, seq, d.groups, d.state]);
         // The per-head parameters stay f32 (the kernels read them as f32, as mamba_ssm's do
         // under autocast): a bf16 `dt_bias` alone would shift `dt` by up to 1.6%.
         let a = self.a();

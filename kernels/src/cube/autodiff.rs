@@ -14,9 +14,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::prim;
+use crate::outputs::{GradSlot, SecondOutput};
 
 use crate::{
     ConvGrads, ConvInput, ConvOutput, Mamba2StepInput, Mamba2StepOutput, MambaBackend,
@@ -29,9 +30,6 @@ type Ad<B, C> = Autodiff<B, C>;
 /// An `Autodiff<B>` float primitive (whatever the checkpoint strategy): a tensor and its node.
 type AdTensor<B> = FloatTensor<Autodiff<B>>;
 
-/// The gradient of an op's second output (a final state), handed by that output's node to the
-/// op's own node. See [`SecondOutput`].
-type GradSlot<B> = Arc<Mutex<Option<FloatTensor<B>>>>;
 
 /// A decode step's two outputs (the output and the new state) on `Autodiff<B>`.
 type StepOut<B, C, const D1: usize, const D2: usize> = (Tensor<Ad<B, C>, D1>, Tensor<Ad<B, C>, D2>);
@@ -220,27 +218,6 @@ fn take_grad<B: Backend, S, const N: usize>(
         rc: Arc::new(ops.node.id),
     };
     grads.remove::<B>(&key)
-}
-
-/// Backward step of an op's second output (its final state). The op's own node carries the
-/// first output; this node's one parent is that node, so it is deeper in the graph and its step
-/// runs first. It parks its gradient in the [`GradSlot`] the op's step reads, and registers
-/// nothing: the op's step takes both gradients at once.
-///
-/// This is how one op gets two outputs without packing them into one tensor: packing cost a
-/// copy of `y` in the forward and, in the backward, a zero-filled full-size gradient per
-/// `narrow` plus a copy back out: 0.24 / 0.45 / 0.55 ms of an SSD forward+backward at the
-/// three bench shapes on an H100.
-#[derive(Debug)]
-struct SecondOutput;
-
-impl<B: Backend> Backward<B, 1> for SecondOutput {
-    type State = GradSlot<B>;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let g = grads.consume::<B>(&ops.node);
-        *ops.state.lock().expect("gradient slot poisoned") = Some(g);
-    }
 }
 
 /// An op's two outputs (`y`, final state) as `Autodiff` primitives.

@@ -14,6 +14,7 @@ pub mod conv;
 #[cfg(feature = "cuda")]
 pub mod cublas;
 pub mod gemv;
+pub mod loss;
 pub mod norm;
 pub mod optim;
 pub mod selective;
