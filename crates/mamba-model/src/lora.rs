@@ -91,14 +91,19 @@ impl<B: Backend> LoraLinear<B> {
 
 impl<B: MambaBackend> LoraLinear<B> {
     /// `scaling · B A dropout(x)` over the last dimension, in the compute dtype `c` (the f32
-    /// masters `A`, `B` cast at use).
+    /// masters `A`, `B` cast at use). The scale multiplies the rank-`r` activation `A x`, not
+    /// the layer-wide output (PEFT's order): the same product, without a pass over the output
+    /// each way (`[tokens, out]` against `[tokens, r]`); exact when the scale is a power of two,
+    /// as `lora_alpha = 2 r` makes it.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, c: Compute) -> Tensor<B, D> {
-        let h = c.act(linear(
-            self.dropout.forward(x),
-            c.weight(self.a.val()),
-            None,
-        ));
-        c.act(linear(h, c.weight(self.b.val()), None) * self.scaling)
+        let h = c.act(
+            linear(
+                self.dropout.forward(x),
+                c.weight(self.a.val()),
+                None,
+            ) * self.scaling,
+        );
+        c.act(linear(h, c.weight(self.b.val()), None))
     }
 }
 
@@ -134,7 +139,12 @@ impl<B: MambaBackend> LoraEmbedding<B> {
     /// `[batch, seq]` ids → `[batch, seq, hidden]` correction, in the compute dtype `c`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>, c: Compute) -> Tensor<B, 3> {
         let after_a = burn::tensor::module::embedding(c.weight(self.a.val()).transpose(), ids); // [b, l, r]
-        c.act(linear(after_a, c.weight(self.b.val()), None) * self.scaling)
+        // Scaled at rank r, as in `LoraLinear::forward`.
+        c.act(linear(
+            c.act(after_a * self.scaling),
+            c.weight(self.b.val()),
+            None,
+        ))
     }
 }
 
