@@ -159,3 +159,37 @@ fn adamw_matches_burn_adamw_and_its_record() {
     d = Optimizer::step(&mut ours_from_burn, 1e-3, d, gd);
     same("resumed across", &c, &d);
 }
+
+/// The global norm's one-launch-a-tensor kernel (wgpu) against the sum of squares in f64 on the
+/// host: tensors of one value, of less than a cube, and of many cubes' worth (several cubes
+/// share it), and no tensors at all.
+#[test]
+fn squared_norm_kernel_matches_host_sum() {
+    let gpu = Default::default();
+    let sizes = [1usize, 5, 300, 70_001, 402_304];
+    let data: Vec<_> = sizes.iter().map(|&n| random(&[n], 0.5)).collect();
+    let want: f64 = data
+        .iter()
+        .flat_map(|d| d.to_vec::<f32>().unwrap())
+        .map(|v| (v as f64) * (v as f64))
+        .sum();
+    poison(sizes.len() * 64);
+    let tensors = data
+        .iter()
+        .map(|d| Tensor::<Gpu, 1>::from_data(d.clone(), &gpu))
+        .collect();
+    let got = Gpu::squared_norm(tensors).expect("a norm").into_scalar() as f64;
+    let rel = (got - want).abs() / want;
+    assert!(
+        rel < 1e-5,
+        "squared norm {got} against {want} (relative {rel:e})"
+    );
+    let cpu = Default::default();
+    let on_cpu = data
+        .iter()
+        .map(|d| Tensor::<Cpu, 1>::from_data(d.clone(), &cpu))
+        .collect();
+    let ref_rel = (Cpu::squared_norm(on_cpu).unwrap().into_scalar() as f64 - want).abs() / want;
+    assert!(ref_rel < 1e-5, "reference: relative {ref_rel:e}");
+    assert!(Gpu::squared_norm(Vec::new()).is_none());
+}

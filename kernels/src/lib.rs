@@ -359,6 +359,13 @@ pub trait MambaBackend: Backend {
         optim::adamw_reference(input)
     }
 
+    /// The squared global norm of `tensors` (flattened gradients): `Σ_t Σ_i t_i²`, `[1]` f32,
+    /// `None` for none. Tensor ops here (three launches a tensor); one launch a tensor and one
+    /// sum on the cube backends.
+    fn squared_norm(tensors: Vec<Tensor<Self, 1>>) -> Option<Tensor<Self, 1>> {
+        optim::squared_norm_reference(tensors)
+    }
+
     /// Reads `t` to the host while `meanwhile` runs: the copy is queued behind the work already
     /// queued and ahead of whatever `meanwhile` queues, and is waited for after `meanwhile`
     /// returns, so the device never waits for the host in between. A decode loop reads step
@@ -471,7 +478,10 @@ pub trait MambaBackend: Backend {
     /// under `logits` `[n, vocab]`, `[n]` in f32, 0 where a label is [`loss::IGNORE_INDEX`].
     /// Autodiff backends make it one node over [`nll_forward`](MambaBackend::nll_forward) and
     /// [`nll_backward`](MambaBackend::nll_backward), so the log-softmax is never stored.
-    fn nll_rows(logits: Tensor<Self, 2>, labels: Tensor<Self, 1, burn::tensor::Int>) -> Tensor<Self, 1> {
+    fn nll_rows(
+        logits: Tensor<Self, 2>,
+        labels: Tensor<Self, 1, burn::tensor::Int>,
+    ) -> Tensor<Self, 1> {
         Self::nll_forward(logits, labels).0
     }
 
@@ -595,7 +605,10 @@ impl<B: MambaBackend, C: CheckpointStrategy> MambaBackend for Autodiff<B, C> {
         B::has_kernels()
     }
 
-    fn nll_rows(logits: Tensor<Self, 2>, labels: Tensor<Self, 1, burn::tensor::Int>) -> Tensor<Self, 1> {
+    fn nll_rows(
+        logits: Tensor<Self, 2>,
+        labels: Tensor<Self, 1, burn::tensor::Int>,
+    ) -> Tensor<Self, 1> {
         loss::nll_rows::<B, C>(logits, labels)
     }
 
@@ -821,6 +834,13 @@ where
             return optim::adamw_reference(input);
         }
         cube::optim::adamw_step(input)
+    }
+
+    fn squared_norm(tensors: Vec<Tensor<Self, 1>>) -> Option<Tensor<Self, 1>> {
+        if !kernels_active::<Self>() {
+            return optim::squared_norm_reference(tensors);
+        }
+        cube::optim::squared_norm(tensors)
     }
 
     fn nll_forward(

@@ -91,3 +91,24 @@ pub fn adamw_reference<B: Backend>(input: AdamWInput<B>) -> AdamWOutput<B> {
         moment_2: v,
     }
 }
+
+/// `Σ_t Σ_i t_i²` over all of `tensors` (any shapes, flattened), `[1]` in f32: the squared global
+/// norm of a set of gradients, for clipping; `None` for no tensors. In tensor ops (three
+/// launches a tensor); the cube backends run one launch a tensor
+/// ([`crate::MambaBackend::squared_norm`]).
+pub fn squared_norm_reference<B: Backend>(tensors: Vec<Tensor<B, 1>>) -> Option<Tensor<B, 1>> {
+    let mut total: Option<Tensor<B, 1>> = None;
+    for t in tensors {
+        let t = if t.dtype() == burn::tensor::DType::F32 {
+            t
+        } else {
+            t.cast(burn::tensor::DType::F32)
+        };
+        let s = t.square().sum();
+        total = Some(match total {
+            Some(acc) => acc + s,
+            None => s,
+        });
+    }
+    total
+}

@@ -104,7 +104,9 @@ pub fn split_last<B: Backend, C: CheckpointStrategy, const D: usize>(
     let x = x.into_primitive().tensor();
     let pieces = split_last_reference::<B, D>(inner(x.primitive.clone()), sizes);
     let shapes: Vec<Vec<usize>> = pieces.iter().map(|p| p.dims().to_vec()).collect();
-    let slots: Vec<GradSlot<B>> = (1..pieces.len()).map(|_| GradSlot::<B>::default()).collect();
+    let slots: Vec<GradSlot<B>> = (1..pieces.len())
+        .map(|_| GradSlot::<B>::default())
+        .collect();
     let mut pieces = pieces.into_iter();
     let Some(first) = pieces.next() else {
         return Vec::new();

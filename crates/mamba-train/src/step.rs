@@ -149,19 +149,18 @@ pub fn no_decay_ids<B: burn::tensor::backend::Backend>(model: &MambaLM<B>) -> Ha
 }
 
 /// Sum of squared gradients.
-struct SquaredNorm<'a, B: AutodiffBackend> {
+/// The gradients of the parameters, flattened, in the model's order: what the global norm is
+/// taken over ([`MambaBackend::squared_norm`]).
+struct FlatGrads<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
-    total: Option<Tensor<B::InnerBackend, 1>>,
+    flat: Vec<Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for FlatGrads<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            let s = g.square().sum();
-            self.total = Some(match self.total.take() {
-                Some(t) => t + s,
-                None => s,
-            });
+            let n = g.shape().num_elements();
+            self.flat.push(g.reshape([n]));
         }
     }
 }
@@ -404,15 +403,15 @@ fn clip_and_update<A, O>(
 ) -> (MambaLM<A>, f64)
 where
     A: AutodiffBackend,
+    A::InnerBackend: MambaBackend,
     O: ScaledStep<MambaLM<A>, A>,
 {
-    let mut sq = SquaredNorm::<A> {
+    let mut flat = FlatGrads::<A> {
         grads: &grads,
-        total: None,
+        flat: Vec::new(),
     };
-    model.visit(&mut sq);
-    let norm = sq
-        .total
+    model.visit(&mut flat);
+    let norm = <A::InnerBackend as MambaBackend>::squared_norm(flat.flat)
         .map(|t| t.into_scalar().elem::<f64>().sqrt())
         .unwrap_or(0.0)
         / accum_n;

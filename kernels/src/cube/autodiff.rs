@@ -30,7 +30,6 @@ type Ad<B, C> = Autodiff<B, C>;
 /// An `Autodiff<B>` float primitive (whatever the checkpoint strategy): a tensor and its node.
 type AdTensor<B> = FloatTensor<Autodiff<B>>;
 
-
 /// A decode step's two outputs (the output and the new state) on `Autodiff<B>`.
 type StepOut<B, C, const D1: usize, const D2: usize> = (Tensor<Ad<B, C>, D1>, Tensor<Ad<B, C>, D2>);
 
@@ -123,9 +122,9 @@ pub fn causal_conv1d<B: MambaBackend, C: CheckpointStrategy>(
     let bias_t = bias
         .clone()
         .unwrap_or_else(|| Tensor::zeros([channels], (&device, x.dtype())));
-    let init_t = initial_state
-        .clone()
-        .unwrap_or_else(|| Tensor::zeros([batch, channels, wm1], (&device, x.dtype())));
+    // `x` stands in for a missing initial state (no launch; `ds` is `None` then, so nothing is
+    // registered for it).
+    let init_t = initial_state.clone().unwrap_or_else(|| x.clone());
     let x_p = x.into_primitive().tensor();
     let w_p = weight.into_primitive().tensor();
     let b_p = bias_t.into_primitive().tensor();
@@ -325,13 +324,14 @@ impl<B: MambaBackend> Backward<B, 8> for SsdBackward {
 pub fn ssd_chunk_scan<B: MambaBackend, C: CheckpointStrategy>(
     input: SsdInput<Ad<B, C>>,
 ) -> SsdOutput<Ad<B, C>> {
-    let [batch, _seqlen, heads, head_dim] = input.x.dims();
-    let dstate = input.b.dims()[3];
-    let device = input.x.device();
     let has_init = input.initial_state.is_some();
-    let init = input.initial_state.clone().unwrap_or_else(|| {
-        Tensor::zeros([batch, heads, head_dim, dstate], (&device, input.x.dtype()))
-    });
+    // Without an initial state, `x` stands in for it in the parent list (the list is fixed at
+    // eight): nothing reads it, and no gradient is registered for it (`initial_state` of the
+    // gradients is `None` then), so no zero state is filled in every layer.
+    let init = input
+        .initial_state
+        .clone()
+        .unwrap_or_else(|| input.x.clone());
     let x = input.x.into_primitive().tensor();
     let dt = input.dt.into_primitive().tensor();
     let a = input.a.into_primitive().tensor();

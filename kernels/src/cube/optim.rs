@@ -1,5 +1,9 @@
 //! [`crate::MambaBackend::adamw_step`] as one kernel: each thread updates one element of the
-//! parameter and its two moments (crate::optim has the arithmetic).
+//! parameter and its two moments (crate::optim has the arithmetic). And the gradients' squared
+//! global norm for clipping ([`crate::MambaBackend::squared_norm`]) in one launch a tensor.
+
+// Kernel code spells ceil-division out: `usize::div_ceil` is not a cube function.
+#![allow(clippy::manual_div_ceil)]
 
 use super::{elemwise, prim, wrap};
 use burn::tensor::{DType, Shape};
@@ -9,7 +13,7 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
-use crate::optim::{adamw_reference, AdamWInput, AdamWOutput};
+use crate::optim::{adamw_reference, squared_norm_reference, AdamWInput, AdamWOutput};
 
 type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
@@ -117,4 +121,98 @@ where
         moment_1: wrap(m_out),
         moment_2: wrap(v_out),
     }
+}
+
+/// Threads of the one cube that sums one tensor's squares.
+const SUM_THREADS: u32 = 256;
+const LOG2_SUM_THREADS: u32 = 8;
+
+/// Cubes that share one tensor at most (each writes its partial sum to a slot of its own).
+const SUM_CUBES: usize = 64;
+/// Values a cube's thread walks at least before another cube is added.
+const SUM_PER_THREAD: usize = 16;
+
+/// `out[slot · SUM_CUBES + cube] = Σ t_i²` (f32) over the cube's share of `t`: the cubes stride
+/// through the tensor together, so a large adapter (an embedding's `A`, 0.4 M values) spreads
+/// over several multiprocessors while a small one takes one cube.
+#[cube(launch)]
+fn sum_squares_kernel<F: Float>(
+    t: &Tensor<F>,
+    out: &mut Tensor<f32>,
+    slot: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let u = UNIT_POS as usize;
+    let n = t.len();
+    let stride = CUBE_COUNT_X as usize * SUM_THREADS as usize;
+    let rounds = (n + stride - 1) / stride;
+    let start = CUBE_POS_X as usize * SUM_THREADS as usize + u;
+    let mut acc = 0.0f32;
+    for k in 0..rounds {
+        let i = k * stride + start;
+        if i < n {
+            let v = f32::cast_from(t[i]);
+            acc += v * v;
+        }
+    }
+    let mut shared = SharedMemory::<f32>::new(SUM_THREADS as usize);
+    shared[u] = acc;
+    sync_cube();
+    let mut half = (SUM_THREADS as usize / 2).runtime();
+    for _ in 0..LOG2_SUM_THREADS {
+        if u < half {
+            shared[u] = shared[u] + shared[u + half];
+        }
+        sync_cube();
+        half /= 2;
+    }
+    if u == 0 {
+        out[slot as usize * SUM_CUBES + CUBE_POS_X as usize] = shared[0];
+    }
+}
+
+/// One launch a tensor into a zeroed `[tensors · SUM_CUBES]` buffer, then one sum; the
+/// reference for other dtypes.
+pub fn squared_norm<R, F, I, BT>(
+    tensors: Vec<burn::tensor::Tensor<Cb<R, F, I, BT>, 1>>,
+) -> Option<burn::tensor::Tensor<Cb<R, F, I, BT>, 1>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let supported = |t: &burn::tensor::Tensor<Cb<R, F, I, BT>, 1>| {
+        matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    };
+    if tensors.is_empty() || !tensors.iter().all(supported) {
+        return squared_norm_reference(tensors);
+    }
+    let count = tensors.len();
+    let first = prim(tensors[0].clone());
+    let client = first.client.clone();
+    // Slots no cube writes stay zero.
+    let sums = prim(burn::tensor::Tensor::<Cb<R, F, I, BT>, 1>::zeros(
+        [count * SUM_CUBES],
+        (&first.device, DType::F32),
+    ));
+    for (slot, t) in tensors.into_iter().enumerate() {
+        let t = into_contiguous(prim(t));
+        let dtype = t.dtype;
+        let cubes = t
+            .meta
+            .num_elements()
+            .div_ceil(SUM_THREADS as usize * SUM_PER_THREAD)
+            .clamp(1, SUM_CUBES);
+        sum_squares_kernel::launch::<R>(
+            &client,
+            CubeCount::Static(cubes as u32, 1, 1),
+            CubeDim::new_1d(SUM_THREADS),
+            t.into_tensor_arg(),
+            sums.clone().into_tensor_arg(),
+            slot as u32,
+            dtype.into(),
+        );
+    }
+    Some(wrap::<Cb<R, F, I, BT>, 1>(sums).sum())
 }
