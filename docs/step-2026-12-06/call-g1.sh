@@ -1,6 +1,6 @@
 #!/bin/bash
-# Call G1: the fused cross-entropy, the split op and rank-r LoRA scaling (new `bench`, code of
-# 0581c82) against the build before them (`bench_old`, code of 0c7ad04 = calls E3-E5) on one
+# Call G1: the fused cross-entropy, the split op, rank-r LoRA scaling, the one-launch global
+# norm and no zero-filled scan states (new `bench`, code of 41af636) against the build before them (`bench_old`, code of 0c7ad04 = calls E3-E5) on one
 # machine, mamba_ssm beside them; step time at batch 4/8/16 (is the step bound by the host?);
 # a cubecl profile of the new 130m step.
 cd "$(dirname "$0")/../.."
