@@ -58,7 +58,10 @@ fn run<B: AutodiffBackend + MambaBackend>(
     } else {
         let counted = ids.clone().not_equal_elem(-100);
         let safe = ids.mask_fill(counted.clone().bool_not(), 0);
-        -(log_softmax(logits, 1).gather(1, safe.reshape([n, 1])).reshape([n]) * counted.float())
+        -(log_softmax(logits, 1)
+            .gather(1, safe.reshape([n, 1]))
+            .reshape([n])
+            * counted.float())
     };
     let w = Tensor::<B, 1>::from_data(weights.clone(), device);
     let grads = (nll.clone() * w).sum().backward();
@@ -78,8 +81,16 @@ fn cross_entropy_kernels_match_reference() {
         let w = random(&[n], 1.0);
         let (want_nll, want_d) = run::<Autodiff<Cpu>>(&src, &ids, &w, vocab, pad, false, &cpu);
         let (cpu_nll, cpu_d) = run::<Autodiff<Cpu>>(&src, &ids, &w, vocab, pad, true, &cpu);
-        check(&format!("{n}x{vocab} nll (tensor ops)"), cpu_nll, want_nll.clone());
-        check(&format!("{n}x{vocab} dlogits (tensor ops)"), cpu_d, want_d.clone());
+        check(
+            &format!("{n}x{vocab} nll (tensor ops)"),
+            cpu_nll,
+            want_nll.clone(),
+        );
+        check(
+            &format!("{n}x{vocab} dlogits (tensor ops)"),
+            cpu_d,
+            want_d.clone(),
+        );
         poison(n * vocab);
         let (nll, d) = run::<Autodiff<Gpu>>(&src, &ids, &w, vocab, pad, true, &gpu);
         let e_n = check(&format!("{n}x{vocab} nll (kernel)"), nll, want_nll.clone());

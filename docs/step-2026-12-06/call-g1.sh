@@ -1,7 +1,7 @@
 #!/bin/bash
 # Call G1: the fused cross-entropy, the split op, rank-r LoRA scaling, the one-launch global
 # norm and no zero-filled scan states (new `bench`, code of 41af636) against the build before them (`bench_old`, code of 0c7ad04 = calls E3-E5) on one
-# machine, mamba_ssm beside them; step time at batch 4/8/16 (is the step bound by the host?);
+# machine, mamba_ssm beside them; step time at batch 4 and 8 (is the step bound by the host?);
 # a cubecl profile of the new 130m step.
 cd "$(dirname "$0")/../.."
 source docs/cublas-2026-12-06/common.sh
@@ -13,7 +13,6 @@ run new_130m_bf16 90 /tmp/b/bench train --device cuda $M --batch 8 --precision b
 run old_130m_bf16 90 /tmp/b/bench_old train --device cuda $M --batch 8 --precision bf16-mixed
 run new_130m_f32 60 /tmp/b/bench train --device cuda $M --batch 8 --precision f32
 run new_130m_bf16_b4 60 /tmp/b/bench train --device cuda $M --batch 4 --precision bf16-mixed
-run new_130m_bf16_b16 60 /tmp/b/bench train --device cuda $M --batch 16 --precision bf16-mixed
 run new_7b 120 /tmp/b/bench train --device cuda $CS
 run old_7b 90 /tmp/b/bench_old train --device cuda $CS
 cd .devbench/bench

@@ -96,13 +96,7 @@ impl<B: MambaBackend> LoraLinear<B> {
     /// each way (`[tokens, out]` against `[tokens, r]`); exact when the scale is a power of two,
     /// as `lora_alpha = 2 r` makes it.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, c: Compute) -> Tensor<B, D> {
-        let h = c.act(
-            linear(
-                self.dropout.forward(x),
-                c.weight(self.a.val()),
-                None,
-            ) * self.scaling,
-        );
+        let h = c.act(linear(self.dropout.forward(x), c.weight(self.a.val()), None) * self.scaling);
         c.act(linear(h, c.weight(self.b.val()), None))
     }
 }
@@ -139,7 +133,7 @@ impl<B: MambaBackend> LoraEmbedding<B> {
     /// `[batch, seq]` ids → `[batch, seq, hidden]` correction, in the compute dtype `c`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>, c: Compute) -> Tensor<B, 3> {
         let after_a = burn::tensor::module::embedding(c.weight(self.a.val()).transpose(), ids); // [b, l, r]
-        // Scaled at rank r, as in `LoraLinear::forward`.
+                                                                                                // Scaled at rank r, as in `LoraLinear::forward`.
         c.act(linear(
             c.act(after_a * self.scaling),
             c.weight(self.b.val()),

@@ -26,7 +26,10 @@ pub fn chunk_tokens(chunk: usize, vocab: usize, n: usize) -> usize {
 /// Next-token cross-entropy: `logits` `[batch, seq, vocab]`, `labels` `[batch, seq]` (not yet
 /// shifted; `-100` ignored). Position `t` predicts `labels[t + 1]`; the mean runs over counted
 /// labels. Returns `[1]`.
-pub fn causal_lm_loss<B: MambaBackend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+pub fn causal_lm_loss<B: MambaBackend>(
+    logits: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+) -> Tensor<B, 1> {
     let [batch, seq, vocab] = logits.dims();
     if seq < 2 {
         // Nothing to predict: transformers returns NaN (0/0); so do we.

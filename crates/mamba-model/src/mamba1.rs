@@ -126,9 +126,8 @@ impl<B: MambaBackend> Mamba1Mixer<B> {
         let d = &self.dims;
         let i = d.intermediate;
         let proj = self.in_proj.forward(x, c); // [b, l, 2I]
-        let [xs, z]: [Tensor<B, 3>; 2] = B::split_last(proj, &[i, i])
-            .try_into()
-            .expect("two pieces"); // [b, l, I] each
+        let [xs, z]: [Tensor<B, 3>; 2] =
+            B::split_last(proj, &[i, i]).try_into().expect("two pieces"); // [b, l, I] each
         let xs = apply_mask(xs, mask);
         let (conv_state, ssm_state) = match state {
             Some(s) => (Some(s.conv), Some(s.ssm)),
@@ -143,10 +142,9 @@ impl<B: MambaBackend> Mamba1Mixer<B> {
         });
         let xs = apply_mask(c.act(conv.y), mask);
         let params = self.x_proj.forward(xs.clone(), c); // [b, l, R + 2N]
-        let [ts, bm, cm]: [Tensor<B, 3>; 3] =
-            B::split_last(params, &[d.dt_rank, d.state, d.state])
-                .try_into()
-                .expect("three pieces"); // [b, l, R], [b, l, N], [b, l, N]
+        let [ts, bm, cm]: [Tensor<B, 3>; 3] = B::split_last(params, &[d.dt_rank, d.state, d.state])
+            .try_into()
+            .expect("three pieces"); // [b, l, R], [b, l, N], [b, l, N]
         let delta = self.dt_proj.forward(ts, c); // [b, l, I], bias included
         let a = self.a();
         let scan = B::selective_scan(SelectiveScanInput {
