@@ -1,16 +1,21 @@
 #!/bin/bash
-# Call G1: the fused cross-entropy, the split op, rank-r LoRA scaling, the one-launch global
-# norm and no zero-filled scan states (new `bench`, code of 41af636) against the build before them (`bench_old`, code of 0c7ad04 = calls E3-E5) on one
+# Call G1: three builds on one machine: `bench_mid` (code of 41af636: the fused cross-entropy,
+# the split op, rank-r LoRA scaling, the one-launch global norm, no zero-filled scan states),
+# `bench` (the same plus the one-node LoRA layer with cuBLAS accumulation, code of the commit
+# after) against the build before them (`bench_old`, code of 0c7ad04 = calls E3-E5) on one
 # machine, mamba_ssm beside them; step time at batch 4 and 8 (is the step bound by the host?);
 # a cubecl profile of the new 130m step.
 cd "$(dirname "$0")/../.."
 source docs/cublas-2026-12-06/common.sh
-[ -x /tmp/b/bench_old ] || { xz -dc .devbench/bench_old.xz > /tmp/b/bench_old && chmod +x /tmp/b/bench_old; }
+for x in bench_old bench_mid; do
+  [ -x /tmp/b/$x ] || { xz -dc .devbench/$x.xz > /tmp/b/$x && chmod +x /tmp/b/$x; }
+done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> $LOG
 M="--config mamba2-130m --seq 1024 --lora-r 8 --checkpoint-every 0 --warmup 2 --steps 8 --json"
 CS="--config configs/models/mamba-codestral-7b-shape.json --batch 4 --seq 2048 --lora-r 8 --checkpoint-every 1 --warmup 1 --steps 4 --precision bf16-mixed --json"
 run new_130m_bf16 90 /tmp/b/bench train --device cuda $M --batch 8 --precision bf16-mixed
 run old_130m_bf16 90 /tmp/b/bench_old train --device cuda $M --batch 8 --precision bf16-mixed
+run mid_130m_bf16 60 /tmp/b/bench_mid train --device cuda $M --batch 8 --precision bf16-mixed
 run new_130m_f32 60 /tmp/b/bench train --device cuda $M --batch 8 --precision f32
 run new_130m_bf16_b4 60 /tmp/b/bench train --device cuda $M --batch 4 --precision bf16-mixed
 run new_7b 120 /tmp/b/bench train --device cuda $CS

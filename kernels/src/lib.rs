@@ -394,6 +394,34 @@ pub trait MambaBackend: Backend {
         linear::matmul_t_reference(a, b, ta, tb)
     }
 
+    /// `acc + op(a) · op(b)` ([`matmul_t`](MambaBackend::matmul_t)'s operands). On CUDA the
+    /// product is added into `acc`'s memory by cuBLAS (`beta = 1`) when nothing else holds `acc`:
+    /// no separate product and add.
+    fn matmul_t_into(
+        acc: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        ta: bool,
+        tb: bool,
+    ) -> Tensor<Self, 2> {
+        acc + Self::matmul_t(a, b, ta, tb)
+    }
+
+    /// A linear layer with a LoRA adapter and no dropout: `x · wᵀ + bias + (s · x · aᵀ) · bᵀ`,
+    /// `a` `[r, in]`, `b` `[out, r]`, `s` the adapter's scaling (applied to the rank-`r`
+    /// activation). Autodiff backends make it one node ([`linear::lora_linear`]) whose products
+    /// add into each other's outputs ([`matmul_t_into`](MambaBackend::matmul_t_into)) both ways.
+    fn lora_linear(
+        x: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        scale: f64,
+    ) -> Tensor<Self, 2> {
+        linear::lora_forward::<Self>(x, w, bias, a, b, scale)
+    }
+
     /// A linear layer in PyTorch's layout: `x · wᵀ + bias`, `x` `[rows, in]`, `w` `[out, in]`,
     /// `bias` `[out]`. Through [`matmul_t`](MambaBackend::matmul_t), so no transposed copy of `w`
     /// is made; autodiff backends make it one node whose backward is two more `matmul_t`s
@@ -646,6 +674,17 @@ impl<B: MambaBackend, C: CheckpointStrategy> MambaBackend for Autodiff<B, C> {
         linear::linear::<B, C>(x, w, bias)
     }
 
+    fn lora_linear(
+        x: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        scale: f64,
+    ) -> Tensor<Self, 2> {
+        linear::lora_linear::<B, C>(x, w, bias, a, b, scale)
+    }
+
     fn rms_norm(x: Tensor<Self, 3>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
         norm::rms_norm::<B, C>(x, w, eps)
     }
@@ -884,6 +923,27 @@ where
             return cube::wrap(out);
         }
         linear::matmul_t_reference(a, b, ta, tb)
+    }
+
+    fn matmul_t_into(
+        acc: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        ta: bool,
+        tb: bool,
+    ) -> Tensor<Self, 2> {
+        #[cfg(feature = "cuda")]
+        let acc = match cube::cublas::matmul_t_into(
+            acc.into_primitive().tensor(),
+            &a.clone().into_primitive().tensor(),
+            &b.clone().into_primitive().tensor(),
+            ta,
+            tb,
+        ) {
+            Ok(out) => return cube::wrap(out),
+            Err(acc) => cube::wrap(acc),
+        };
+        acc + Self::matmul_t(a, b, ta, tb)
     }
 
     fn norm_forward(

@@ -144,3 +144,130 @@ pub fn linear<B: MambaBackend, C: CheckpointStrategy>(
         None => y,
     }
 }
+
+/// [`MambaBackend::lora_linear`] as products: `h = s · x · aᵀ` (`[rows, r]`), `y = x · wᵀ`, then
+/// `y += h · bᵀ` in `y`'s memory where the backend can ([`MambaBackend::matmul_t_into`]).
+pub fn lora_forward<B: MambaBackend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    scale: f64,
+) -> Tensor<B, 2> {
+    let h = B::matmul_t(x.clone(), a, false, true) * scale;
+    let y = B::matmul_t_into(B::matmul_t(x, w, false, true), h, b, false, true);
+    match bias {
+        Some(bias) => y + bias.unsqueeze::<2>(),
+        None => y,
+    }
+}
+
+/// What the LoRA layer's backward keeps: `x` (for `dw`, `da`), `w` and `a` (for `dx`), `b` (for
+/// the adapter's input gradient), `h = s · x · aᵀ` (for `db`), each only when a gradient needs it;
+/// and the scale.
+type LoraState<B> = (
+    Option<FloatTensor<B>>,
+    Option<FloatTensor<B>>,
+    Option<FloatTensor<B>>,
+    Option<FloatTensor<B>>,
+    Option<FloatTensor<B>>,
+    f64,
+);
+
+#[derive(Debug)]
+struct LoraBackward;
+
+impl<B: MambaBackend> Backward<B, 4> for LoraBackward {
+    type State = LoraState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = inner::<B, 2>(grads.consume::<B>(&ops.node)); // [rows, out]
+        let (x, w, a, b, h, scale) = ops.state;
+        let [nx, nw, na, nb] = ops.parents;
+        // g = s · dy · b: the gradient at the adapter's rank-r activation (before the scale).
+        let g = b.map(|b| B::matmul_t(dy.clone(), inner(b), false, false) * scale); // [rows, r]
+        if let (Some(n), Some(w), Some(a), Some(g)) = (nx, w, a, g.clone()) {
+            // dx = dy · w + g · a, the second product added into the first's output.
+            let dx = B::matmul_t(dy.clone(), inner(w), false, false);
+            let dx = B::matmul_t_into(dx, g, inner(a), false, false);
+            grads.register::<B>(n.id, prim(dx));
+        }
+        if let (Some(n), Some(x)) = (nw, x.clone()) {
+            grads.register::<B>(n.id, prim(B::matmul_t(dy.clone(), inner(x), true, false)));
+        }
+        if let (Some(n), Some(x), Some(g)) = (na, x, g) {
+            // da = gᵀ · x: [r, in]
+            grads.register::<B>(n.id, prim(B::matmul_t(g, inner(x), true, false)));
+        }
+        if let (Some(n), Some(h)) = (nb, h) {
+            // db = dyᵀ · h: [out, r]
+            grads.register::<B>(n.id, prim(B::matmul_t(dy, inner(h), true, false)));
+        }
+    }
+}
+
+/// [`MambaBackend::lora_linear`] on `Autodiff<B>`: the base product and the adapter's two as one
+/// node, whose forward adds the adapter's output into the base's (`y += h · bᵀ`) and whose
+/// backward adds the adapter's input gradient into the base's (`dx += g · a`), where burn's ops
+/// would make each a separate tensor and an add, a pass over `[rows, out]` forward and over
+/// `[rows, in]` backward. The bias is an ordinary (differentiated) add.
+pub fn lora_linear<B: MambaBackend, C: CheckpointStrategy>(
+    x: Tensor<Autodiff<B, C>, 2>,
+    w: Tensor<Autodiff<B, C>, 2>,
+    bias: Option<Tensor<Autodiff<B, C>, 1>>,
+    a: Tensor<Autodiff<B, C>, 2>,
+    b: Tensor<Autodiff<B, C>, 2>,
+    scale: f64,
+) -> Tensor<Autodiff<B, C>, 2> {
+    let [x, w, a, b] = [x, w, a, b].map(|t| t.into_primitive().tensor());
+    let tracked = [&x, &w, &a, &b].map(|t| t.is_tracked());
+    let [tx, tw, ta, tb] = tracked;
+    let h = B::matmul_t(
+        inner(x.primitive.clone()),
+        inner(a.primitive.clone()),
+        false,
+        true,
+    ) * scale;
+    let y = B::matmul_t(
+        inner(x.primitive.clone()),
+        inner(w.primitive.clone()),
+        false,
+        true,
+    );
+    let out = match LoraBackward
+        .prepare::<C>([
+            x.node.clone(),
+            w.node.clone(),
+            a.node.clone(),
+            b.node.clone(),
+        ])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let state: LoraState<B> = (
+                (tw || ta).then(|| x.primitive.clone()),
+                tx.then(|| w.primitive.clone()),
+                tx.then(|| a.primitive.clone()),
+                (tx || ta).then(|| b.primitive.clone()),
+                tb.then(|| prim(h.clone())),
+                scale,
+            );
+            let y = B::matmul_t_into(y, h, inner(b.primitive), false, true);
+            prep.finish(state, prim(y))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(prim(B::matmul_t_into(
+            y,
+            h,
+            inner(b.primitive),
+            false,
+            true,
+        ))),
+    };
+    let y = Tensor::from_primitive(TensorPrimitive::Float(out));
+    match bias {
+        Some(bias) => y + bias.unsqueeze::<2>(),
+        None => y,
+    }
+}

@@ -90,6 +90,11 @@ impl<B: Backend> LoraLinear<B> {
 }
 
 impl<B: MambaBackend> LoraLinear<B> {
+    /// Whether dropout changes the adapter's input here (a positive rate, under autodiff).
+    pub fn dropout_active<const D: usize>(&self, x: &Tensor<B, D>) -> bool {
+        self.dropout.prob > 0.0 && B::ad_enabled(&x.device())
+    }
+
     /// `scaling · B A dropout(x)` over the last dimension, in the compute dtype `c` (the f32
     /// masters `A`, `B` cast at use). The scale multiplies the rank-`r` activation `A x`, not
     /// the layer-wide output (PEFT's order): the same product, without a pass over the output

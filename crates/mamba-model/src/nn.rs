@@ -47,6 +47,21 @@ impl<B: MambaBackend> Linear<B> {
     /// dtype `c` (input, weights and output; the weights cast at use).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, c: Compute) -> Tensor<B, D> {
         let x = c.act(x);
+        if let Some(l) = self.lora.as_ref().filter(|l| !l.dropout_active(&x)) {
+            // Without dropout the adapter reads `x` itself: one op for the base and the adapter.
+            let mut dims = x.dims();
+            let rows = dims[..D - 1].iter().product::<usize>();
+            dims[D - 1] = self.d_out();
+            let y = B::lora_linear(
+                x.reshape([rows, self.d_in()]),
+                c.weight(self.weight.val()),
+                self.bias.as_ref().map(|b| c.weight(b.val())),
+                c.weight(l.a.val()),
+                c.weight(l.b.val()),
+                l.scaling,
+            );
+            return c.act(y.reshape(dims));
+        }
         let base = c.act(linear(
             x.clone(),
             c.weight(self.weight.val()),

@@ -469,7 +469,7 @@ pub fn matmul_t<R: CubeRuntime>(
     if 2.0 * m as f64 * n as f64 * (k as f64) < cublas_min_flop() {
         return None;
     }
-    match gemm(a.clone(), b.clone(), ta, tb, [m, n, k]) {
+    match gemm(a.clone(), b.clone(), ta, tb, [m, n, k], None) {
         Ok(out) => (Box::new(out) as Box<dyn Any>)
             .downcast::<CubeTensor<R>>()
             .ok()
@@ -481,12 +481,75 @@ pub fn matmul_t<R: CubeRuntime>(
     }
 }
 
+/// `acc += op(a) · op(b)` by cuBLAS in `acc`'s own memory (`beta = 1`), under the conditions of
+/// [`matmul_t`] and when `acc` is a contiguous `[m, n]` tensor of the operands' dtype that
+/// nothing else holds (a fresh product); `Err(acc)` hands it back untouched otherwise.
+pub fn matmul_t_into<R: CubeRuntime>(
+    acc: CubeTensor<R>,
+    a: &CubeTensor<R>,
+    b: &CubeTensor<R>,
+    ta: bool,
+    tb: bool,
+) -> Result<CubeTensor<R>, CubeTensor<R>> {
+    let (Some(a), Some(b)) = (
+        (a as &dyn Any).downcast_ref::<CubeTensor<CudaRuntime>>(),
+        (b as &dyn Any).downcast_ref::<CubeTensor<CudaRuntime>>(),
+    ) else {
+        return Err(acc);
+    };
+    if a.dtype != b.dtype
+        || a.dtype != acc.dtype
+        || cuda_type(a.dtype).is_none()
+        || !cublas_active()
+    {
+        return Err(acc);
+    }
+    let (sa, _) = dims(a);
+    let (sb, _) = dims(b);
+    let (m, k) = if ta { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
+    let (kb, n) = if tb { (sb[1], sb[0]) } else { (sb[0], sb[1]) };
+    let shape = acc.meta.shape();
+    let fits = shape.num_dims() == 2
+        && shape[0] == m
+        && shape[1] == n
+        && acc.meta.strides()[1] == 1
+        && acc.meta.strides()[0] == n
+        && acc.can_mut();
+    if !fits
+        || k != kb
+        || m == 0
+        || n == 0
+        || k == 0
+        || [m, n, k].iter().any(|&d| d > i32::MAX as usize)
+        || 2.0 * m as f64 * n as f64 * (k as f64) < cublas_min_flop()
+    {
+        return Err(acc);
+    }
+    let acc = match (Box::new(acc) as Box<dyn Any>).downcast::<CubeTensor<CudaRuntime>>() {
+        Ok(t) => *t,
+        Err(_) => unreachable!("a and b are CUDA tensors, so acc is"),
+    };
+    match gemm(a.clone(), b.clone(), ta, tb, [m, n, k], Some(acc.clone())) {
+        Ok(out) => Ok(*(Box::new(out) as Box<dyn Any>)
+            .downcast::<CubeTensor<R>>()
+            .expect("R is CUDA")),
+        Err(why) => {
+            // cuBLAS did not run; `acc` is as it was.
+            disable(&why);
+            Err(*(Box::new(acc) as Box<dyn Any>)
+                .downcast::<CubeTensor<R>>()
+                .expect("R is CUDA"))
+        }
+    }
+}
+
 fn gemm(
     a: CubeTensor<CudaRuntime>,
     b: CubeTensor<CudaRuntime>,
     ta: bool,
     tb: bool,
     [m, n, k]: [usize; 3],
+    acc: Option<CubeTensor<CudaRuntime>>,
 ) -> Result<CubeTensor<CudaRuntime>, String> {
     let dtype = a.dtype;
     let ty = cuda_type(dtype).ok_or("unsupported dtype")?;
@@ -494,7 +557,11 @@ fn gemm(
     let (b, lb) = readable(b);
     let client = a.client.clone();
     let index = a.device.index;
-    let out = empty_device_contiguous_dtype(client.clone(), a.device.clone(), [m, n].into(), dtype);
+    // With `acc` (contiguous `[m, n]`, checked by the caller) the product is added into it.
+    let beta = if acc.is_some() { 1.0f32 } else { 0.0f32 };
+    let out = acc.unwrap_or_else(|| {
+        empty_device_contiguous_dtype(client.clone(), a.device.clone(), [m, n].into(), dtype)
+    });
 
     // Pointers to the operands' memory. `get_resource` also makes this thread's stream wait for
     // any other cubecl stream that last wrote them, and, being a blocking call to cubecl's server
@@ -522,7 +589,7 @@ fn gemm(
         (DType::F32, F32Matmul::High) => cb::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
         _ => cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
     };
-    let (alpha, beta) = (1.0f32, 0.0f32);
+    let alpha = 1.0f32;
     let product = |blas: &Blas| {
         // SAFETY: the pointers are live device allocations of the stated shapes and leading
         // dimensions, ordered after the kernels that wrote them and before those that read `c`.
