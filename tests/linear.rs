@@ -195,14 +195,11 @@ fn lora_node_matches_burn<B: MambaBackend>(device: &B::Device) {
         ([true, false, false, true], false),
     ] {
         let what = format!("{} lora (trains {train:?}, bias {bias})", B::name(device));
-        fn leaves<C: Backend>(
+        fn leaves<C: burn::tensor::backend::AutodiffBackend>(
             d: &[TensorData; 5],
             train: [bool; 4],
             dev: &C::Device,
-        ) -> Vec<Tensor<C, 2>>
-        where
-            C: burn::tensor::backend::AutodiffBackend,
-        {
+        ) -> Vec<Tensor<C, 2>> {
             (0..4)
                 .map(|i| {
                     let t = Tensor::<C, 2>::from_data(d[i].clone(), dev);

@@ -23,6 +23,9 @@ use crate::loss::{nll_backward_reference, nll_forward_reference};
 
 type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
+/// Two `[n]` tensors: each row's NLL and its log-sum-exp.
+type RowPair<R, F, I, BT> = (BTensor<Cb<R, F, I, BT>, 1>, BTensor<Cb<R, F, I, BT>, 1>);
+
 /// Threads per cube (a power of two: the shared merge halves it [`LOG2_THREADS`] times).
 const THREADS: u32 = 256;
 const LOG2_THREADS: u32 = 8;
@@ -176,7 +179,7 @@ fn f32_of<B: burn::tensor::backend::Backend>(t: BTensor<B, 1>) -> BTensor<B, 1> 
 pub fn nll_forward<R, F, I, BT>(
     logits: BTensor<Cb<R, F, I, BT>, 2>,
     labels: BTensor<Cb<R, F, I, BT>, 1, Int>,
-) -> (BTensor<Cb<R, F, I, BT>, 1>, BTensor<Cb<R, F, I, BT>, 1>)
+) -> RowPair<R, F, I, BT>
 where
     R: CubeRuntime,
     F: FloatElement,
