@@ -138,7 +138,8 @@ impl<B: MambaBackend> LoraEmbedding<B> {
     /// `[batch, seq]` ids → `[batch, seq, hidden]` correction, in the compute dtype `c`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>, c: Compute) -> Tensor<B, 3> {
         let after_a = burn::tensor::module::embedding(c.weight(self.a.val()).transpose(), ids); // [b, l, r]
-                                                                                                // Scaled at rank r, as in `LoraLinear::forward`.
+
+        // Scaled at rank r, as in `LoraLinear::forward`.
         c.act(linear(
             c.act(after_a * self.scaling),
             c.weight(self.b.val()),

@@ -148,7 +148,6 @@ pub fn no_decay_ids<B: burn::tensor::backend::Backend>(model: &MambaLM<B>) -> Ha
     ids
 }
 
-/// Sum of squared gradients.
 /// The gradients of the parameters, flattened, in the model's order: what the global norm is
 /// taken over ([`MambaBackend::squared_norm`]).
 struct FlatGrads<'a, B: AutodiffBackend> {
