@@ -16,5 +16,6 @@ for L in 2 6; do for S in 1 2 1; do
   timeout 900 "$BIN" train --device wgpu --config "$HERE/mamba2-tiny-$L-layers.json" --batch 2 --seq 128 \
     --lora-r 8 --checkpoint-every 0 --warmup 0 --steps $S --precision f32 > "out_${TAG}_${L}_${S}.txt" 2>&1
   cp prof.log "prof_${TAG}_${L}_${S}.log"
-  echo "$TAG L$L steps$S: $(grep -c '^|' prof.log) launches"
+  # Kernel lines only (`| time | kernel | ...`); cubecl also prints a summary table at exit.
+  echo "$TAG L$L steps$S: $(grep -cE '^\|\s*[0-9.]+\S*\s*\|' prof.log) launches"
 done; done
