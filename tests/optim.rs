@@ -37,7 +37,13 @@ fn adamw_kernel_matches_reference() {
     let v = Tensor::<Cpu, 1>::from_data(data[3].clone(), &cpu)
         .abs()
         .into_data();
-    for (time, with_state, grad_scale, decay) in [(1, false, 1.0, 1.0), (7, true, 0.37, 0.999)] {
+    // The last case's gradient factor comes from the device (the clipping factor), beside a
+    // host scale.
+    for (time, with_state, grad_scale, decay, factor) in [
+        (1, false, 1.0, 1.0, None),
+        (7, true, 0.37, 0.999, None),
+        (3, true, 0.5, 1.0, Some(0.74f32)),
+    ] {
         let scalars = AdamWScalars {
             lr: 3e-3,
             beta_1: 0.9,
@@ -51,6 +57,7 @@ fn adamw_kernel_matches_reference() {
             d: &[burn::tensor::TensorData],
             v: &burn::tensor::TensorData,
             with_state: bool,
+            factor: Option<f32>,
             scalars: AdamWScalars,
             device: &B::Device,
         ) -> AdamWInput<B> {
@@ -59,13 +66,24 @@ fn adamw_kernel_matches_reference() {
                 param: t(&d[0]),
                 grad: t(&d[1]),
                 moments: with_state.then(|| (t(&d[2]), t(v))),
+                device_scale: factor.map(|f| Tensor::<B, 1>::from_floats([f], device)),
                 scalars,
             }
         }
-        let want = adamw_reference(input::<Cpu>(&data, &v, with_state, scalars, &cpu));
+        let want = adamw_reference(input::<Cpu>(&data, &v, with_state, factor, scalars, &cpu));
+        if let Some(f) = factor {
+            // The reference applies the device factor as a host scale of the same product.
+            let folded = AdamWScalars {
+                grad_scale: grad_scale * f as f64,
+                ..scalars
+            };
+            let host = adamw_reference(input::<Cpu>(&data, &v, with_state, None, folded, &cpu));
+            let e = check("device factor as a host scale", want.param.clone(), host.param);
+            assert!(e < 1e-6, "{e:e}");
+        }
         poison(n);
-        let got = Gpu::adamw_step(input::<Gpu>(&data, &v, with_state, scalars, &gpu));
-        let what = format!("adamw t={time} state={with_state}");
+        let got = Gpu::adamw_step(input::<Gpu>(&data, &v, with_state, factor, scalars, &gpu));
+        let what = format!("adamw t={time} state={with_state} factor={factor:?}");
         let e = [
             check(&format!("{what} param"), got.param, want.param),
             check(&format!("{what} m"), got.moment_1, want.moment_1),
@@ -131,12 +149,15 @@ fn adamw_matches_burn_adamw_and_its_record() {
             a = burn_opt.step(lr, a, ga);
             b = Optimizer::step(&mut ours, lr, b, gb);
         } else {
+            // The last steps' clipping factor is on the device, as the training step hands it.
             let scaling = Scaling {
                 grad_scale: 0.25,
+                device_scale: (step >= 5)
+                    .then(|| Tensor::<Cpu, 1>::from_floats([0.8], &Default::default())),
                 weight_decay: 0.1,
                 skip_decay: Some(&skip),
             };
-            a = burn_opt.step_scaled(lr, a, ga, scaling);
+            a = burn_opt.step_scaled(lr, a, ga, scaling.clone());
             b = ours.step_scaled(lr, b, gb, scaling);
         }
         same(&format!("step {step}"), &a, &b);

@@ -18,6 +18,10 @@ pub struct AdamWInput<B: Backend> {
     pub grad: Tensor<B, 1>,
     /// The moments before this step; `None` before the first.
     pub moments: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    /// A factor the gradient is multiplied by besides `scalars.grad_scale`, `[1]` f32 on the
+    /// device: the step's clipping factor, computed there so that the host does not wait for
+    /// the global norm before it issues the update.
+    pub device_scale: Option<Tensor<B, 1>>,
     pub scalars: AdamWScalars,
 }
 
@@ -60,12 +64,20 @@ pub fn adamw_reference<B: Backend>(input: AdamWInput<B>) -> AdamWOutput<B> {
         param,
         grad,
         moments,
+        device_scale,
         scalars: s,
     } = input;
     let grad = if s.grad_scale == 1.0 {
         grad
     } else {
         grad * s.grad_scale
+    };
+    let grad = match device_scale {
+        Some(f) => {
+            let dtype = grad.dtype();
+            grad * f.cast(dtype)
+        }
+        None => grad,
     };
     let (f1, f2) = (1.0 - s.beta_1, 1.0 - s.beta_2);
     let (m, v) = match moments {

@@ -2,8 +2,7 @@
 //!
 //! burn's `OptimizerAdaptor<AdamW>` updates a parameter in ~14 tensor ops, and the step's
 //! gradient scale (mean over micro-batches, clipping) and decoupled weight decay add two more:
-//! ~16 launches a parameter, issued while the device waits (the step reads its loss back before
-//! the update). At LoRA's hundred-odd small tensors that was a third of a mamba2-130m step's
+//! ~16 launches a parameter. At LoRA's hundred-odd small tensors that was a third of a mamba2-130m step's
 //! launches. [`AdamW`] folds all of it into [`MambaBackend::adamw_step`] (one kernel on cube
 //! backends, the same tensor ops elsewhere) and keeps its state as burn's adaptor does, in the
 //! same record type, so optimizer checkpoints written by either load into the other.
@@ -28,23 +27,29 @@ use mamba_model::MambaBackend;
 pub type AdamWRecord<A> = HashMap<ParamId, AdaptorRecord<burn::optim::AdamW, A>>;
 
 /// What a step folds into the update besides AdamW itself.
-#[derive(Debug, Clone, Copy)]
-pub struct Scaling<'a> {
+#[derive(Debug, Clone)]
+pub struct Scaling<'a, B: Backend> {
     /// Every gradient is multiplied by this first.
     pub grad_scale: f64,
+    /// And by this `[1]` f32 tensor on the device (the clipping factor, which the step computes
+    /// there so that it never waits for the global norm before issuing the update).
+    pub device_scale: Option<Tensor<B, 1>>,
     /// Decoupled weight decay: a parameter is multiplied by `1 − lr · weight_decay` before
     /// the update, except those in `skip_decay`.
     pub weight_decay: f64,
     pub skip_decay: Option<&'a HashSet<ParamId>>,
 }
 
-impl Scaling<'_> {
+impl<B: Backend> Scaling<'static, B> {
     /// No scale, no decay.
-    pub const NONE: Scaling<'static> = Scaling {
-        grad_scale: 1.0,
-        weight_decay: 0.0,
-        skip_decay: None,
-    };
+    pub fn none() -> Self {
+        Scaling {
+            grad_scale: 1.0,
+            device_scale: None,
+            weight_decay: 0.0,
+            skip_decay: None,
+        }
+    }
 }
 
 /// An optimizer the training step can hand its gradient scale and weight decay to.
@@ -55,7 +60,7 @@ pub trait ScaledStep<M: AutodiffModule<A>, A: AutodiffBackend>: Optimizer<M, A> 
         lr: LearningRate,
         module: M,
         grads: GradientsParams,
-        scaling: Scaling,
+        scaling: Scaling<A::InnerBackend>,
     ) -> M;
 }
 
@@ -105,7 +110,7 @@ struct Mapper<'a, A: AutodiffBackend> {
     records: &'a mut AdamWRecord<A>,
     grads: Grads,
     lr: LearningRate,
-    scaling: Scaling<'a>,
+    scaling: Scaling<'a, A::InnerBackend>,
 }
 
 impl<A> ModuleMapper<A> for Mapper<'_, A>
@@ -150,6 +155,7 @@ where
             param: inner.reshape([n]),
             grad: grad.reshape([n]),
             moments,
+            device_scale: self.scaling.device_scale.clone(),
             scalars: AdamWScalars {
                 lr: self.lr,
                 beta_1,
@@ -188,7 +194,7 @@ where
         lr: LearningRate,
         module: M,
         grads: Grads,
-        scaling: Scaling,
+        scaling: Scaling<A::InnerBackend>,
     ) -> M {
         module.map(&mut Mapper {
             optim: (self.beta_1, self.beta_2, self.epsilon),
@@ -209,11 +215,11 @@ where
     type Record = AdamWRecord<A>;
 
     fn step(&mut self, lr: LearningRate, module: M, grads: GradientsParams) -> M {
-        self.run(lr, module, Grads::Single(grads), Scaling::NONE)
+        self.run(lr, module, Grads::Single(grads), Scaling::none())
     }
 
     fn step_multi(&mut self, lr: LearningRate, module: M, grads: MultiGradientsParams) -> M {
-        self.run(lr, module, Grads::Multi(grads), Scaling::NONE)
+        self.run(lr, module, Grads::Multi(grads), Scaling::none())
     }
 
     fn to_record(&self) -> Self::Record {
@@ -237,7 +243,7 @@ where
         lr: LearningRate,
         module: M,
         grads: GradientsParams,
-        scaling: Scaling,
+        scaling: Scaling<A::InnerBackend>,
     ) -> M {
         self.run(lr, module, Grads::Single(grads), scaling)
     }
@@ -255,12 +261,18 @@ where
         lr: LearningRate,
         module: M,
         mut grads: GradientsParams,
-        scaling: Scaling,
+        scaling: Scaling<A::InnerBackend>,
     ) -> M {
         if scaling.grad_scale != 1.0 {
             module.visit(&mut Scale {
                 grads: &mut grads,
                 factor: scaling.grad_scale,
+            });
+        }
+        if let Some(factor) = scaling.device_scale {
+            module.visit(&mut ScaleBy {
+                grads: &mut grads,
+                factor,
             });
         }
         let module = if scaling.weight_decay > 0.0 {
@@ -285,6 +297,25 @@ impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for Scale<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
             self.grads.register(param.id, g * self.factor);
+        }
+    }
+}
+
+/// Multiply every gradient by a `[1]` f32 factor on the device.
+struct ScaleBy<'a, B: Backend> {
+    grads: &'a mut GradientsParams,
+    factor: Tensor<B, 1>,
+}
+
+impl<A: AutodiffBackend> burn::module::ModuleVisitor<A> for ScaleBy<'_, A::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
+        if let Some(g) = self.grads.remove::<A::InnerBackend, D>(param.id) {
+            let f = self
+                .factor
+                .clone()
+                .cast(g.dtype())
+                .reshape([1; D]);
+            self.grads.register(param.id, g * f);
         }
     }
 }

@@ -13,7 +13,7 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use mamba_data::Batch;
 use mamba_kernels::BackwardWith;
 use mamba_model::{BackpropOptions, MambaBackend, MambaLM, Mixer};
@@ -46,6 +46,22 @@ pub struct StepReport {
     pub targets: usize,
     /// Tokens fed (rows × seq_len, padding included), the usual tokens/s numerator.
     pub tokens: usize,
+    /// Where the step's time went on the calling thread.
+    pub times: StepTimes,
+}
+
+/// A step's wall time on the calling thread, by phase. The step issues all its device work
+/// before it reads anything back (its loss and gradient norm, in one read at the end), so
+/// `issue_s` is the host's share and `wait_s` how long the device ran on after the host was
+/// done; a step whose `wait_s` is near zero is bound by the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimes {
+    /// Issuing the micro-batches' forward and backward (host work, no waiting, on one device).
+    pub forward_backward_s: f64,
+    /// Issuing the clipping norm and the optimizer update.
+    pub update_s: f64,
+    /// The one read at the end: waiting for the device to finish the step.
+    pub wait_s: f64,
 }
 
 #[derive(Debug)]
@@ -54,6 +70,8 @@ pub enum StepError {
     OutOfMemory(String),
     /// A non-finite loss.
     NonFinite(f64),
+    /// A finite loss with a non-finite gradient norm (an overflow in the backward).
+    NonFiniteNorm(f64),
     /// Another data-parallel rank's step failed (that rank's error says how).
     PeerFailed,
     Other(anyhow::Error),
@@ -254,6 +272,7 @@ where
         return Err(StepError::NonFinite(f64::NAN));
     }
     // Any device allocation failure in the forward/backward, at issue or at a sync.
+    let issued = std::time::Instant::now();
     let local = if simulated {
         Err(StepError::OutOfMemory(format!(
             "can't allocate buffer of size: 1073741824 (simulated by {SIMULATE_OOM_ENV})"
@@ -262,12 +281,18 @@ where
         guard_oom(|| forward_backward(&model, shares, step, rank, settings, device))
     };
     let accum_n = shares.len().max(1) as f64;
+    // One device: the loss stays there until the end of the step. Data-parallel: the ranks
+    // share whether their forward/backward failed and their loss before the gradients.
     let (grads, loss) = match peer {
         None => {
             let (grads, part) = local?;
-            (grads, part / accum_n)
+            (grads, Loss::OnDevice(part))
         }
         Some(peer) => {
+            // The ranks exchange their parts now, so each reads its own first.
+            let local = local.and_then(|(grads, part)| {
+                guard_oom(|| Ok((grads, read_values(vec![part])[0])))
+            });
             let (failed, part) = match &local {
                 Ok((_, part)) => (0.0, *part),
                 Err(_) => (1.0, 0.0),
@@ -279,30 +304,88 @@ where
             if sums[0] > 0.0 {
                 return Err(StepError::PeerFailed);
             }
-            (grads, sums[1] / accum_n)
+            let loss = sums[1] / accum_n;
+            if !loss.is_finite() {
+                return Err(StepError::NonFinite(loss));
+            }
+            (grads, Loss::Read(loss))
         }
     };
-    if !loss.is_finite() {
-        return Err(StepError::NonFinite(loss));
-    }
     let grads = match peer {
         Some(peer) => guard_oom(|| peer.sum_grads(&model, grads).map_err(StepError::Other))?,
         None => grads,
     };
-    guard_oom(|| {
-        let (model, grad_norm) =
-            clip_and_update(model, optim, grads, accum_n, lr, settings, skip_decay);
-        mamba_kernels::memory::sample::<A>(device);
-        Ok((
-            model,
-            StepReport {
-                loss,
-                grad_norm,
-                targets: shares.iter().map(|s| s.micro_targets).sum(),
-                tokens: shares.iter().map(|s| s.micro_tokens).sum(),
-            },
+    let forward_backward_s = issued.elapsed().as_secs_f64();
+    let updated = std::time::Instant::now();
+    let (model, norm) = guard_oom(|| {
+        Ok(clip_and_update(
+            model, optim, grads, accum_n, lr, settings, skip_decay,
         ))
-    })
+    })?;
+    let update_s = updated.elapsed().as_secs_f64();
+    // The step's one read: the loss (one device) and the norm, after everything is issued.
+    let waited = std::time::Instant::now();
+    let (loss, grad_norm) = guard_oom(|| {
+        let mut read = Vec::with_capacity(2);
+        if let Loss::OnDevice(t) = &loss {
+            read.push(t.clone());
+        }
+        read.extend(norm.clone());
+        let values = read_values(read);
+        let mut values = values.into_iter();
+        let loss = match loss {
+            Loss::OnDevice(_) => values.next().expect("read") / accum_n,
+            Loss::Read(v) => v,
+        };
+        let norm = values.next().map_or(0.0, |sq| sq.sqrt() / accum_n);
+        mamba_kernels::memory::sample::<A>(device);
+        Ok((loss, norm))
+    })?;
+    let wait_s = waited.elapsed().as_secs_f64();
+    // The update was issued with these in its factor: a non-finite loss or norm made it
+    // non-finite too, so the model is not handed back (the caller stops with the error).
+    if !loss.is_finite() {
+        return Err(StepError::NonFinite(loss));
+    }
+    if !grad_norm.is_finite() {
+        return Err(StepError::NonFiniteNorm(grad_norm));
+    }
+    Ok((
+        model,
+        StepReport {
+            loss,
+            grad_norm,
+            targets: shares.iter().map(|s| s.micro_targets).sum(),
+            tokens: shares.iter().map(|s| s.micro_tokens).sum(),
+            times: StepTimes {
+                forward_backward_s,
+                update_s,
+                wait_s,
+            },
+        },
+    ))
+}
+
+/// A step's loss: still on the device (`[1]`, the weighted sum over micro-batches) or already
+/// read (data-parallel, where the ranks share it before the gradients).
+enum Loss<B: burn::tensor::backend::Backend> {
+    OnDevice(Tensor<B, 1>),
+    Read(f64),
+}
+
+/// `[1]` tensors read back to the host in one transfer (one wait for the device).
+fn read_values<B: burn::tensor::backend::Backend>(values: Vec<Tensor<B, 1>>) -> Vec<f64> {
+    if values.is_empty() {
+        return Vec::new();
+    }
+    let values: Vec<Tensor<B, 1>> = values
+        .into_iter()
+        .map(|t| t.cast(burn::tensor::DType::F32))
+        .collect();
+    Tensor::cat(values, 0)
+        .into_data()
+        .iter::<f64>()
+        .collect()
 }
 
 /// `MAMBA_SIMULATE_OOM_AT_STEP` = `N` (every rank) or `N@R` (rank R only).
@@ -322,7 +405,7 @@ fn forward_backward<A>(
     rank: usize,
     settings: &StepSettings,
     device: &A::Device,
-) -> Result<(GradientsParams, f64), StepError>
+) -> Result<(GradientsParams, Tensor<A::InnerBackend, 1>), StepError>
 where
     A: AutodiffBackend + MambaBackend + BackwardWith,
     A::InnerBackend: MambaBackend,
@@ -338,7 +421,7 @@ where
         seed.wrapping_add(step).wrapping_mul(0x2545_F491_4F6C_DD1D),
     );
     let mut accum = GradientsAccumulator::<MambaLM<A>>::new();
-    let mut loss_sum = 0.0;
+    let mut loss_sum: Option<Tensor<A::InnerBackend, 1>> = None;
     for (micro, share) in shares.iter().enumerate() {
         let batch = &share.batch;
         let weight = batch.tokens as f64 / share.micro_targets as f64;
@@ -355,11 +438,14 @@ where
             ..settings.backprop
         };
         let out = model.loss_and_grads(ids, labels, opts);
-        let value: f64 = out.loss.into_scalar().elem();
-        if !value.is_finite() {
-            return Err(StepError::NonFinite(value));
-        }
-        loss_sum += weight * value;
+        // Read at the end of the step (with the gradient norm), not here: a read now would
+        // leave the device idle while the host issues the update.
+        let part = out.loss.cast(burn::tensor::DType::F32);
+        let part = if weight == 1.0 { part } else { part * weight };
+        loss_sum = Some(match loss_sum {
+            Some(sum) => sum + part,
+            None => part,
+        });
         let mut grads = out.grads;
         if weight != 1.0 {
             model.visit(&mut Scale {
@@ -369,6 +455,7 @@ where
         }
         accum.accumulate(model, grads);
     }
+    let loss_sum = loss_sum.unwrap_or_else(|| Tensor::zeros([1], device));
     Ok((accum.grads(), loss_sum))
 }
 
@@ -388,9 +475,12 @@ fn zero_grads<A: AutodiffBackend>(model: &MambaLM<A>) -> GradientsParams {
     z.0
 }
 
-/// The mean over `accum_n` micro-batches of `grads` (their sum), clipped by its global norm,
-/// decoupled weight decay, the optimizer step (the scale and the decay folded into it: one launch
-/// a parameter with [`crate::optim::AdamW`]). Returns the model and the norm before clipping.
+/// The mean over `accum_n` micro-batches of `grads` (their sum), clipped by its global norm as
+/// torch's `clip_grad_norm_` clips (`min(1, max / (norm + 1e-6))`), decoupled weight decay, the
+/// optimizer step (the scale and the decay folded into it: one launch a parameter with
+/// [`crate::optim::AdamW`]). Issues all of it without reading anything back: the clipping
+/// factor is computed on the device and handed to the update there. Returns the model and the
+/// squared norm of the summed gradients (`None` without trainable gradients), on the device.
 fn clip_and_update<A, O>(
     model: MambaLM<A>,
     optim: &mut O,
@@ -399,7 +489,7 @@ fn clip_and_update<A, O>(
     lr: f64,
     settings: &StepSettings,
     skip_decay: &HashSet<ParamId>,
-) -> (MambaLM<A>, f64)
+) -> (MambaLM<A>, Option<Tensor<A::InnerBackend, 1>>)
 where
     A: AutodiffBackend,
     A::InnerBackend: MambaBackend,
@@ -410,19 +500,21 @@ where
         flat: Vec::new(),
     };
     model.visit(&mut flat);
-    let norm = <A::InnerBackend as MambaBackend>::squared_norm(flat.flat)
-        .map(|t| t.into_scalar().elem::<f64>().sqrt())
-        .unwrap_or(0.0)
-        / accum_n;
-    let clip = if settings.max_grad_norm > 0.0 && norm > settings.max_grad_norm {
-        settings.max_grad_norm / (norm + 1e-6)
-    } else {
-        1.0
-    };
+    let squared = <A::InnerBackend as MambaBackend>::squared_norm(flat.flat);
+    // norm = √squared / n, so max / (norm + 1e-6) = max·n / (√squared + 1e-6·n).
+    let max = settings.max_grad_norm;
+    let clip = squared.clone().filter(|_| max > 0.0).map(|sq| {
+        sq.sqrt()
+            .add_scalar(1e-6 * accum_n)
+            .recip()
+            .mul_scalar(max * accum_n)
+            .clamp_max(1.0)
+    });
     let scaling = Scaling {
-        grad_scale: clip / accum_n,
+        grad_scale: 1.0 / accum_n,
+        device_scale: clip,
         weight_decay: settings.weight_decay,
         skip_decay: Some(skip_decay),
     };
-    (optim.step_scaled(lr, model, grads, scaling), norm)
+    (optim.step_scaled(lr, model, grads, scaling), squared)
 }

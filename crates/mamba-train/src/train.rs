@@ -409,6 +409,9 @@ fn step_failure(
         StepError::NonFinite(value) => anyhow::anyhow!(
             "the loss is {value} at step {step}: stopping (last checkpoint: {last_checkpoint}, left intact). Lower train.lr or check the data."
         ),
+        StepError::NonFiniteNorm(value) => anyhow::anyhow!(
+            "the gradient norm is {value} at step {step} (the loss is finite): stopping (last checkpoint: {last_checkpoint}, left intact). Lower train.lr or check the data."
+        ),
         StepError::PeerFailed => anyhow::anyhow!(
             "step {step}: a data-parallel rank failed without saying why (rank 0 on {on} was told so); last checkpoint: {last_checkpoint}"
         ),

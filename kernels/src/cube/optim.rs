@@ -27,6 +27,7 @@ fn adamw_kernel<F: Float>(
     p_out: &mut Tensor<F>,
     m_out: &mut Tensor<F>,
     v_out: &mut Tensor<F>,
+    device_scale: &Tensor<f32>,
     grad_scale: f32,
     beta_1: f32,
     beta_2: f32,
@@ -36,13 +37,18 @@ fn adamw_kernel<F: Float>(
     decay: f32,
     lr: f32,
     #[comptime] has_state: bool,
+    #[comptime] has_device_scale: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let i = ABSOLUTE_POS;
     if i >= p.len() {
         terminate!();
     }
-    let gi = f32::cast_from(g[i]) * grad_scale;
+    let mut scale = grad_scale;
+    if has_device_scale {
+        scale *= device_scale[0];
+    }
+    let gi = f32::cast_from(g[i]) * scale;
     let mut mi = gi * (1.0f32 - beta_1);
     let mut vi = gi * gi * (1.0f32 - beta_2);
     if has_state {
@@ -72,6 +78,10 @@ where
             .moments
             .as_ref()
             .is_some_and(|(m, v)| !same(m) || !same(v))
+        || input
+            .device_scale
+            .as_ref()
+            .is_some_and(|f| f.dtype() != DType::F32 || f.dims() != [1])
     {
         return adamw_reference(input);
     }
@@ -79,6 +89,7 @@ where
         param,
         grad,
         moments,
+        device_scale,
         scalars: s,
     } = input;
     let p = into_contiguous(prim(param));
@@ -91,6 +102,17 @@ where
     let (m, v) = match moments {
         Some((m, v)) => (into_contiguous(prim(m)), into_contiguous(prim(v))),
         None => (g.clone(), g.clone()),
+    };
+    let has_device_scale = device_scale.is_some();
+    // Without a device factor the binding is any f32 tensor the kernel never reads.
+    let f = match device_scale {
+        Some(f) => prim(f),
+        None => empty_device_contiguous_dtype(
+            client.clone(),
+            p.device.clone(),
+            Shape::new([1]),
+            DType::F32,
+        ),
     };
     let (c1, c2) = s.corrections();
     let (count, dim) = elemwise(&client, n);
@@ -105,6 +127,7 @@ where
         p_out.clone().into_tensor_arg(),
         m_out.clone().into_tensor_arg(),
         v_out.clone().into_tensor_arg(),
+        f.into_tensor_arg(),
         s.grad_scale as f32,
         s.beta_1,
         s.beta_2,
@@ -114,6 +137,7 @@ where
         s.decay as f32,
         s.lr as f32,
         has_state,
+        has_device_scale,
         dtype.into(),
     );
     AdamWOutput {

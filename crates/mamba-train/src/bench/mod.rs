@@ -10,6 +10,7 @@
 
 pub mod gemm;
 pub mod generate;
+pub mod host_profile;
 pub mod kernels;
 pub mod model;
 pub mod train;
@@ -59,10 +60,13 @@ pub fn time_issue_ms<B: Backend>(
     (median(times), median(issued))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median; NaN for none.
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 {
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
         v[n / 2]
     } else {
         0.5 * (v[n / 2 - 1] + v[n / 2])

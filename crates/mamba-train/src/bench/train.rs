@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::model::random_model;
-use super::RunInfo;
+use super::{median, RunInfo};
 use crate::memory::{estimate, Estimate};
 use crate::step::{no_decay_ids, optimizer_step, Share, StepError, StepSettings};
 use crate::train::count_params;
@@ -57,6 +57,10 @@ pub struct Options {
     /// f32, bf16-mixed or bf16 (as `train.precision`).
     #[arg(long, default_value = "f32")]
     pub precision: mamba_model::Precision,
+    /// Sample the host's threads over the timed steps: collapsed stacks to this file, a summary
+    /// to `<file>.top.txt` (needs the `host-profile` feature).
+    #[arg(long)]
+    pub host_profile: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -80,6 +84,12 @@ pub struct Report {
     pub first_step_s: f64,
     /// Median of the timed steps.
     pub step_ms: f64,
+    /// Medians over the timed steps of the host's phases (`crate::step::StepTimes`): issuing
+    /// the forward and backward, issuing the update, then waiting for the device at the step's
+    /// one read. A wait near zero means the step is bound by the host.
+    pub issue_forward_backward_ms: f64,
+    pub issue_update_ms: f64,
+    pub wait_ms: f64,
     /// `batch × seq / step time`.
     pub tokens_per_s: f64,
     pub steps_timed: usize,
@@ -157,9 +167,16 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
     let mut times = Vec::new();
     let mut first_step_s = 0.0;
     let mut losses = Vec::new();
+    let mut phases: [Vec<f64>; 3] = Default::default();
     let mut oom = None;
     let total_steps = 1 + opts.warmup + opts.steps.max(1);
+    let mut sampler = None;
     for step in 0..total_steps {
+        if step == opts.warmup + 1 {
+            if let Some(path) = &opts.host_profile {
+                sampler = Some((super::host_profile::start()?, path));
+            }
+        }
         let start = std::time::Instant::now();
         let m = model.take().expect("the model is back after each step");
         let shares = [Share::whole(next_batch()?)];
@@ -181,6 +198,10 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
                     first_step_s = s;
                 } else if step > opts.warmup {
                     times.push(s * 1e3);
+                    let t = report.times;
+                    phases[0].push(t.forward_backward_s * 1e3);
+                    phases[1].push(t.update_s * 1e3);
+                    phases[2].push(t.wait_s * 1e3);
                 }
                 losses.push(report.loss);
                 model = Some(m);
@@ -190,18 +211,21 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
                 break;
             }
             Err(StepError::NonFinite(v)) => anyhow::bail!("the loss is {v} at step {}", step + 1),
+            Err(StepError::NonFiniteNorm(v)) => {
+                anyhow::bail!("the gradient norm is {v} at step {}", step + 1)
+            }
             Err(StepError::PeerFailed) => unreachable!("one device"),
             Err(StepError::Other(e)) => return Err(e),
         }
     }
     set_tracking(false);
+    if let Some((sampler, path)) = sampler {
+        super::host_profile::finish(sampler, path)?;
+    }
     let (in_use, reserved) = peaks();
-    times.sort_by(f64::total_cmp);
-    let step_ms = if times.is_empty() {
-        f64::NAN
-    } else {
-        times[times.len() / 2]
-    };
+    let steps_timed = times.len();
+    let step_ms = median(times);
+    let [fb, up, wait] = phases;
     let has_mem = reserved > 0;
     Ok(Report {
         bench: "train",
@@ -219,8 +243,11 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
         compute: format!("{:?}", compute),
         first_step_s,
         step_ms,
+        issue_forward_backward_ms: median(fb),
+        issue_update_ms: median(up),
+        wait_ms: median(wait),
         tokens_per_s: (opts.batch * opts.seq) as f64 / (step_ms / 1e3),
-        steps_timed: times.len(),
+        steps_timed,
         loss_first: losses.first().copied().unwrap_or(f64::NAN),
         loss_last: losses.last().copied().unwrap_or(f64::NAN),
         peak_in_use_gib: has_mem.then(|| gib(in_use)),
@@ -234,7 +261,7 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
 /// One line for a terminal.
 pub fn line(r: &Report) -> String {
     format!(
-        "{} {}x{} lora r{} ckpt {} {}: first step {:.1} s, step {:.1} ms, {:.0} tok/s, peak in use {} GiB, reserved {} GiB (estimate {:.2} GiB){}",
+        "{} {}x{} lora r{} ckpt {} {}: first step {:.1} s, step {:.1} ms (host issues {:.1} + {:.1} ms, then waits {:.1}), {:.0} tok/s, peak in use {} GiB, reserved {} GiB (estimate {:.2} GiB){}",
         r.config,
         r.batch,
         r.seq,
@@ -243,6 +270,9 @@ pub fn line(r: &Report) -> String {
         r.precision,
         r.first_step_s,
         r.step_ms,
+        r.issue_forward_backward_ms,
+        r.issue_update_ms,
+        r.wait_ms,
         r.tokens_per_s,
         r.peak_in_use_gib.map(|g| format!("{g:.2}")).unwrap_or("-".into()),
         r.peak_reserved_gib.map(|g| format!("{g:.2}")).unwrap_or("-".into()),
