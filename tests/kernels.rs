@@ -517,7 +517,8 @@ fn compare_named<B1: Backend, B2: Backend>(what: String, got: Named<B1>, want: N
 }
 
 /// The kernel backward op against the reference backward (autodiff of the reference), with and
-/// without an upstream gradient for the final state.
+/// without an upstream gradient for the final state; computing the forward's intermediates again
+/// and reading those the forward kept (which must give the very same gradients).
 #[test]
 fn ssd_backward_op_matches_reference() {
     use_ssd_kernels();
@@ -536,14 +537,34 @@ fn ssd_backward_op_matches_reference() {
         poison(bs * l * h * p);
         let got = Gpu::ssd_chunk_scan_backward(
             data.input::<Gpu>(&case, &gpu),
+            None,
+            Tensor::from_data(dy.clone(), &gpu),
+            df.clone().map(|t| Tensor::from_data(t, &gpu)),
+        );
+        let (out, kept) = Gpu::ssd_chunk_scan_keeping(data.input::<Gpu>(&case, &gpu));
+        assert!(kept.is_some(), "{case:?}: the kernel forward kept nothing");
+        let plain = Gpu::ssd_chunk_scan(data.input::<Gpu>(&case, &gpu));
+        assert_eq!(
+            out.y.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+            plain.y.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+            "{case:?}: y while keeping"
+        );
+        poison(bs * l * h * p);
+        let from_kept = Gpu::ssd_chunk_scan_backward(
+            data.input::<Gpu>(&case, &gpu),
+            kept,
             Tensor::from_data(dy, &gpu),
             df.map(|t| Tensor::from_data(t, &gpu)),
         );
-        compare_named(
-            format!("{case:?}"),
-            ssd_grads_named(got),
-            ssd_grads_named(want),
-        );
+        let (a, b) = (ssd_grads_named(from_kept), ssd_grads_named(got));
+        for ((name, x), (_, y)) in a.iter().zip(&b) {
+            assert_eq!(
+                x.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+                y.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+                "{case:?}: {name} from the kept intermediates"
+            );
+        }
+        compare_named(format!("{case:?}"), b, ssd_grads_named(want));
     }
 }
 

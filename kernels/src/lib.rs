@@ -44,6 +44,9 @@ pub(crate) fn to_prim<B: Backend, const D: usize>(
 
 /// The most rows (the decode batch) [`MambaBackend::decode_linear`]'s kernel takes.
 pub const DECODE_MAX_ROWS: usize = 32;
+
+/// The chunk length of the SSD kernels ([`SsdKept`] holds one state per chunk).
+pub const SSD_KERNEL_CHUNK: usize = 64;
 pub use seed::{backward_with, BackwardWith};
 
 /// Which implementation of the hot ops the model uses (`--ops auto|reference|kernels`).
@@ -155,6 +158,23 @@ pub struct SsdOutput<B: Backend> {
     pub y: Tensor<B, 4>,
     /// `[batch, heads, head_dim, state]`: the state after the last position.
     pub final_state: Tensor<B, 4>,
+}
+
+/// What the SSD forward computed on its way that its backward would otherwise compute again
+/// ([`MambaBackend::ssd_chunk_scan_keeping`]): per chunk of the kernels' chunk length `Q`, all
+/// f32. Kept by `Autodiff<B>` between a tracked forward and its backward: the states entering
+/// each chunk are `batch · chunks · heads · head_dim · state` floats (≈100 MB a mamba2-130m layer
+/// at 8 × 1,024; with gradient checkpointing only the recomputed block's are alive).
+#[derive(Debug, Clone)]
+pub struct SsdKept<B: Backend> {
+    /// `[batch, heads, chunks, Q]`: dt after bias, softplus and clamp (0 past the end).
+    pub dt: Tensor<B, 4>,
+    /// `[batch, heads, chunks, Q]`: the within-chunk cumsum of `dt · A`.
+    pub da_cumsum: Tensor<B, 4>,
+    /// `[batch, chunks, heads, head_dim, state]`: the state entering each chunk.
+    pub prev_states: Tensor<B, 5>,
+    /// `[batch, chunks, groups, Q, Q]`: `C · Bᵀ` within each chunk.
+    pub cb: Tensor<B, 5>,
 }
 
 /// Gradients of a loss through [`MambaBackend::ssd_chunk_scan`] (see
@@ -567,14 +587,23 @@ pub trait MambaBackend: Backend {
         reference::ssd_chunk_scan(input)
     }
 
+    /// [`ssd_chunk_scan`](MambaBackend::ssd_chunk_scan), keeping what its backward can reuse
+    /// ([`SsdKept`]) where the backend's backward reads it (the kernel backends); `None` here.
+    fn ssd_chunk_scan_keeping(input: SsdInput<Self>) -> (SsdOutput<Self>, Option<SsdKept<Self>>) {
+        (Self::ssd_chunk_scan(input), None)
+    }
+
     /// Backward of [`ssd_chunk_scan`](MambaBackend::ssd_chunk_scan): given the forward's input,
-    /// the gradient `dy` of its output and (optionally) `d_final` of its final state, the
-    /// gradients of every input. Used by `Autodiff<B>` when kernels are active.
+    /// what it kept (else it is computed again), the gradient `dy` of its output and
+    /// (optionally) `d_final` of its final state, the gradients of every input. Used by
+    /// `Autodiff<B>` when kernels are active.
     fn ssd_chunk_scan_backward(
         input: SsdInput<Self>,
+        kept: Option<SsdKept<Self>>,
         dy: Tensor<Self, 4>,
         d_final: Option<Tensor<Self, 4>>,
     ) -> SsdGrads<Self> {
+        let _ = kept;
         reference::ssd_chunk_scan_backward(input, dy, d_final)
     }
 
@@ -1008,15 +1037,23 @@ where
         cube::ssd::ssd_chunk_scan(input)
     }
 
+    fn ssd_chunk_scan_keeping(input: SsdInput<Self>) -> (SsdOutput<Self>, Option<SsdKept<Self>>) {
+        if !kernels_active::<Self>() {
+            return (reference::ssd_chunk_scan(input), None);
+        }
+        cube::ssd::ssd_chunk_scan_keeping(input)
+    }
+
     fn ssd_chunk_scan_backward(
         input: SsdInput<Self>,
+        kept: Option<SsdKept<Self>>,
         dy: Tensor<Self, 4>,
         d_final: Option<Tensor<Self, 4>>,
     ) -> SsdGrads<Self> {
         if !kernels_active::<Self>() {
             return reference::ssd_chunk_scan_backward(input, dy, d_final);
         }
-        cube::ssd_bwd::ssd_chunk_scan_backward(input, dy, d_final)
+        cube::ssd_bwd::ssd_chunk_scan_backward(input, kept, dy, d_final)
     }
 
     fn ssd_step(input: SsdStepInput<Self>) -> (Tensor<Self, 3>, Tensor<Self, 4>) {

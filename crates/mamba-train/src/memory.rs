@@ -43,6 +43,20 @@ fn block_elements_per_token(config: &ModelConfig) -> u64 {
     }
 }
 
+/// What the SSD kernels keep from a tracked forward for the backward
+/// (`mamba_kernels::SsdKept`, f32), per token: a state per chunk, `C·Bᵀ` rows, dt and its
+/// cumsum. Nothing on backends without the kernels, or for Mamba1.
+fn ssd_kept_bytes_per_token<B: mamba_model::MambaBackend>(config: &ModelConfig) -> u64 {
+    match config {
+        ModelConfig::Mamba2(c) if mamba_kernels::kernels_active::<B>() => {
+            let q = mamba_kernels::SSD_KERNEL_CHUNK as u64;
+            let states = (c.num_heads * c.head_dim * c.state_size) as u64 / q;
+            4 * (states + c.n_groups as u64 * q + 2 * c.num_heads as u64)
+        }
+        _ => 0,
+    }
+}
+
 /// The estimate for micro-batches of `batch × seq` tokens.
 pub fn estimate<B: mamba_model::MambaBackend>(
     model: &MambaLM<B>,
@@ -57,6 +71,7 @@ pub fn estimate<B: mamba_model::MambaBackend>(
     let layers = config.num_layers() as u64;
     let act = model.compute.dtype().size() as u64;
     let block = act * tokens * block_elements_per_token(config);
+    let block = block + tokens * ssd_kept_bytes_per_token::<B>(config);
     let residual = 4 * tokens * config.hidden_size() as u64;
     let activations = if checkpoint_every == 0 {
         layers * block

@@ -21,7 +21,7 @@ use crate::outputs::{GradSlot, SecondOutput};
 
 use crate::{
     ConvGrads, ConvInput, ConvOutput, Mamba2StepInput, Mamba2StepOutput, MambaBackend,
-    SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput, SsdGrads, SsdInput, SsdOutput,
+    SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput, SsdGrads, SsdInput, SsdKept, SsdOutput,
     SsdStepInput,
 };
 
@@ -222,30 +222,32 @@ fn take_grad<B: Backend, S, const N: usize>(
 /// An op's two outputs (`y`, final state) as `Autodiff` primitives.
 type TwoOutputs<B, C> = (FloatTensor<Ad<B, C>>, FloatTensor<Ad<B, C>>);
 
-/// Finishes a two-output op whose preparation is `kind`: `forward(input)` gives the inner
-/// outputs `(y, final_state)`; `y` becomes the op's node, saving `saved(&input, slot)` for its
-/// backward step, and the final state a [`SecondOutput`] node whose gradient goes to `slot`.
-fn finish_two<B, C, BO, S, I, const N: usize>(
+/// Finishes a two-output op whose preparation is `kind`: `forward(input, keep)` gives the inner
+/// outputs `(y, final_state)` and, asked to `keep` (the op is tracked), what its backward can
+/// reuse; `y` becomes the op's node, saving `saved(input, kept, slot)` for its backward step,
+/// and the final state a [`SecondOutput`] node whose gradient goes to `slot`.
+fn finish_two<B, C, BO, S, I, K, const N: usize>(
     kind: OpsKind<BO, B, S, C, N>,
     input: I,
-    saved: impl FnOnce(&I, GradSlot<B>) -> S,
-    forward: impl FnOnce(I) -> (FloatTensor<B>, FloatTensor<B>),
+    saved: impl FnOnce(I, Option<K>, GradSlot<B>) -> S,
+    forward: impl FnOnce(I, bool) -> (FloatTensor<B>, FloatTensor<B>, Option<K>),
 ) -> TwoOutputs<B, C>
 where
     B: Backend,
     C: CheckpointStrategy,
     BO: Backward<B, N, State = S>,
     S: Clone + Send + std::fmt::Debug + 'static,
+    I: Clone,
 {
     let slot = GradSlot::<B>::default();
     let (y, last) = match kind {
         OpsKind::Tracked(prep) => {
-            let state = saved(&input, slot.clone());
-            let (y, last) = forward(input);
+            let (y, last, kept) = forward(input.clone(), true);
+            let state = saved(input, kept, slot.clone());
             (prep.finish(state, y), last)
         }
         OpsKind::UnTracked(prep) => {
-            let (y, last) = forward(input);
+            let (y, last, _) = forward(input, false);
             (prep.finish(y), last)
         }
     };
@@ -266,10 +268,12 @@ fn outer<B: MambaBackend, C: CheckpointStrategy, const D: usize>(
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-/// Everything the SSD backward needs of its forward: the inner inputs and the static arguments.
+/// Everything the SSD backward needs of its forward: the inner inputs and the static arguments,
+/// and what the forward kept of its way there (else the backward computes it again).
 #[derive(Debug, Clone)]
 struct SsdSaved<B: MambaBackend> {
     input: SsdInput<B>,
+    kept: Option<SsdKept<B>>,
     /// The final state's gradient, from its [`SecondOutput`] node.
     d_final: GradSlot<B>,
 }
@@ -294,6 +298,7 @@ impl<B: MambaBackend> Backward<B, 8> for SsdBackward {
             .take();
         let [nx, ndt, na, nb, nc, nd, nbias, ns] = ops.parents.map(|n| n.map(|n| n.id));
         let input = ops.state.input;
+        let kept = ops.state.kept;
         // Only the final state reached the loss: y's gradient is zero.
         let dy: Tensor<B, 4> = match dy {
             Some(dy) => inner(dy),
@@ -308,7 +313,7 @@ impl<B: MambaBackend> Backward<B, 8> for SsdBackward {
             d,
             dt_bias,
             initial_state,
-        } = B::ssd_chunk_scan_backward(input, dy, d_final.map(inner));
+        } = B::ssd_chunk_scan_backward(input, kept, dy, d_final.map(inner));
         register(grads, nx, Some(x));
         register(grads, ndt, Some(dt));
         register(grads, na, Some(a));
@@ -358,13 +363,18 @@ pub fn ssd_chunk_scan<B: MambaBackend, C: CheckpointStrategy>(
     let (y, final_state) = finish_two(
         SsdBackward.prepare::<C>(nodes).compute_bound().stateful(),
         inner_input,
-        |input, d_final| SsdSaved {
-            input: input.clone(),
+        |input, kept, d_final| SsdSaved {
+            input,
+            kept,
             d_final,
         },
-        |input| {
-            let out = B::ssd_chunk_scan(input);
-            (prim(out.y), prim(out.final_state))
+        |input, keep| {
+            let (out, kept) = if keep {
+                B::ssd_chunk_scan_keeping(input)
+            } else {
+                (B::ssd_chunk_scan(input), None)
+            };
+            (prim(out.y), prim(out.final_state), kept)
         },
     );
     SsdOutput {
@@ -466,13 +476,10 @@ pub fn selective_scan<B: MambaBackend, C: CheckpointStrategy>(
     let (y, final_state) = finish_two(
         ScanBackward.prepare::<C>(nodes).compute_bound().stateful(),
         inner_input,
-        |input, d_final| ScanSaved {
-            input: input.clone(),
-            d_final,
-        },
-        |input| {
+        |input, _: Option<()>, d_final| ScanSaved { input, d_final },
+        |input, _| {
             let out = B::selective_scan(input);
-            (prim(out.y), prim(out.final_state))
+            (prim(out.y), prim(out.final_state), None)
         },
     );
     SelectiveScanOutput {

@@ -35,7 +35,7 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
-use crate::{SsdInput, SsdOutput};
+use crate::{SsdInput, SsdKept, SsdOutput};
 
 /// Positions the chunk cumsum loads at once before using them (a divisor of [`TILE`]).
 const RUN: usize = 16;
@@ -849,8 +849,26 @@ where
     I: IntElement,
     BT: BoolElement,
 {
+    ssd_chunk_scan_keeping(input).0
+}
+
+/// [`ssd_chunk_scan`], handing back kernels 1-4's results for the backward
+/// ([`crate::MambaBackend::ssd_chunk_scan_keeping`]); `None` where the reference ran.
+#[allow(clippy::type_complexity)]
+pub fn ssd_chunk_scan_keeping<R, F, I, BT>(
+    input: SsdInput<CubeBackend<R, F, I, BT>>,
+) -> (
+    SsdOutput<CubeBackend<R, F, I, BT>>,
+    Option<SsdKept<CubeBackend<R, F, I, BT>>>,
+)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
     if !kernels_apply(&input) {
-        return crate::reference::ssd_chunk_scan(input);
+        return (crate::reference::ssd_chunk_scan(input), None);
     }
     let p = Prims::new(input);
     let Parts {
@@ -864,8 +882,17 @@ where
     // 5. Outputs: [batch, seq, heads, head_dim]
     let y = scan_tiles(&p, &p.cm, &prev, &p.x, &cb, &dt_c, &da_cs, false);
 
-    SsdOutput {
-        y: wrap(y),
-        final_state: wrap(final_state),
-    }
+    let kept = SsdKept {
+        dt: wrap(dt_c),
+        da_cumsum: wrap(da_cs),
+        prev_states: wrap(prev),
+        cb: wrap(cb),
+    };
+    (
+        SsdOutput {
+            y: wrap(y),
+            final_state: wrap(final_state),
+        },
+        Some(kept),
+    )
 }

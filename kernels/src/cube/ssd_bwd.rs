@@ -43,7 +43,7 @@ use super::tile::{
     zero_acc, THREADS, TILE, V4,
 };
 use super::{elemwise, prim, wrap};
-use crate::{SsdGrads, SsdInput};
+use crate::{SsdGrads, SsdInput, SsdKept};
 
 /// State entries (`n`) one thread of kernel 2 carries, so that it sums its share of `dlast`
 /// before writing it.
@@ -631,10 +631,12 @@ fn head_splits<R: CubeRuntime>(client: &ComputeClient<R>, base: usize, hpg: usiz
 }
 
 /// Kernel backward of [`crate::MambaBackend::ssd_chunk_scan`]: the gradients of
-/// `Σ y · dy + Σ final_state · d_final` with respect to every input. Falls back to the reference
-/// where the forward kernels would.
+/// `Σ y · dy + Σ final_state · d_final` with respect to every input. Kernels 1-4 run again
+/// unless the forward `kept` their results. Falls back to the reference where the forward
+/// kernels would.
 pub fn ssd_chunk_scan_backward<R, F, I, BT>(
     input: SsdInput<CubeBackend<R, F, I, BT>>,
+    kept: Option<SsdKept<CubeBackend<R, F, I, BT>>>,
     dy: BTensor<CubeBackend<R, F, I, BT>, 4>,
     d_final: Option<BTensor<CubeBackend<R, F, I, BT>, 4>>,
 ) -> SsdGrads<CubeBackend<R, F, I, BT>>
@@ -658,13 +660,31 @@ where
     let nchunks = p.nchunks;
     let client = p.x.client.clone();
     let empty = |shape: Vec<usize>, dtype: DType| empty_like_device(&p.x, shape, dtype);
-    let Parts {
-        dt_c,
-        da_cs,
-        prev,
-        cb,
-        ..
-    } = parts(&p);
+    let q = TILE;
+    let fits = |k: &SsdKept<CubeBackend<R, F, I, BT>>| {
+        k.dt.dims() == [batch, heads, nchunks, q]
+            && k.da_cumsum.dims() == [batch, heads, nchunks, q]
+            && k.prev_states.dims() == [batch, nchunks, heads, head_dim, dstate]
+            && k.cb.dims() == [batch, nchunks, groups, q, q]
+    };
+    let (dt_c, da_cs, prev, cb) = match kept.filter(fits) {
+        Some(k) => (
+            prim(k.dt),
+            prim(k.da_cumsum),
+            prim(k.prev_states),
+            prim(k.cb),
+        ),
+        None => {
+            let Parts {
+                dt_c,
+                da_cs,
+                prev,
+                cb,
+                ..
+            } = parts(&p);
+            (dt_c, da_cs, prev, cb)
+        }
+    };
     let dy = prim(dy);
 
     // 1. dprev_loc

@@ -25,7 +25,7 @@ use cubecl::prelude::*;
 use cubecl::tf32;
 
 /// Side of an output tile, and the SSD kernels' chunk length.
-pub const TILE: usize = 64;
+pub const TILE: usize = crate::SSD_KERNEL_CHUNK;
 /// `K` per shared-memory slab.
 pub const KT: usize = 16;
 /// Row pitch of a slab in shared memory, in 4-vectors (`TILE / 4` plus one of padding).
