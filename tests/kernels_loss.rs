@@ -165,3 +165,37 @@ fn split_matches_narrow() {
     let pieces = Cpu::split_last(x.clone(), &[3, 5, 2]);
     check("piece 1", pieces[1].clone(), x.narrow(2, 3, 5));
 }
+
+/// The one-launch `cat` of the split's backward (wgpu) against `Tensor::cat` on the CPU: two and
+/// three pieces, one of them a strided view, over several cubes; four pieces take `Tensor::cat`.
+#[test]
+fn cat_last_matches_cat() {
+    set_ops_mode(OpsMode::Kernels);
+    let gpu = Default::default();
+    let cpu = Default::default();
+    for widths in [&[300, 45][..], &[17, 1536, 24], &[5, 6, 7, 8]] {
+        let data: Vec<TensorData> = widths.iter().map(|&w| random(&[3, 41, w], 1.0)).collect();
+        let want = Tensor::cat(
+            data.iter()
+                .map(|d| Tensor::<Cpu, 3>::from_data(d.clone(), &cpu))
+                .collect(),
+            2,
+        );
+        poison(3 * 41 * widths.iter().sum::<usize>());
+        let pieces: Vec<Tensor<Gpu, 3>> = data
+            .iter()
+            .enumerate()
+            .map(|(k, d)| {
+                let t = Tensor::<Gpu, 3>::from_data(d.clone(), &gpu);
+                if k == 1 {
+                    // The same values as a view with a wider row stride.
+                    let w = widths[k];
+                    Tensor::cat(vec![t, Tensor::zeros([3, 41, 5], &gpu)], 2).narrow(2, 0, w)
+                } else {
+                    t
+                }
+            })
+            .collect();
+        check(&format!("cat_last {widths:?}"), Gpu::cat_last(pieces), want);
+    }
+}

@@ -522,6 +522,14 @@ pub trait MambaBackend: Backend {
         split::split_last_reference(x, sizes)
     }
 
+    /// `pieces` side by side along the last dimension (all other dimensions equal, one dtype):
+    /// the gradient of [`split_last`](MambaBackend::split_last)'s input. `Tensor::cat` here
+    /// (on the cube backends an empty output and a slice-assign a piece); kernel backends write
+    /// two or three pieces in one launch.
+    fn cat_last<const D: usize>(pieces: Vec<Tensor<Self, D>>) -> Tensor<Self, D> {
+        Tensor::cat(pieces, D - 1)
+    }
+
     /// The causal-LM loss's cross-entropy per row: the negative log-likelihood of `labels` `[n]`
     /// under `logits` `[n, vocab]`, `[n]` in f32, 0 where a label is [`loss::IGNORE_INDEX`].
     /// Autodiff backends make it one node over [`nll_forward`](MambaBackend::nll_forward) and
@@ -1035,6 +1043,13 @@ where
             return reference::ssd_chunk_scan(input);
         }
         cube::ssd::ssd_chunk_scan(input)
+    }
+
+    fn cat_last<const D: usize>(pieces: Vec<Tensor<Self, D>>) -> Tensor<Self, D> {
+        if !kernels_active::<Self>() {
+            return Tensor::cat(pieces, D - 1);
+        }
+        cube::split::cat_last(pieces)
     }
 
     fn ssd_chunk_scan_keeping(input: SsdInput<Self>) -> (SsdOutput<Self>, Option<SsdKept<Self>>) {

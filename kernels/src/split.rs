@@ -6,7 +6,9 @@
 //! then added: per cut into three, three full-size fills, three assigns and two full-size adds
 //! (in the 130m step's profile, 481 fills and 202 assigns a step). Here the pieces are one op:
 //! forward they are views (no copy), backward their gradients are written side by side into the
-//! input's gradient once (`cat`), a zero piece only where a piece took no gradient.
+//! input's gradient once ([`crate::MambaBackend::cat_last`]: one launch on the cube backends,
+//! where burn's `cat` is an empty tensor and a slice-assign a piece), a zero piece only where a
+//! piece took no gradient.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -20,6 +22,7 @@ use burn::tensor::{DType, Tensor, TensorPrimitive};
 use std::sync::Arc;
 
 use crate::outputs::{GradSlot, SecondOutput};
+use crate::MambaBackend;
 use crate::{from_prim as inner, to_prim as prim};
 
 /// `x` `[.., width]` as pieces of `sizes` along the last dimension, by `narrow` (views).
@@ -58,7 +61,7 @@ struct SplitState<B: Backend> {
 #[derive(Debug)]
 struct SplitBackward<const D: usize>;
 
-impl<B: Backend, const D: usize> Backward<B, 1> for SplitBackward<D> {
+impl<B: MambaBackend, const D: usize> Backward<B, 1> for SplitBackward<D> {
     type State = SplitState<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -91,13 +94,13 @@ impl<B: Backend, const D: usize> Backward<B, 1> for SplitBackward<D> {
             };
             pieces.push(g);
         }
-        let dx = Tensor::cat(pieces, D - 1);
+        let dx = B::cat_last(pieces);
         grads.register::<B>(parent.id, prim(dx));
     }
 }
 
 /// [`crate::MambaBackend::split_last`] on `Autodiff<B>`: the pieces as one op (see the module).
-pub fn split_last<B: Backend, C: CheckpointStrategy, const D: usize>(
+pub fn split_last<B: MambaBackend, C: CheckpointStrategy, const D: usize>(
     x: Tensor<Autodiff<B, C>, D>,
     sizes: &[usize],
 ) -> Vec<Tensor<Autodiff<B, C>, D>> {

@@ -18,6 +18,7 @@ pub mod loss;
 pub mod norm;
 pub mod optim;
 pub mod selective;
+pub mod split;
 pub mod ssd;
 pub mod ssd_bwd;
 pub mod step;
