@@ -546,7 +546,12 @@ fn ssd_backward_op_matches_reference() {
         let plain = Gpu::ssd_chunk_scan(data.input::<Gpu>(&case, &gpu));
         assert_eq!(
             out.y.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
-            plain.y.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+            plain
+                .y
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .unwrap(),
             "{case:?}: y while keeping"
         );
         poison(bs * l * h * p);
@@ -559,8 +564,16 @@ fn ssd_backward_op_matches_reference() {
         let (a, b) = (ssd_grads_named(from_kept), ssd_grads_named(got));
         for ((name, x), (_, y)) in a.iter().zip(&b) {
             assert_eq!(
-                x.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap(),
-                y.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+                x.clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .unwrap(),
+                y.clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .unwrap(),
                 "{case:?}: {name} from the kept intermediates"
             );
         }

@@ -78,7 +78,11 @@ fn adamw_kernel_matches_reference() {
                 ..scalars
             };
             let host = adamw_reference(input::<Cpu>(&data, &v, with_state, None, folded, &cpu));
-            let e = check("device factor as a host scale", want.param.clone(), host.param);
+            let e = check(
+                "device factor as a host scale",
+                want.param.clone(),
+                host.param,
+            );
             assert!(e < 1e-6, "{e:e}");
         }
         poison(n);

@@ -90,8 +90,8 @@ fn step_clips_on_the_device_as_on_the_host() {
         for s in &shares {
             let b = &s.batch;
             let out = model.loss_and_grads(
-                int_tensor(&[b.ids.clone()], &device),
-                int_tensor(&[b.labels.clone()], &device),
+                int_tensor(std::slice::from_ref(&b.ids), &device),
+                int_tensor(std::slice::from_ref(&b.labels), &device),
                 backprop,
             );
             loss_sum += values(out.loss)[0] as f64;
@@ -198,15 +198,7 @@ fn a_non_finite_loss_fails_the_step() {
     let mut optim = AdamW::<CpuAd>::new(0.9, 0.999, 1e-8);
     let skip = HashSet::new();
     match optimizer_step(
-        model,
-        &mut optim,
-        &shares,
-        0,
-        1e-3,
-        &settings,
-        &skip,
-        &device,
-        None,
+        model, &mut optim, &shares, 0, 1e-3, &settings, &skip, &device, None,
     ) {
         Err(StepError::NonFinite(v)) => assert!(!v.is_finite()),
         Err(e) => panic!("expected a non-finite loss, got {e:?}"),

@@ -310,11 +310,7 @@ struct ScaleBy<'a, B: Backend> {
 impl<A: AutodiffBackend> burn::module::ModuleVisitor<A> for ScaleBy<'_, A::InnerBackend> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
         if let Some(g) = self.grads.remove::<A::InnerBackend, D>(param.id) {
-            let f = self
-                .factor
-                .clone()
-                .cast(g.dtype())
-                .reshape([1; D]);
+            let f = self.factor.clone().cast(g.dtype()).reshape([1; D]);
             self.grads.register(param.id, g * f);
         }
     }

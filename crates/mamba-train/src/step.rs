@@ -290,9 +290,8 @@ where
         }
         Some(peer) => {
             // The ranks exchange their parts now, so each reads its own first.
-            let local = local.and_then(|(grads, part)| {
-                guard_oom(|| Ok((grads, read_values(vec![part])[0])))
-            });
+            let local = local
+                .and_then(|(grads, part)| guard_oom(|| Ok((grads, read_values(vec![part])[0]))));
             let (failed, part) = match &local {
                 Ok((_, part)) => (0.0, *part),
                 Err(_) => (1.0, 0.0),
@@ -382,10 +381,7 @@ fn read_values<B: burn::tensor::backend::Backend>(values: Vec<Tensor<B, 1>>) -> 
         .into_iter()
         .map(|t| t.cast(burn::tensor::DType::F32))
         .collect();
-    Tensor::cat(values, 0)
-        .into_data()
-        .iter::<f64>()
-        .collect()
+    Tensor::cat(values, 0).into_data().iter::<f64>().collect()
 }
 
 /// `MAMBA_SIMULATE_OOM_AT_STEP` = `N` (every rank) or `N@R` (rank R only).

@@ -21,8 +21,8 @@ use crate::outputs::{GradSlot, SecondOutput};
 
 use crate::{
     ConvGrads, ConvInput, ConvOutput, Mamba2StepInput, Mamba2StepOutput, MambaBackend,
-    SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput, SsdGrads, SsdInput, SsdKept, SsdOutput,
-    SsdStepInput,
+    SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput, SsdGrads, SsdInput, SsdKept,
+    SsdOutput, SsdStepInput,
 };
 
 type Ad<B, C> = Autodiff<B, C>;

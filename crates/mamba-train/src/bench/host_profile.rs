@@ -89,7 +89,13 @@ fn write_reports(stacks: &[(String, Vec<String>, u64)], path: &Path) -> Result<(
     let mut collapsed = String::new();
     for (thread, names, n) in stacks {
         let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-        writeln!(collapsed, "{};{} {}", thread.replace(';', ":"), names.join(";"), n)?;
+        writeln!(
+            collapsed,
+            "{};{} {}",
+            thread.replace(';', ":"),
+            names.join(";"),
+            n
+        )?;
     }
     mamba_hf::checkpoint::write_atomic(path, collapsed.as_bytes())?;
 
@@ -110,9 +116,12 @@ fn write_reports(stacks: &[(String, Vec<String>, u64)], path: &Path) -> Result<(
     }
     let pct = |n: u64| 100.0 * n as f64 / total.max(1) as f64;
     let mut out = String::new();
-    writeln!(out, "{total} samples (1 kHz of CPU time, all threads)\n\nby thread:")?;
+    writeln!(
+        out,
+        "{total} samples (1 kHz of CPU time, all threads)\n\nby thread:"
+    )?;
     let mut by_thread: Vec<_> = threads.into_iter().collect();
-    by_thread.sort_by(|a, b| b.1.cmp(&a.1));
+    by_thread.sort_by_key(|t| std::cmp::Reverse(t.1));
     for (t, n) in by_thread {
         writeln!(out, "{:6.1}%  {t}", pct(n))?;
     }
