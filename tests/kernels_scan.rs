@@ -473,8 +473,8 @@ fn ssd_step_matches_reference() {
 /// The fused Mamba2 decode step (one kernel reading `z`, `xBC`, `dt` in place from a strided
 /// view of the projection) against the reference composition of conv step, SSD step and gate on
 /// the CPU. The cases cover several groups, an MLP part in front, no conv bias, a width of 2,
-/// more local channels (`head_dim + 2 · state`) and more rows than a cube has threads, and the
-/// `dt` clamps.
+/// more local channels (`head_dim + 2 · state`), more rows and more state entries than a cube has
+/// threads, and the `dt` clamps.
 #[test]
 fn mamba2_step_matches_reference() {
     let gpu = Default::default();
@@ -484,6 +484,8 @@ fn mamba2_step_matches_reference() {
         (2, 4, 8, 16, 2, 0, 4, true, (0.0, f64::INFINITY)),
         (3, 6, 5, 70, 3, 3, 4, false, (0.05, 1.5)),
         (1, 2, 130, 4, 1, 0, 2, true, (0.0, 0.5)),
+        // More state entries than the cube has threads (each thread takes two).
+        (2, 2, 20, 130, 1, 0, 4, true, (0.0, f64::INFINITY)),
     ];
     for (batch, heads, head_dim, state, groups, d_mlp, width, bias, dt_limit) in cases {
         let inner = heads * head_dim;
