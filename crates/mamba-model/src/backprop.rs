@@ -141,9 +141,23 @@ where
         labels: Tensor<A, 2, Int>,
         opts: BackpropOptions,
     ) -> LossAndGrads<A> {
+        let targets = counted_targets(&labels);
+        self.loss_and_grads_counted(ids, labels, targets, opts)
+    }
+
+    /// [`loss_and_grads`](Self::loss_and_grads) with the number of counted targets given:
+    /// labels after the shift that are not `-100` (what [`counted_targets`] reads from the
+    /// device, and `mamba_data::Batch::tokens` holds on the host). The training step passes it,
+    /// so that no micro-batch waits for the device to count.
+    pub fn loss_and_grads_counted(
+        &self,
+        ids: Tensor<A, 2, Int>,
+        labels: Tensor<A, 2, Int>,
+        targets: usize,
+        opts: BackpropOptions,
+    ) -> LossAndGrads<A> {
         let device = ids.device();
         let [batch, seq] = ids.dims();
-        let targets = counted_targets(&labels);
         let mut grads = GradientsParams::new();
 
         // Forward, segment by segment.

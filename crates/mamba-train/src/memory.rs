@@ -43,15 +43,22 @@ fn block_elements_per_token(config: &ModelConfig) -> u64 {
     }
 }
 
-/// What the SSD kernels keep from a tracked forward for the backward
-/// (`mamba_kernels::SsdKept`, f32), per token: a state per chunk, `C·Bᵀ` rows, dt and its
-/// cumsum. Nothing on backends without the kernels, or for Mamba1.
-fn ssd_kept_bytes_per_token<B: mamba_model::MambaBackend>(config: &ModelConfig) -> u64 {
+/// What the SSD kernels keep from a tracked forward for the backward (`mamba_kernels::SsdKept`,
+/// f32), a layer's worth for `batch` sequences of `seq`: per 64-token chunk (the last one
+/// padded) a state, `C·Bᵀ`, and dt and its cumsum. Nothing on backends without the kernels, or
+/// for Mamba1.
+fn ssd_kept_bytes<B: mamba_model::MambaBackend>(config: &ModelConfig, batch: u64, seq: u64) -> u64 {
     match config {
         ModelConfig::Mamba2(c) if mamba_kernels::kernels_active::<B>() => {
             let q = mamba_kernels::SSD_KERNEL_CHUNK as u64;
-            let states = (c.num_heads * c.head_dim * c.state_size) as u64 / q;
-            4 * (states + c.n_groups as u64 * q + 2 * c.num_heads as u64)
+            let chunks = batch * seq.div_ceil(q).max(1);
+            let (h, p, n, g) = (
+                c.num_heads as u64,
+                c.head_dim as u64,
+                c.state_size as u64,
+                c.n_groups as u64,
+            );
+            4 * chunks * (h * p * n + g * q * q + 2 * h * q)
         }
         _ => 0,
     }
@@ -71,7 +78,7 @@ pub fn estimate<B: mamba_model::MambaBackend>(
     let layers = config.num_layers() as u64;
     let act = model.compute.dtype().size() as u64;
     let block = act * tokens * block_elements_per_token(config);
-    let block = block + tokens * ssd_kept_bytes_per_token::<B>(config);
+    let block = block + ssd_kept_bytes::<B>(config, batch as u64, seq as u64);
     let residual = 4 * tokens * config.hidden_size() as u64;
     let activations = if checkpoint_every == 0 {
         layers * block

@@ -50,13 +50,16 @@ pub struct StepReport {
     pub times: StepTimes,
 }
 
-/// A step's wall time on the calling thread, by phase. The step issues all its device work
-/// before it reads anything back (its loss and gradient norm, in one read at the end), so
-/// `issue_s` is the host's share and `wait_s` how long the device ran on after the host was
-/// done; a step whose `wait_s` is near zero is bound by the host.
+/// A step's wall time on the calling thread, by phase. On one device the step issues all its
+/// device work before it reads anything back (its loss and gradient norm, in one read at the
+/// end), so the two issue phases are the host's share and `wait_s` how long the device ran on
+/// after the host was done. The runtime may still make the host wait while it issues (cubecl-cuda
+/// lets it run only so many launches ahead of the device), so a `wait_s` near zero alone does
+/// not prove a step bound by the host: a CPU profile of the host's threads does
+/// (`bench train --host-profile`).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepTimes {
-    /// Issuing the micro-batches' forward and backward (host work, no waiting, on one device).
+    /// Issuing the micro-batches' forward and backward (data-parallel: and the exchanges).
     pub forward_backward_s: f64,
     /// Issuing the clipping norm and the optimizer update.
     pub update_s: f64,
@@ -242,9 +245,15 @@ impl Share {
 /// one device's step on the whole micro-batches. Micro-batches count equally (their mean), as
 /// before data parallelism. Every rank then clips and steps identically.
 ///
-/// A failure on any rank in the forward/backward (out of memory, a non-finite loss) is shared
-/// before the gradients are: every rank returns an error, none waits forever, and the failing
-/// rank's is the one that says what happened (the others return [`StepError::PeerFailed`]).
+/// A failure on any rank in the forward/backward (out of memory) is shared before the gradients
+/// are: every rank returns an error, none waits forever, and the failing rank's is the one that
+/// says what happened (the others return [`StepError::PeerFailed`]). A non-finite loss shows in
+/// the summed loss every rank reads, and every rank returns it.
+///
+/// On one device nothing is read back before the end of the step: the losses are summed on the
+/// device, the clipping factor is computed there and handed to the update, and loss and norm come
+/// back in one read. A non-finite loss or norm has then made the issued update non-finite, so the
+/// error comes without the model (and the optimizer's moments for this step are not to be kept).
 #[allow(clippy::too_many_arguments)]
 pub fn optimizer_step<A, O>(
     model: MambaLM<A>,
@@ -433,7 +442,9 @@ where
                 .wrapping_add(micro as u64),
             ..settings.backprop
         };
-        let out = model.loss_and_grads(ids, labels, opts);
+        // The batch's count of targets is on the host already: counting on the device would be
+        // a read, and a wait, in every micro-batch.
+        let out = model.loss_and_grads_counted(ids, labels, batch.tokens, opts);
         // Read at the end of the step (with the gradient norm), not here: a read now would
         // leave the device idle while the host issues the update.
         let part = out.loss.cast(burn::tensor::DType::F32);
