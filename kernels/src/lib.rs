@@ -47,6 +47,7 @@ pub const DECODE_MAX_ROWS: usize = 32;
 
 /// The chunk length of the SSD kernels ([`SsdKept`] holds one state per chunk).
 pub const SSD_KERNEL_CHUNK: usize = 64;
+
 pub use seed::{backward_with, BackwardWith};
 
 /// Which implementation of the hot ops the model uses (`--ops auto|reference|kernels`).

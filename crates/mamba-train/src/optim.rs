@@ -2,10 +2,11 @@
 //!
 //! burn's `OptimizerAdaptor<AdamW>` updates a parameter in ~14 tensor ops, and the step's
 //! gradient scale (mean over micro-batches, clipping) and decoupled weight decay add two more:
-//! ~16 launches a parameter. At LoRA's hundred-odd small tensors that was a third of a mamba2-130m step's
-//! launches. [`AdamW`] folds all of it into [`MambaBackend::adamw_step`] (one kernel on cube
-//! backends, the same tensor ops elsewhere) and keeps its state as burn's adaptor does, in the
-//! same record type, so optimizer checkpoints written by either load into the other.
+//! ~16 launches a parameter. At LoRA's hundred-odd small tensors that was a third of a
+//! mamba2-130m step's launches. [`AdamW`] folds all of it into [`MambaBackend::adamw_step`]
+//! (one kernel on cube backends, the same tensor ops elsewhere) and keeps its state as burn's
+//! adaptor does, in the same record type, so optimizer checkpoints written by either load into
+//! the other.
 
 use std::collections::HashSet;
 

@@ -27,7 +27,7 @@ fn adamw_kernel<F: Float>(
     p_out: &mut Tensor<F>,
     m_out: &mut Tensor<F>,
     v_out: &mut Tensor<F>,
-    device_scale: &Tensor<f32>,
+    device_scale: &ComptimeOption<Tensor<f32>>, // [1]
     grad_scale: f32,
     beta_1: f32,
     beta_2: f32,
@@ -37,7 +37,6 @@ fn adamw_kernel<F: Float>(
     decay: f32,
     lr: f32,
     #[comptime] has_state: bool,
-    #[comptime] has_device_scale: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let i = ABSOLUTE_POS;
@@ -45,8 +44,9 @@ fn adamw_kernel<F: Float>(
         terminate!();
     }
     let mut scale = grad_scale;
-    if has_device_scale {
-        scale *= device_scale[0];
+    #[comptime]
+    if let ComptimeOption::Some(f) = device_scale {
+        scale *= f[0];
     }
     let gi = f32::cast_from(g[i]) * scale;
     let mut mi = gi * (1.0f32 - beta_1);
@@ -103,17 +103,6 @@ where
         Some((m, v)) => (into_contiguous(prim(m)), into_contiguous(prim(v))),
         None => (g.clone(), g.clone()),
     };
-    let has_device_scale = device_scale.is_some();
-    // Without a device factor the binding is any f32 tensor the kernel never reads.
-    let f = match device_scale {
-        Some(f) => prim(f),
-        None => empty_device_contiguous_dtype(
-            client.clone(),
-            p.device.clone(),
-            Shape::new([1]),
-            DType::F32,
-        ),
-    };
     let (c1, c2) = s.corrections();
     let (count, dim) = elemwise(&client, n);
     adamw_kernel::launch::<R>(
@@ -127,7 +116,7 @@ where
         p_out.clone().into_tensor_arg(),
         m_out.clone().into_tensor_arg(),
         v_out.clone().into_tensor_arg(),
-        f.into_tensor_arg(),
+        device_scale.map(|f| prim(f).into_tensor_arg()).into(),
         s.grad_scale as f32,
         s.beta_1,
         s.beta_2,
@@ -137,7 +126,6 @@ where
         s.decay as f32,
         s.lr as f32,
         has_state,
-        has_device_scale,
         dtype.into(),
     );
     AdamWOutput {
