@@ -650,6 +650,26 @@ fn ssd_autodiff_matches_reference() {
     }
 }
 
+/// The SSD tests above run the tiled kernels with slabs of more than one part on this device
+/// (the state, scan and `C·Bᵀ` kernels) and with one part where shared memory is short (the
+/// backward's `dB`/`dC` kernel beside its staged tile), so both staging paths are covered
+/// wherever the suite runs (Mesa's lavapipe gives a workgroup 32 KiB).
+#[test]
+fn ssd_slab_parts_cover_both_paths() {
+    use cubecl::Runtime;
+    use mamba_burn::kernels::cube::tile::slab_parts;
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    let smem = client.properties().hardware.max_shared_memory_size;
+    let chunk = slab_parts(&client, 772, false);
+    let dbc = slab_parts(&client, 64 * 64 * 4 + 129 * 4 + 64 * 17 * 4, false);
+    assert!(chunk >= 2, "{smem} bytes of shared memory: {chunk} parts");
+    assert!(
+        (1..=4).contains(&dbc) && dbc <= chunk,
+        "{smem} bytes: dbc {dbc}, chunk {chunk}"
+    );
+    eprintln!("shared memory {smem} B: chunk kernels {chunk} parts, dB/dC {dbc}");
+}
+
 /// Selects the kernels (`auto` would too, on wgpu) and makes sure they are what the SSD tests
 /// exercise.
 fn use_ssd_kernels() {

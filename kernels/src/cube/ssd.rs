@@ -22,7 +22,7 @@
 #![allow(clippy::manual_div_ceil)]
 
 use super::tile::{
-    contract, fetch_slab, mma_slab, out_smem, slab_k, slab_smem, slab_v, store_slab,
+    contract, fetch_slab, mma_slab, out_smem, slab_k, slab_parts, slab_smem, slab_v, store_slab,
     store_slab_tf32, tc_add_into, tc_mma_slab, tc_zero, tensor_cores, tile_col, tile_row, zero_acc,
     KT, THREADS, TILE, V4,
 };
@@ -178,6 +178,10 @@ pub(crate) fn row_scales(
     sync_cube();
 }
 
+/// Bytes of shared memory the state and scan tile kernels hold beside their slabs: a chunk's
+/// `cs` (one more than the chunk), `dt` and row scales, f32.
+const CHUNK_SMEM: usize = (3 * TILE + 1) * 4;
+
 /// Kernel 2 (and the backward's `dprev`), one cube per `(b·chunk·(p tile × n tile), h)`:
 /// `out[b, c, h, p, n] = Σ_q xin[t_q, h, p] s_q ym[t_q, g, n]` with `s_q = exp(L − cs_q) dt_q`
 /// (`to_end`: the chunk's own state, from `x` and `B`) or `s_q = exp(cs_q)` (the state gradient
@@ -191,6 +195,7 @@ fn ssd_state_tile_kernel<F: Float>(
     out: &mut Tensor<f32>, // [batch, chunks, heads, head_dim, state]
     #[comptime] to_end: bool,
     #[comptime] tensor_cores: bool,
+    #[comptime] parts: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let nchunks = out.shape(1);
@@ -219,37 +224,46 @@ fn ssd_state_tile_kernel<F: Float>(
     stage_chunk(dt_c, da_cs, b, h, c, &mut cs_s, &mut dt_s);
     row_scales(&cs_s, &dt_s, &mut rs_s, to_end);
 
-    let mut a_s = slab_smem();
-    let mut b_s = slab_smem();
+    let mut a_s = slab_smem(parts);
+    let mut b_s = slab_smem(parts);
     let mut o_s = out_smem(tensor_cores);
     let mut acc = zero_acc();
     let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
     let ybase = b * ym.stride(0) + t0 * ym.stride(1) + g * ym.stride(2) + n0 * ym.stride(3);
     // The slab loop of `contract`, with x scaled by `rs_s[k]` on its way to shared memory.
     let (xs1, xs3, ys1, ys3) = (xin.stride(1), xin.stride(3), ym.stride(1), ym.stride(3));
-    let slabs = (qlim + KT - 1) / KT;
+    let kb = comptime!(parts * KT);
+    let slabs = (qlim + kb - 1) / kb;
     if tensor_cores {
         let frags = tc_zero();
         for s in 0..slabs {
-            let k0 = s * KT;
-            let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
-            let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
-            store_slab_tf32(&mut a_s, av * V4::new(rs_s[k0 + slab_k(false)]), false);
-            store_slab_tf32(&mut b_s, bv, false);
+            #[unroll]
+            for part in 0..parts {
+                let k0 = s * kb + part * KT;
+                let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
+                let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
+                let sc = rs_s[k0 + slab_k(false)];
+                store_slab_tf32(&mut a_s, av * V4::new(sc), part, false);
+                store_slab_tf32(&mut b_s, bv, part, false);
+            }
             sync_cube();
-            tc_mma_slab(&a_s, &b_s, &frags);
+            tc_mma_slab(&a_s, &b_s, &frags, parts);
             sync_cube();
         }
         tc_add_into(&frags, &mut o_s, &mut acc);
     } else {
         for s in 0..slabs {
-            let k0 = s * KT;
-            let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
-            let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
-            store_slab(&mut a_s, av * V4::new(rs_s[k0 + slab_k(false)]), false);
-            store_slab(&mut b_s, bv, false);
+            #[unroll]
+            for part in 0..parts {
+                let k0 = s * kb + part * KT;
+                let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
+                let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
+                let sc = rs_s[k0 + slab_k(false)];
+                store_slab(&mut a_s, av * V4::new(sc), part, false);
+                store_slab(&mut b_s, bv, part, false);
+            }
             sync_cube();
-            mma_slab(&a_s, &b_s, &mut acc);
+            mma_slab(&a_s, &b_s, &mut acc, parts);
             sync_cube();
         }
     }
@@ -332,6 +346,7 @@ fn ssd_cb_tile_kernel<F: Float>(
     bm: &Tensor<F>,       // [batch, seq, groups, state]
     cb: &mut Tensor<f32>, // [batch, chunks, groups, chunk, chunk]
     #[comptime] tensor_cores: bool,
+    #[comptime] parts: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let nchunks = cb.shape(1);
@@ -343,8 +358,8 @@ fn ssd_cb_tile_kernel<F: Float>(
     let t0 = c * TILE;
     let qlim = chunk_len(seqlen, t0);
 
-    let mut a_s = slab_smem();
-    let mut b_s = slab_smem();
+    let mut a_s = slab_smem(parts);
+    let mut b_s = slab_smem(parts);
     let mut o_s = out_smem(tensor_cores);
     let mut acc = zero_acc();
     let cbase = b * cm.stride(0) + t0 * cm.stride(1) + g * cm.stride(2);
@@ -368,6 +383,7 @@ fn ssd_cb_tile_kernel<F: Float>(
         true,
         true,
         tensor_cores,
+        parts,
     );
     let obase = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2);
     #[unroll]
@@ -456,6 +472,7 @@ fn ssd_scan_tile_kernel<F: Float>(
     out: &mut Tensor<F>, // [batch, seq, heads, head_dim]
     #[comptime] transposed: bool,
     #[comptime] tensor_cores: bool,
+    #[comptime] parts: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let seqlen = out.shape(1);
@@ -477,8 +494,8 @@ fn ssd_scan_tile_kernel<F: Float>(
     stage_chunk(dt_c, da_cs, b, h, c, &mut cs_s, &mut dt_s);
     row_scales(&cs_s, &dt_s, &mut rs_s, transposed);
 
-    let mut a_s = slab_smem();
-    let mut b_s = slab_smem();
+    let mut a_s = slab_smem(parts);
+    let mut b_s = slab_smem(parts);
     let mut o_s = out_smem(tensor_cores);
     let mut acc = zero_acc();
 
@@ -504,6 +521,7 @@ fn ssd_scan_tile_kernel<F: Float>(
         true,
         true,
         tensor_cores,
+        parts,
     );
     #[unroll]
     for i in 0..4usize {
@@ -519,34 +537,38 @@ fn ssd_scan_tile_kernel<F: Float>(
     let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
     // The slab loop of `contract`, the left operand being M (staged from CB, `cs` and `dt`).
     let (xs1, xs3) = (xin.stride(1), xin.stride(3));
-    let slabs = (qlim + KT - 1) / KT;
+    let kb = comptime!(parts * KT);
+    let slabs = (qlim + kb - 1) / kb;
     if tensor_cores {
         let frags = tc_zero();
         for s in 0..slabs {
-            let k0 = s * KT;
-            let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
-            let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
-            let mv = mix_scale(av, &cs_s, &dt_s, k0, transposed);
-            store_slab_tf32(&mut a_s, mv, comptime!(!transposed));
-            store_slab_tf32(&mut b_s, bv, false);
+            #[unroll]
+            for part in 0..parts {
+                let k0 = s * kb + part * KT;
+                let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
+                let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
+                let mv = mix_scale(av, &cs_s, &dt_s, k0, transposed);
+                store_slab_tf32(&mut a_s, mv, part, comptime!(!transposed));
+                store_slab_tf32(&mut b_s, bv, part, false);
+            }
             sync_cube();
-            tc_mma_slab(&a_s, &b_s, &frags);
+            tc_mma_slab(&a_s, &b_s, &frags, parts);
             sync_cube();
         }
         tc_add_into(&frags, &mut o_s, &mut acc);
     } else {
         for s in 0..slabs {
-            let k0 = s * KT;
-            let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
-            let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
-            store_slab(
-                &mut a_s,
-                mix_scale(av, &cs_s, &dt_s, k0, transposed),
-                comptime!(!transposed),
-            );
-            store_slab(&mut b_s, bv, false);
+            #[unroll]
+            for part in 0..parts {
+                let k0 = s * kb + part * KT;
+                let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
+                let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
+                let mv = mix_scale(av, &cs_s, &dt_s, k0, transposed);
+                store_slab(&mut a_s, mv, part, comptime!(!transposed));
+                store_slab(&mut b_s, bv, part, false);
+            }
             sync_cube();
-            mma_slab(&a_s, &b_s, &mut acc);
+            mma_slab(&a_s, &b_s, &mut acc, parts);
             sync_cube();
         }
     }
@@ -703,6 +725,7 @@ pub(crate) fn state_tiles<R: CubeRuntime>(
             out.clone().into_tensor_arg(),
             to_end,
             tensor_cores(&xin.client),
+            slab_parts(&xin.client, CHUNK_SMEM, tensor_cores(&xin.client)),
             p.dtype.into(),
         );
     }
@@ -740,6 +763,7 @@ pub(crate) fn scan_tiles<R: CubeRuntime>(
             out.clone().into_tensor_arg(),
             transposed,
             tensor_cores(&xin.client),
+            slab_parts(&xin.client, CHUNK_SMEM, tensor_cores(&xin.client)),
             p.dtype.into(),
         );
     }
@@ -825,6 +849,7 @@ pub(crate) fn parts<R: CubeRuntime>(p: &Prims<R>) -> Parts<R> {
             p.bm.clone().into_tensor_arg(),
             cb.clone().into_tensor_arg(),
             tensor_cores(&client),
+            slab_parts(&client, 0, tensor_cores(&client)),
             dtype.into(),
         );
     }

@@ -39,8 +39,8 @@ use super::ssd::{
     Prims,
 };
 use super::tile::{
-    contract, out_smem, slab_smem, stage_tile, tensor_cores, tile_col, tile_get, tile_row,
-    zero_acc, THREADS, TILE, V4,
+    contract, out_smem, slab_parts, slab_smem, stage_tile, tensor_cores, tile_col, tile_get,
+    tile_row, zero_acc, THREADS, TILE, V4,
 };
 use super::{elemwise, prim, wrap};
 use crate::{SsdGrads, SsdInput, SsdKept};
@@ -227,6 +227,7 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
     colsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk, 16]
     ddiag: &mut Tensor<f32>,  // [batch, heads, chunks, 16]
     #[comptime] tensor_cores: bool,
+    #[comptime] parts: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let splits = wg.shape(0);
@@ -259,8 +260,8 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
 
     let mut cs_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * (TILE + 1)));
     let mut dt_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * TILE));
-    let mut a_s = slab_smem();
-    let mut b_s = slab_smem();
+    let mut a_s = slab_smem(parts);
+    let mut b_s = slab_smem(parts);
     let mut o_s = out_smem(tensor_cores);
     stage_heads(dt_c, da_cs, b, c, h_lo, h_hi - h_lo, &mut cs_s, &mut dt_s);
     for h in h_lo..h_hi {
@@ -288,6 +289,7 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
             true,
             true,
             tensor_cores,
+            parts,
         );
         // W's diagonal before the decay, Σ_p dy_q · x_q: shares of D's gradient.
         if tr == tc {
@@ -342,6 +344,10 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
     }
 }
 
+/// Bytes of shared memory kernel 5 holds beside its slabs: the staged `um` tile, one head's `cs`
+/// and `dt`, the shares.
+const DBC_SMEM: usize = TILE * TILE * 4 + (2 * TILE + 1) * 4 + SHARES * 4;
+
 /// Kernel 5, one cube per `(b·chunk, g, split, 64 columns of n)`, looping over its share of
 /// the group's heads; the caller sums the splits (`out`) and the `n` tiles (`part`).
 /// `dC` (`for_b` false): `out[t_q, g, n] = Σ_h exp(cs_q) Σ_p dy[t_q, h, p] prev[h, p, n]
@@ -363,6 +369,7 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
     part: &mut Tensor<f32>, // [batch, seq, heads, n tiles]
     #[comptime] for_b: bool,
     #[comptime] tensor_cores: bool,
+    #[comptime] parts: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let nchunks = st.shape(1);
@@ -409,8 +416,8 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
     // lavapipe among them) give a workgroup.
     let mut cs_s = SharedMemory::<f32>::new(comptime!(TILE + 1));
     let mut dt_s = SharedMemory::<f32>::new(TILE);
-    let mut a_s = slab_smem();
-    let mut b_s = slab_smem();
+    let mut a_s = slab_smem(parts);
+    let mut b_s = slab_smem(parts);
     let mut o_s = out_smem(tensor_cores);
     let mut part_s = SharedMemory::<f32>::new(SHARES);
     let mut total = zero_acc();
@@ -440,6 +447,7 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
             true,
             false,
             tensor_cores,
+            parts,
         );
         #[unroll]
         for i in 0..4usize {
@@ -501,6 +509,7 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
             comptime!(!for_b),
             false,
             tensor_cores,
+            parts,
         );
     }
 
@@ -739,6 +748,11 @@ where
             colsum.clone().into_tensor_arg(),
             ddiag.clone().into_tensor_arg(),
             tensor_cores(&client),
+            slab_parts(
+                &client,
+                HEADS_PER_CUBE * (2 * TILE + 1) * 4,
+                tensor_cores(&client),
+            ),
             dtype.into(),
         );
     }
@@ -781,6 +795,7 @@ where
                 part.clone().into_tensor_arg(),
                 for_b,
                 tensor_cores(&client),
+                slab_parts(&client, DBC_SMEM, tensor_cores(&client)),
                 dtype.into(),
             );
         }

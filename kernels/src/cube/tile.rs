@@ -1,6 +1,7 @@
 //! The shared-memory tiling every SSD contraction uses: a cube of [`THREADS`] threads computes a
-//! [`TILE`] × [`TILE`] output tile, each thread a 4 × 4 block of it, reading `K` in slabs of
-//! [`KT`] staged in shared memory.
+//! [`TILE`] × [`TILE`] output tile, each thread a 4 × 4 block of it, reading `K` in slabs staged
+//! in shared memory, each slab `parts` parts of [`KT`] (a kernel's comptime choice, the most
+//! that fits its shared memory: [`slab_parts`]).
 //!
 //! Thread `u` (`UNIT_POS`) owns rows `4 (u / 16) + a` and columns `4 (u % 16) + b` (`a, b < 4`).
 //! A slab holds `K`-index `k` and rows `4 v .. 4 v + 4` as one 4-vector at `k * PITCH4 + v`, so
@@ -13,9 +14,11 @@
 //! Operands are read straight from strided global tensors ([`fetch_slab`]): `base` plus
 //! `k * sk + r * sr`, zero outside `k < klim` and `r < rlim`, so ragged edges (a sequence that
 //! ends inside a chunk, a head size that is not a multiple of the tile) need no padding copies.
-//! Each thread loads exactly one 4-vector of each slab. (Fetching the next slab into registers
-//! while multiplying the current one was tried: on the H100 it made no kernel faster and the
-//! per-head W kernel 2.3× slower, from register pressure.)
+//! Each thread loads one 4-vector of each part of a slab, all parts before the sync, so that
+//! `parts` loads per operand are in flight at once and a `K` of 64 takes one pair of syncs
+//! instead of four. (Fetching the next slab into registers while multiplying the current one
+//! was tried: on the H100 it made no kernel faster and the per-head W kernel 2.3× slower, from
+//! register pressure.)
 
 // Kernel code spells ceil-division out: `usize::div_ceil` is not a cube function.
 #![allow(clippy::manual_div_ceil)]
@@ -26,14 +29,16 @@ use cubecl::tf32;
 
 /// Side of an output tile, and the SSD kernels' chunk length.
 pub const TILE: usize = crate::SSD_KERNEL_CHUNK;
-/// `K` per shared-memory slab.
+/// `K` of one part of a slab: what the cube's threads load with one 4-vector each. A slab
+/// (what is staged between two syncs) is `parts` of them, a kernel's comptime choice
+/// ([`slab_parts`]).
 pub const KT: usize = 16;
 /// Row pitch of a slab in shared memory, in 4-vectors (`TILE / 4` plus one of padding).
 pub const PITCH4: usize = TILE / 4 + 1;
 /// Threads per cube (16 × 16, each owning 4 × 4 outputs).
 pub const THREADS: u32 = 256;
-/// 4-vectors of one slab.
-pub const SLAB: usize = KT * PITCH4;
+/// 4-vectors of one part of a slab.
+pub const PART: usize = KT * PITCH4;
 
 /// Four f32 lanes: one shared-memory slab entry.
 pub type V4 = Vector<f32, Const<4>>;
@@ -104,30 +109,42 @@ pub fn fetch_slab<F: Float>(
     vec
 }
 
-/// Stores this thread's vector of a slab (from [`fetch_slab`]) in shared memory.
+/// Stores this thread's vector of part `part` of a slab (from [`fetch_slab`] at
+/// `k0 = slab start + part · KT`) in shared memory.
 #[cube]
-pub fn store_slab(smem: &mut SharedMemory<V4>, vec: V4, #[comptime] k_contig: bool) {
-    smem[slab_k(k_contig) * PITCH4 + slab_v(k_contig)] = vec;
+pub fn store_slab(smem: &mut SharedMemory<V4>, vec: V4, part: usize, #[comptime] k_contig: bool) {
+    smem[(part * KT + slab_k(k_contig)) * PITCH4 + slab_v(k_contig)] = vec;
 }
 
 /// [`store_slab`] for the tensor cores: the lanes rounded to TF32 first (round to nearest, as
 /// cuBLAS and Triton do; the tensor cores would otherwise drop the low 13 bits).
 #[cube]
-pub fn store_slab_tf32(smem: &mut SharedMemory<V4>, vec: V4, #[comptime] k_contig: bool) {
+pub fn store_slab_tf32(
+    smem: &mut SharedMemory<V4>,
+    vec: V4,
+    part: usize,
+    #[comptime] k_contig: bool,
+) {
     store_slab(
         smem,
         V4::cast_from(Vector::<tf32, Const<4>>::cast_from(vec)),
+        part,
         k_contig,
     );
 }
 
-/// `acc[a][b] += Σ_k a_s[k][row a] · b_s[k][col b]` over one slab.
+/// `acc[a][b] += Σ_k a_s[k][row a] · b_s[k][col b]` over one slab (`parts · KT` values of `k`).
 #[cube]
-pub fn mma_slab(a_s: &SharedMemory<V4>, b_s: &SharedMemory<V4>, acc: &mut Array<f32>) {
+pub fn mma_slab(
+    a_s: &SharedMemory<V4>,
+    b_s: &SharedMemory<V4>,
+    acc: &mut Array<f32>,
+    #[comptime] parts: usize,
+) {
     let tr = UNIT_POS as usize / 16;
     let tc = UNIT_POS as usize % 16;
     #[unroll]
-    for k in 0..KT {
+    for k in 0..comptime!(parts * KT) {
         let av = a_s[k * PITCH4 + tr];
         let bv = b_s[k * PITCH4 + tc];
         #[unroll]
@@ -175,35 +192,37 @@ pub fn contract<FA: Float, FB: Float>(
     #[comptime] a_kc: bool,
     #[comptime] b_kc: bool,
     #[comptime] tc: bool,
+    #[comptime] parts: usize,
 ) {
+    let kb = comptime!(parts * KT);
     if tc {
         let frags = tc_zero();
-        for s in 0..(klim + KT - 1) / KT {
-            let k0 = s * KT;
-            let av = fetch_slab::<FA>(a, abase, ask, asr, k0, klim, arlim, a_kc);
-            let bv = fetch_slab::<FB>(b, bbase, bsk, bsr, k0, klim, brlim, b_kc);
-            store_slab_tf32(a_s, av, a_kc);
-            store_slab_tf32(b_s, bv, b_kc);
+        for s in 0..(klim + kb - 1) / kb {
+            #[unroll]
+            for part in 0..parts {
+                let k0 = s * kb + part * KT;
+                let av = fetch_slab::<FA>(a, abase, ask, asr, k0, klim, arlim, a_kc);
+                let bv = fetch_slab::<FB>(b, bbase, bsk, bsr, k0, klim, brlim, b_kc);
+                store_slab_tf32(a_s, av, part, a_kc);
+                store_slab_tf32(b_s, bv, part, b_kc);
+            }
             sync_cube();
-            tc_mma_slab(a_s, b_s, &frags);
+            tc_mma_slab(a_s, b_s, &frags, parts);
             sync_cube();
         }
         tc_add_into(&frags, o_s, acc);
     } else {
-        for s in 0..(klim + KT - 1) / KT {
-            let k0 = s * KT;
-            store_slab(
-                a_s,
-                fetch_slab::<FA>(a, abase, ask, asr, k0, klim, arlim, a_kc),
-                a_kc,
-            );
-            store_slab(
-                b_s,
-                fetch_slab::<FB>(b, bbase, bsk, bsr, k0, klim, brlim, b_kc),
-                b_kc,
-            );
+        for s in 0..(klim + kb - 1) / kb {
+            #[unroll]
+            for part in 0..parts {
+                let k0 = s * kb + part * KT;
+                let av = fetch_slab::<FA>(a, abase, ask, asr, k0, klim, arlim, a_kc);
+                let bv = fetch_slab::<FB>(b, bbase, bsk, bsr, k0, klim, brlim, b_kc);
+                store_slab(a_s, av, part, a_kc);
+                store_slab(b_s, bv, part, b_kc);
+            }
             sync_cube();
-            mma_slab(a_s, b_s, acc);
+            mma_slab(a_s, b_s, acc, parts);
             sync_cube();
         }
     }
@@ -251,15 +270,21 @@ pub fn tc_zero() -> TcAcc {
     }
 }
 
-/// `acc += A · B` over one slab on the tensor cores (the slabs staged by [`store_slab_tf32`],
-/// so already TF32 values).
+/// `acc += A · B` over one slab of `parts` parts on the tensor cores (the slabs staged by
+/// [`store_slab_tf32`], so already TF32 values).
 #[cube]
-pub fn tc_mma_slab(a_s: &SharedMemory<V4>, b_s: &SharedMemory<V4>, acc: &TcAcc) {
+pub fn tc_mma_slab(
+    a_s: &SharedMemory<V4>,
+    b_s: &SharedMemory<V4>,
+    acc: &TcAcc,
+    #[comptime] parts: usize,
+) {
     let w = UNIT_POS as usize / 32;
     let wr = w / 2;
     let wc = w % 2;
+    let slab = comptime!(parts * PART);
     #[unroll]
-    for kk in 0..comptime!(KT / 8) {
+    for kk in 0..comptime!(parts * KT / 8) {
         let k_off = kk * 8 * PITCH4;
         let a = unsafe {
             cmma::Matrix::<tf32>::uninitialized(
@@ -288,9 +313,9 @@ pub fn tc_mma_slab(a_s: &SharedMemory<V4>, b_s: &SharedMemory<V4>, acc: &TcAcc) 
                 cmma::MatrixLayout::RowMajor,
             )
         };
-        cmma::load(&a, &a_s.slice(k_off + wr * 4, SLAB), LD);
-        cmma::load(&b0, &b_s.slice(k_off + wc * 8, SLAB), LD);
-        cmma::load(&b1, &b_s.slice(k_off + wc * 8 + 4, SLAB), LD);
+        cmma::load(&a, &a_s.slice(k_off + wr * 4, slab), LD);
+        cmma::load(&b0, &b_s.slice(k_off + wc * 8, slab), LD);
+        cmma::load(&b1, &b_s.slice(k_off + wc * 8 + 4, slab), LD);
         cmma::execute::<tf32, tf32, f32, f32>(&a, &b0, &acc.m0, &acc.m0);
         cmma::execute::<tf32, tf32, f32, f32>(&a, &b1, &acc.m1, &acc.m1);
     }
@@ -373,10 +398,59 @@ pub fn tensor_cores<R: burn_cubecl::CubeRuntime>(client: &ComputeClient<R>) -> b
 /// 4-vectors of the output stage: `TILE` rows at a pitch of [`PITCH4`].
 pub const OUT: usize = TILE * PITCH4;
 
-/// A slab in shared memory, aligned for the tensor cores' loads.
+/// A slab of `parts` parts in shared memory, aligned for the tensor cores' loads.
 #[cube]
-pub fn slab_smem() -> SharedMemory<V4> {
-    SharedMemory::<V4>::new_aligned(SLAB, 32usize)
+pub fn slab_smem(#[comptime] parts: usize) -> SharedMemory<V4> {
+    SharedMemory::<V4>::new_aligned(comptime!(parts * PART), 32usize)
+}
+
+/// Bytes [`slab_parts`] leaves for the alignment padding of the shared arrays.
+const ALIGN_SLACK: usize = 256;
+
+/// Bytes of shared memory a cube may use for the SSD kernels: the device's limit, at most the
+/// 48 KiB CUDA gives a block's static shared memory.
+fn smem_budget<R: burn_cubecl::CubeRuntime>(client: &ComputeClient<R>) -> usize {
+    client
+        .properties()
+        .hardware
+        .max_shared_memory_size
+        .min(48 << 10)
+}
+
+/// Parts per slab ([`KT`] values of `K` each) a tiled kernel stages between two syncs: the
+/// most of 4, 2, 1 whose two slabs fit the device's shared memory beside the kernel's
+/// `other_bytes` (and the tensor cores' output stage where `tc`). More parts put more global
+/// loads in flight per sync and halve or quarter the syncs. `MAMBA_SSD_SLAB_PARTS=1|2|4` caps
+/// it (read once), for measuring one against another.
+pub fn slab_parts<R: burn_cubecl::CubeRuntime>(
+    client: &ComputeClient<R>,
+    other_bytes: usize,
+    tc: bool,
+) -> usize {
+    static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cap = *CAP.get_or_init(|| {
+        match std::env::var("MAMBA_SSD_SLAB_PARTS")
+            .as_deref()
+            .map(str::trim)
+        {
+            Err(_) | Ok("") => 4,
+            Ok("1") => 1,
+            Ok("2") => 2,
+            Ok("4") => 4,
+            Ok(other) => {
+                eprintln!("warning: MAMBA_SSD_SLAB_PARTS=`{other}` is not 1, 2 or 4; using 4");
+                4
+            }
+        }
+    });
+    let v4 = 16;
+    let stage = if tc { OUT * v4 } else { v4 };
+    let budget = smem_budget(client);
+    [4, 2, 1]
+        .into_iter()
+        .filter(|&p| p <= cap)
+        .find(|&p| 2 * p * PART * v4 + stage + other_bytes + ALIGN_SLACK <= budget)
+        .unwrap_or(1)
 }
 
 /// The output stage of [`tc_add_into`]: a whole tile with `tc`, a single vector (unused)
