@@ -135,6 +135,7 @@ fn decode_linear_kernel<F: Float, W: Float, N: Float, O: Float, V: Size>(
     #[comptime] vs: usize,
     #[comptime] kt: usize,
     #[comptime] scratch: usize,
+    #[comptime] unroll_k: bool,
     #[define(F, W, N, O)] _dtypes: [StorageType; 4],
 ) {
     let k = x.shape(1);
@@ -234,6 +235,11 @@ fn decode_linear_kernel<F: Float, W: Float, N: Float, O: Float, V: Size>(
             }
         }
         sync_cube();
+        // Unrolled (`unroll_k`), a lane's weight loads of the whole slab can be issued before
+        // the first of them is used; rolled, each iteration's `cpg` loads are the only ones in
+        // flight, which at batch 1 and one column a group leaves too few bytes in flight per
+        // multiprocessor to cover the memory's latency.
+        #[unroll(unroll_k)]
         for it in 0..comptime!(kt / (LANES * vs)) {
             let kk = it * step + lane * vs;
             if k0 + kk < k {
@@ -300,6 +306,22 @@ fn decode_linear_kernel<F: Float, W: Float, N: Float, O: Float, V: Size>(
         }
         sync_cube();
     }
+}
+
+/// `MAMBA_GEMV_UNROLL=on|off` (read once; default on): whether the projection kernel unrolls its
+/// loop over a slab's weight vectors, for measuring one against the other in one binary.
+fn unroll_k() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(
+        || match std::env::var("MAMBA_GEMV_UNROLL").as_deref().map(str::trim) {
+            Err(_) | Ok("") | Ok("on") | Ok("1") => true,
+            Ok("off") | Ok("0") => false,
+            Ok(other) => {
+                eprintln!("warning: MAMBA_GEMV_UNROLL=`{other}` is not on or off; using on");
+                true
+            }
+        },
+    )
 }
 
 /// Whether [`decode_linear`] runs the kernel for `input` (else the reference).
@@ -395,6 +417,7 @@ where
         p.v,
         p.kt,
         p.scratch,
+        unroll_k(),
         [xd.into(), wd.into(), nd.into(), out_dtype.into()],
     );
     wrap(out)

@@ -158,6 +158,10 @@ const STEP_ROWS: usize = 16;
 /// Row pitch of its shared products: one more than the threads, so that the row sums read
 /// without bank conflicts.
 const STEP_PITCH: usize = STEP_THREADS + 1;
+/// Threads that sum one row's products in the first stage (every thread takes part).
+const SEGS: usize = STEP_THREADS / STEP_ROWS;
+/// Products each of them adds.
+const SEG_LEN: usize = STEP_THREADS / SEGS;
 
 /// The fused Mamba2 step, one cube per `(h, b)`. Phase 1: the conv step (with SiLU) for the
 /// head's `head_dim` channels of `x` and its group's `2 · state` channels of `B` and `C`, read
@@ -248,38 +252,73 @@ fn mamba2_step_kernel<F: Float, W: Float>(
     let da = dt_s[1];
     let dh = d[h * d.stride(0)];
     // Phase 2 a pass of STEP_ROWS rows at a time: the threads walk the state index `n`
-    // (contiguous in memory, so a warp's loads and stores are one stretch), each row's products
-    // `s'·C` summed per thread into shared memory, then one thread a row adds up the row.
+    // (contiguous in memory, so a warp's loads and stores are one stretch). A thread loads its
+    // entries of all the pass's rows before it computes and stores any (the stores go to
+    // another tensor, which the compiler cannot know, so loads issued after a store wait for
+    // it): one memory latency a pass, not one a row, which is what a step at batch 1 waits on.
+    // Each row's products `s'·C` are summed through shared memory in two stages: SEGS threads
+    // a row add SEG_LEN partials each, then one thread a row adds the SEGS sums.
     let mut prod_s = SharedMemory::<f32>::new(comptime!(STEP_ROWS * STEP_PITCH));
+    let mut seg_s = SharedMemory::<f32>::new(comptime!(STEP_ROWS * SEGS));
     let sb = b * ssm_state.stride(0) + h * ssm_state.stride(1);
     let nb = b * new_ssm.stride(0) + h * new_ssm.stride(1);
+    let (s2, s3) = (ssm_state.stride(2), ssm_state.stride(3));
+    let (n2, n3) = (new_ssm.stride(2), new_ssm.stride(3));
     for pass in 0..comptime!((head_dim + STEP_ROWS - 1) / STEP_ROWS) {
         let p0 = pass * STEP_ROWS;
+        let mut part = Array::<f32>::new(STEP_ROWS);
+        #[unroll]
         for r in 0..STEP_ROWS {
-            let p = p0 + r;
-            let mut part = 0.0f32;
-            if p < head_dim {
-                let xdt = xbc_s[p] * dtv;
-                let sbase = sb + p * ssm_state.stride(2);
-                let nbase = nb + p * new_ssm.stride(2);
-                for k in 0..comptime!((dstate + STEP_THREADS - 1) / STEP_THREADS) {
-                    let n = k * STEP_THREADS + u;
-                    if n < dstate {
-                        let sv = f32::cast_from(ssm_state[sbase + n * ssm_state.stride(3)]) * da
-                            + xdt * xbc_s[head_dim + n];
-                        new_ssm[nbase + n * new_ssm.stride(3)] = F::cast_from(sv);
-                        part += sv * xbc_s[head_dim + dstate + n];
+            part[r] = 0.0f32;
+        }
+        for k in 0..comptime!((dstate + STEP_THREADS - 1) / STEP_THREADS) {
+            let n = k * STEP_THREADS + u;
+            let mut old = Array::<f32>::new(STEP_ROWS);
+            #[unroll]
+            for r in 0..STEP_ROWS {
+                let p = p0 + r;
+                let mut v = 0.0f32;
+                if p < head_dim && n < dstate {
+                    v = f32::cast_from(ssm_state[sb + p * s2 + n * s3]);
+                }
+                old[r] = v;
+            }
+            if n < dstate {
+                let bn = xbc_s[head_dim + n] * dtv;
+                let cn = xbc_s[head_dim + dstate + n];
+                #[unroll]
+                for r in 0..STEP_ROWS {
+                    let p = p0 + r;
+                    if p < head_dim {
+                        let sv = old[r] * da + xbc_s[p] * bn;
+                        new_ssm[nb + p * n2 + n * n3] = F::cast_from(sv);
+                        part[r] += sv * cn;
                     }
                 }
             }
-            prod_s[r * STEP_PITCH + u] = part;
+        }
+        #[unroll]
+        for r in 0..STEP_ROWS {
+            prod_s[r * STEP_PITCH + u] = part[r];
+        }
+        sync_cube();
+        {
+            let row = u / SEGS;
+            let seg = u % SEGS;
+            let mut t = 0.0f32;
+            #[unroll]
+            for j in 0..SEG_LEN {
+                t += prod_s[row * STEP_PITCH + seg * SEG_LEN + j];
+            }
+            seg_s[row * SEGS + seg] = t;
         }
         sync_cube();
         let p = p0 + u;
         if u < STEP_ROWS && p < head_dim {
             let mut acc = 0.0f32;
-            for t in 0..STEP_THREADS {
-                acc += prod_s[u * STEP_PITCH + t];
+            #[unroll]
+            for t in 0..SEGS {
+                acc += seg_s[u * SEGS + t];
             }
             let xv = xbc_s[p];
             acc += dh * xv;
