@@ -223,8 +223,8 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
     dt_c: &Tensor<f32>,       // [batch, heads, chunks, chunk]
     da_cs: &Tensor<f32>,      // [batch, heads, chunks, chunk]
     wg: &mut Tensor<f32>,     // [splits, batch, chunks, groups, chunk, chunk]
-    rowsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk, 16]
-    colsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk, 16]
+    rowsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk]
+    colsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk]
     ddiag: &mut Tensor<f32>,  // [batch, heads, chunks, 16]
     #[comptime] tensor_cores: bool,
     #[comptime] parts: usize,
@@ -260,6 +260,8 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
 
     let mut cs_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * (TILE + 1)));
     let mut dt_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * TILE));
+    let mut row_s = SharedMemory::<f32>::new(SHARES);
+    let mut col_s = SharedMemory::<f32>::new(SHARES);
     let mut a_s = slab_smem(parts);
     let mut b_s = slab_smem(parts);
     let mut o_s = out_smem(tensor_cores);
@@ -326,12 +328,26 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
                 rpart += m * dtj;
                 cpart[j] += m;
             }
-            rowsum[rbase + ii * rowsum.stride(3) + tc * rowsum.stride(4)] = rpart;
+            row_s[ii * PITCH_SHARES + tc] = rpart;
         }
-        let cbase = b * colsum.stride(0) + h * colsum.stride(1) + c * colsum.stride(2);
         #[unroll]
         for j in 0..4usize {
-            colsum[cbase + tile_col(j) * colsum.stride(3) + tr * colsum.stride(4)] = cpart[j];
+            col_s[tile_col(j) * PITCH_SHARES + tr] = cpart[j];
+        }
+        sync_cube();
+        // Each row's and column's 16 shares summed in the cube (threads 0-63 the rows, 64-127
+        // the columns). The next head rewrites the shares only after `contract`'s syncs.
+        let u = UNIT_POS as usize;
+        let cbase = b * colsum.stride(0) + h * colsum.stride(1) + c * colsum.stride(2);
+        sum_shares(&row_s, rowsum, rbase, rowsum.stride(3));
+        if u >= TILE && u < 2 * TILE {
+            let col = u - TILE;
+            let mut sum = 0.0f32;
+            #[unroll]
+            for k in 0..16usize {
+                sum += col_s[col * PITCH_SHARES + k];
+            }
+            colsum[cbase + col * colsum.stride(3)] = sum;
         }
     }
     let obase = split * wg.stride(0) + b * wg.stride(1) + c * wg.stride(2) + g * wg.stride(3);
@@ -527,6 +543,82 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
     }
 }
 
+/// `Σ_j t[base + j · stride(3)]` over the last axis of `t` (kernel 5's `n` tiles).
+#[cube]
+fn tile_sum(t: &Tensor<f32>, base: usize) -> f32 {
+    let mut sum = 0.0f32;
+    for j in 0..t.shape(3) {
+        sum += t[base + j * t.stride(3)];
+    }
+    sum
+}
+
+/// The per-head parameters' gradients, one cube per head: `dA[h] = Σ_{b,c} da_part[b, h, c]`,
+/// `d dt_bias[h]` likewise from `db_part`, and `dD[h] = Σ_{b,c,k} ddiag[b, h, c, k]` (the W
+/// kernel's 16 shares a chunk), each thread a strided share, then a tree in shared memory. One
+/// launch where burn's reductions took seven.
+#[cube(launch)]
+fn ssd_bwd_head_sums_kernel(
+    da_part: &Tensor<f32>,   // [batch, heads, chunks]
+    db_part: &Tensor<f32>,   // [batch, heads, chunks]
+    ddiag: &Tensor<f32>,     // [batch, heads, chunks, 16]
+    da: &mut Tensor<f32>,    // [heads]
+    dbias: &mut Tensor<f32>, // [heads]
+    dd: &mut Tensor<f32>,    // [heads]
+) {
+    let h = CUBE_POS_X as usize;
+    let u = UNIT_POS as usize;
+    let threads = THREADS as usize;
+    let nchunks = da_part.shape(2);
+    let pairs = da_part.shape(0) * nchunks;
+    let shares = ddiag.shape(3);
+    let mut sa = 0.0f32;
+    let mut sb = 0.0f32;
+    let mut sd = 0.0f32;
+    for i in 0..(pairs + threads - 1) / threads {
+        let e = i * threads + u;
+        if e < pairs {
+            let b = e / nchunks;
+            let c = e % nchunks;
+            sa += da_part[b * da_part.stride(0) + h * da_part.stride(1) + c * da_part.stride(2)];
+            sb += db_part[b * db_part.stride(0) + h * db_part.stride(1) + c * db_part.stride(2)];
+        }
+    }
+    for i in 0..(pairs * shares + threads - 1) / threads {
+        let e = i * threads + u;
+        if e < pairs * shares {
+            let k = e % shares;
+            let bc = e / shares;
+            let b = bc / nchunks;
+            let c = bc % nchunks;
+            sd += ddiag[b * ddiag.stride(0)
+                + h * ddiag.stride(1)
+                + c * ddiag.stride(2)
+                + k * ddiag.stride(3)];
+        }
+    }
+    let mut red = SharedMemory::<f32>::new(comptime!(3 * THREADS as usize));
+    red[u] = sa;
+    red[threads + u] = sb;
+    red[2 * threads + u] = sd;
+    sync_cube();
+    #[unroll]
+    for level in 0..comptime!(THREADS.trailing_zeros() as usize) {
+        let stride = threads >> (level + 1);
+        if u < stride {
+            red[u] += red[u + stride];
+            red[threads + u] += red[threads + u + stride];
+            red[2 * threads + u] += red[2 * threads + u + stride];
+        }
+        sync_cube();
+    }
+    if u == 0 {
+        da[h * da.stride(0)] = red[0];
+        dbias[h * dbias.stride(0)] = red[threads];
+        dd[h * dd.stride(0)] = red[2 * threads];
+    }
+}
+
 /// Kernel 6, one thread per `(b, h, chunk)` (heads fastest). Per position, with
 /// `sx = exp(L − cs_q) x_q · dstates · B_q` and `oy = exp(cs_q) dy_q · prev · C_q`:
 /// `dt_q`'s gradient holding `cs` fixed is `sx + colsum_q`; `cs_q`'s is
@@ -541,8 +633,8 @@ fn ssd_bwd_dt_kernel<F: Float>(
     a: &Tensor<f32>,           // [heads]
     dt_bias: &Tensor<f32>,     // [heads]
     dt_c: &Tensor<f32>,        // [batch, heads, chunks, chunk]
-    sx: &Tensor<f32>,          // [batch, seq, heads]
-    oy: &Tensor<f32>,          // [batch, seq, heads]
+    sx: &Tensor<f32>,          // [batch, seq, heads, n tiles]: summed over the tiles here
+    oy: &Tensor<f32>,          // [batch, seq, heads, n tiles]
     rowsum: &Tensor<f32>,      // [batch, heads, chunks, chunk]
     colsum: &Tensor<f32>,      // [batch, heads, chunks, chunk]
     dlast: &Tensor<f32>,       // [batch, chunks, heads]
@@ -572,7 +664,7 @@ fn ssd_bwd_dt_kernel<F: Float>(
     for q in 0..qlim {
         let t = c * q_len + q;
         d_last += dt_c[base + q * dt_c.stride(3)]
-            * sx[b * sx.stride(0) + t * sx.stride(1) + h * sx.stride(2)];
+            * tile_sum(sx, b * sx.stride(0) + t * sx.stride(1) + h * sx.stride(2));
     }
     let a_h = f32::cast_from(a[h * a.stride(0)]);
     let bias = f32::cast_from(dt_bias[h * dt_bias.stride(0)]);
@@ -583,8 +675,8 @@ fn ssd_bwd_dt_kernel<F: Float>(
         let q = qlim - 1 - k;
         let t = c * q_len + q;
         let dt_q = dt_c[base + q * dt_c.stride(3)];
-        let sxv = sx[b * sx.stride(0) + t * sx.stride(1) + h * sx.stride(2)];
-        let oyv = oy[b * oy.stride(0) + t * oy.stride(1) + h * oy.stride(2)];
+        let sxv = tile_sum(sx, b * sx.stride(0) + t * sx.stride(1) + h * sx.stride(2));
+        let oyv = tile_sum(oy, b * oy.stride(0) + t * oy.stride(1) + h * oy.stride(2));
         let col = colsum[b * colsum.stride(0)
             + h * colsum.stride(1)
             + c * colsum.stride(2)
@@ -727,7 +819,7 @@ where
 
     // 3. Wg and the two CB ∘ W sums.
     let splits = head_splits(&client, batch * nchunks * groups, heads / groups);
-    let pos_shape = vec![batch, heads, nchunks, TILE, 16];
+    let pos_shape = vec![batch, heads, nchunks, TILE];
     let wg_parts = empty(vec![splits, batch, nchunks, groups, TILE, TILE], DType::F32);
     let rowsum = empty(pos_shape.clone(), DType::F32);
     let colsum = empty(pos_shape, DType::F32);
@@ -750,7 +842,7 @@ where
             tensor_cores(&client),
             slab_parts(
                 &client,
-                HEADS_PER_CUBE * (2 * TILE + 1) * 4,
+                HEADS_PER_CUBE * (2 * TILE + 1) * 4 + 2 * SHARES * 4,
                 tensor_cores(&client),
             ),
             dtype.into(),
@@ -758,12 +850,6 @@ where
     }
     let wg: T<R, F, I, BT, 6> = wrap(wg_parts);
     let wg = prim(wg.sum_dim(0).reshape([batch, nchunks, groups, TILE, TILE]));
-    let shares = |t| -> CubeTensor<R> {
-        let t: T<R, F, I, BT, 5> = wrap(t);
-        prim(t.sum_dim(4).reshape([batch, heads, nchunks, TILE]))
-    };
-    let rowsum = shares(rowsum);
-    let colsum = shares(colsum);
 
     // 4. dx
     let dx = scan_tiles(&p, &p.bm, &dstates, &dy, &cb, &dt_c, &da_cs, true);
@@ -804,15 +890,8 @@ where
             .sum_dim(0)
             .reshape([batch, seqlen, groups, dstate])
             .cast(dtype);
-        let part: T<R, F, I, BT, 4> = wrap(part);
-        (
-            prim(out),
-            prim(if ntiles > 1 {
-                part.sum_dim(3).reshape([batch, seqlen, heads])
-            } else {
-                part.reshape([batch, seqlen, heads])
-            }),
-        )
+        // `part` stays per `n` tile: kernel 6 sums the tiles as it reads them.
+        (prim(out), part)
     };
     let (dc, oy) = dbc(&dy, &prev, &p.cm, &p.bm, false);
     let (db, sx) = dbc(&p.x, &dstates, &p.bm, &p.cm, true);
@@ -850,10 +929,25 @@ where
         );
     }
 
-    // Per-head gradients, summed in f32, in the dtype their parameter came in.
+    // Per-head gradients, summed in f32 in one launch, in the dtype their parameter came in.
+    let da = empty(vec![heads], DType::F32);
+    let dbias = empty(vec![heads], DType::F32);
+    let dd = empty(vec![heads], DType::F32);
+    if heads > 0 {
+        ssd_bwd_head_sums_kernel::launch::<R>(
+            &client,
+            CubeCount::Static(heads as u32, 1, 1),
+            CubeDim::new_1d(THREADS),
+            da_part.into_tensor_arg(),
+            dbias_part.into_tensor_arg(),
+            ddiag.into_tensor_arg(),
+            da.clone().into_tensor_arg(),
+            dbias.clone().into_tensor_arg(),
+            dd.clone().into_tensor_arg(),
+        );
+    }
     let per_head = |t, dtype: DType| -> T<R, F, I, BT, 1> {
-        let t: T<R, F, I, BT, 3> = wrap(t);
-        let g = t.sum_dim(2).sum_dim(0).reshape([heads]);
+        let g: T<R, F, I, BT, 1> = wrap(t);
         if dtype == DType::F32 {
             g
         } else {
@@ -861,19 +955,14 @@ where
         }
     };
     let [a_dtype, d_dtype, bias_dtype] = p.param_dtypes;
-    let ddiag: T<R, F, I, BT, 4> = wrap(ddiag);
-    let dd = per_head(
-        prim(ddiag.sum_dim(3).reshape([batch, heads, nchunks])),
-        d_dtype,
-    );
     SsdGrads {
         x: wrap(dx),
         dt: wrap(ddt_raw),
-        a: per_head(da_part, a_dtype),
+        a: per_head(da, a_dtype),
         b: wrap(db),
         c: wrap(dc),
-        d: dd,
-        dt_bias: per_head(dbias_part, bias_dtype),
+        d: per_head(dd, d_dtype),
+        dt_bias: per_head(dbias, bias_dtype),
         initial_state: has_init.then(|| wrap(dinit)),
     }
 }
