@@ -25,8 +25,9 @@
 //! Notation: `t = c·Q + q` is position `q` of chunk `c`; `cs` the within-chunk cumsum of
 //! `dt · A`, `L_c` its value at the chunk's end. All intermediates are f32.
 
-// Kernel code spells ceil-division out: `usize::div_ceil` is not a cube function.
-#![allow(clippy::manual_div_ceil)]
+// Kernel code spells ceil-division and ranges out: `usize::div_ceil` and `Range::contains` are
+// not cube functions.
+#![allow(clippy::manual_div_ceil, clippy::manual_range_contains)]
 
 use burn::tensor::{DType, Tensor as BTensor};
 use burn_cubecl::{
