@@ -23,8 +23,8 @@
 
 use super::tile::{
     contract, fetch_slab, mma_slab, out_smem, slab_k, slab_parts, slab_smem, slab_v, store_slab,
-    store_slab_tf32, tc_add_into, tc_mma_slab, tc_zero, tensor_cores, tile_col, tile_row, zero_acc,
-    KT, THREADS, TILE, V4,
+    tc_add_into, tc_mma_slab, tc_zero, tensor_cores, tile_col, tile_row, zero_acc, KT, THREADS,
+    TILE, V4,
 };
 use super::{elemwise, prim, spread, wrap};
 use burn::tensor::backend::Backend;
@@ -243,8 +243,8 @@ fn ssd_state_tile_kernel<F: Float>(
                 let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
                 let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
                 let sc = rs_s[k0 + slab_k(false)];
-                store_slab_tf32(&mut a_s, av * V4::new(sc), part, false);
-                store_slab_tf32(&mut b_s, bv, part, false);
+                store_slab(&mut a_s, av * V4::new(sc), part, false, true);
+                store_slab(&mut b_s, bv, part, false, true);
             }
             sync_cube();
             tc_mma_slab(&a_s, &b_s, &frags, parts);
@@ -259,8 +259,8 @@ fn ssd_state_tile_kernel<F: Float>(
                 let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
                 let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
                 let sc = rs_s[k0 + slab_k(false)];
-                store_slab(&mut a_s, av * V4::new(sc), part, false);
-                store_slab(&mut b_s, bv, part, false);
+                store_slab(&mut a_s, av * V4::new(sc), part, false, false);
+                store_slab(&mut b_s, bv, part, false, false);
             }
             sync_cube();
             mma_slab(&a_s, &b_s, &mut acc, parts);
@@ -548,8 +548,8 @@ fn ssd_scan_tile_kernel<F: Float>(
                 let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
                 let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
                 let mv = mix_scale(av, &cs_s, &dt_s, k0, transposed);
-                store_slab_tf32(&mut a_s, mv, part, comptime!(!transposed));
-                store_slab_tf32(&mut b_s, bv, part, false);
+                store_slab(&mut a_s, mv, part, comptime!(!transposed), true);
+                store_slab(&mut b_s, bv, part, false, true);
             }
             sync_cube();
             tc_mma_slab(&a_s, &b_s, &frags, parts);
@@ -564,8 +564,8 @@ fn ssd_scan_tile_kernel<F: Float>(
                 let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
                 let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
                 let mv = mix_scale(av, &cs_s, &dt_s, k0, transposed);
-                store_slab(&mut a_s, mv, part, comptime!(!transposed));
-                store_slab(&mut b_s, bv, part, false);
+                store_slab(&mut a_s, mv, part, comptime!(!transposed), false);
+                store_slab(&mut b_s, bv, part, false, false);
             }
             sync_cube();
             mma_slab(&a_s, &b_s, &mut acc, parts);

@@ -155,11 +155,12 @@ fn ssd_step_kernel<F: Float>(
 const STEP_THREADS: usize = 128;
 /// Rows `p` of the state a pass of the fused step's phase 2 takes.
 const STEP_ROWS: usize = 16;
-/// Row pitch of its shared products: one more than the threads, so that the row sums read
-/// without bank conflicts.
-const STEP_PITCH: usize = STEP_THREADS + 1;
 /// Threads that sum one row's products in the first stage (every thread takes part).
 const SEGS: usize = STEP_THREADS / STEP_ROWS;
+/// Row pitch of its shared products: the threads plus [`SEGS`], so that a warp's first-stage
+/// reads (thread `(row, seg)` reads column `seg + SEGS j` of its row) fall in 32 different
+/// banks, as do the stores (a row's consecutive columns).
+const STEP_PITCH: usize = STEP_THREADS + SEGS;
 /// Products each of them adds.
 const SEG_LEN: usize = STEP_THREADS / SEGS;
 
@@ -257,7 +258,8 @@ fn mamba2_step_kernel<F: Float, W: Float>(
     // another tensor, which the compiler cannot know, so loads issued after a store wait for
     // it): one memory latency a pass, not one a row, which is what a step at batch 1 waits on.
     // Each row's products `s'·C` are summed through shared memory in two stages: SEGS threads
-    // a row add SEG_LEN partials each, then one thread a row adds the SEGS sums.
+    // a row add SEG_LEN partials each (columns SEGS apart), then one thread a row adds the SEGS
+    // sums.
     let mut prod_s = SharedMemory::<f32>::new(comptime!(STEP_ROWS * STEP_PITCH));
     let mut seg_s = SharedMemory::<f32>::new(comptime!(STEP_ROWS * SEGS));
     let sb = b * ssm_state.stride(0) + h * ssm_state.stride(1);
@@ -308,7 +310,7 @@ fn mamba2_step_kernel<F: Float, W: Float>(
             let mut t = 0.0f32;
             #[unroll]
             for j in 0..SEG_LEN {
-                t += prod_s[row * STEP_PITCH + seg * SEG_LEN + j];
+                t += prod_s[row * STEP_PITCH + seg + j * SEGS];
             }
             seg_s[row * SEGS + seg] = t;
         }

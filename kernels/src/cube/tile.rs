@@ -110,27 +110,56 @@ pub fn fetch_slab<F: Float>(
 }
 
 /// Stores this thread's vector of part `part` of a slab (from [`fetch_slab`] at
-/// `k0 = slab start + part · KT`) in shared memory.
+/// `k0 = slab start + part · KT`) in shared memory; for the tensor cores (`tf32`) the lanes
+/// rounded to TF32 first (round to nearest, as cuBLAS and Triton do; the tensor cores would
+/// otherwise drop the low 13 bits).
 #[cube]
-pub fn store_slab(smem: &mut SharedMemory<V4>, vec: V4, part: usize, #[comptime] k_contig: bool) {
-    smem[(part * KT + slab_k(k_contig)) * PITCH4 + slab_v(k_contig)] = vec;
-}
-
-/// [`store_slab`] for the tensor cores: the lanes rounded to TF32 first (round to nearest, as
-/// cuBLAS and Triton do; the tensor cores would otherwise drop the low 13 bits).
-#[cube]
-pub fn store_slab_tf32(
+pub fn store_slab(
     smem: &mut SharedMemory<V4>,
     vec: V4,
     part: usize,
     #[comptime] k_contig: bool,
+    #[comptime] tf32: bool,
 ) {
-    store_slab(
-        smem,
-        V4::cast_from(Vector::<tf32, Const<4>>::cast_from(vec)),
-        part,
-        k_contig,
-    );
+    let mut v = vec;
+    if tf32 {
+        v = V4::cast_from(Vector::<tf32, Const<4>>::cast_from(vec));
+    }
+    smem[(part * KT + slab_k(k_contig)) * PITCH4 + slab_v(k_contig)] = v;
+}
+
+/// Stages slab `s` (`parts` parts of [`KT`]) of two strided operands read through
+/// [`fetch_slab`]: every part's loads are issued before the barrier that follows. Not synced.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_slab<FA: Float, FB: Float>(
+    a: &Tensor<FA>,
+    abase: usize,
+    ask: usize,
+    asr: usize,
+    arlim: usize,
+    b: &Tensor<FB>,
+    bbase: usize,
+    bsk: usize,
+    bsr: usize,
+    brlim: usize,
+    klim: usize,
+    s: usize,
+    a_s: &mut SharedMemory<V4>,
+    b_s: &mut SharedMemory<V4>,
+    #[comptime] a_kc: bool,
+    #[comptime] b_kc: bool,
+    #[comptime] tc: bool,
+    #[comptime] parts: usize,
+) {
+    #[unroll]
+    for part in 0..parts {
+        let k0 = s * comptime!(parts * KT) + part * KT;
+        let av = fetch_slab::<FA>(a, abase, ask, asr, k0, klim, arlim, a_kc);
+        let bv = fetch_slab::<FB>(b, bbase, bsk, bsr, k0, klim, brlim, b_kc);
+        store_slab(a_s, av, part, a_kc, tc);
+        store_slab(b_s, bv, part, b_kc, tc);
+    }
 }
 
 /// `acc[a][b] += Σ_k a_s[k][row a] · b_s[k][col b]` over one slab (`parts · KT` values of `k`).
@@ -195,32 +224,25 @@ pub fn contract<FA: Float, FB: Float>(
     #[comptime] parts: usize,
 ) {
     let kb = comptime!(parts * KT);
+    let slabs = (klim + kb - 1) / kb;
     if tc {
         let frags = tc_zero();
-        for s in 0..(klim + kb - 1) / kb {
-            #[unroll]
-            for part in 0..parts {
-                let k0 = s * kb + part * KT;
-                let av = fetch_slab::<FA>(a, abase, ask, asr, k0, klim, arlim, a_kc);
-                let bv = fetch_slab::<FB>(b, bbase, bsk, bsr, k0, klim, brlim, b_kc);
-                store_slab_tf32(a_s, av, part, a_kc);
-                store_slab_tf32(b_s, bv, part, b_kc);
-            }
+        for s in 0..slabs {
+            stage_slab::<FA, FB>(
+                a, abase, ask, asr, arlim, b, bbase, bsk, bsr, brlim, klim, s, a_s, b_s, a_kc,
+                b_kc, true, parts,
+            );
             sync_cube();
             tc_mma_slab(a_s, b_s, &frags, parts);
             sync_cube();
         }
         tc_add_into(&frags, o_s, acc);
     } else {
-        for s in 0..(klim + kb - 1) / kb {
-            #[unroll]
-            for part in 0..parts {
-                let k0 = s * kb + part * KT;
-                let av = fetch_slab::<FA>(a, abase, ask, asr, k0, klim, arlim, a_kc);
-                let bv = fetch_slab::<FB>(b, bbase, bsk, bsr, k0, klim, brlim, b_kc);
-                store_slab(a_s, av, part, a_kc);
-                store_slab(b_s, bv, part, b_kc);
-            }
+        for s in 0..slabs {
+            stage_slab::<FA, FB>(
+                a, abase, ask, asr, arlim, b, bbase, bsk, bsr, brlim, klim, s, a_s, b_s, a_kc,
+                b_kc, false, parts,
+            );
             sync_cube();
             mma_slab(a_s, b_s, acc, parts);
             sync_cube();
@@ -271,7 +293,7 @@ pub fn tc_zero() -> TcAcc {
 }
 
 /// `acc += A · B` over one slab of `parts` parts on the tensor cores (the slabs staged by
-/// [`store_slab_tf32`], so already TF32 values).
+/// [`store_slab`] with `tf32`, so already TF32 values).
 #[cube]
 pub fn tc_mma_slab(
     a_s: &SharedMemory<V4>,
