@@ -657,11 +657,11 @@ fn ssd_autodiff_matches_reference() {
 #[test]
 fn ssd_slab_parts_cover_both_paths() {
     use cubecl::Runtime;
-    use mamba_burn::kernels::cube::tile::slab_parts;
+    use mamba_burn::kernels::cube::{ssd::CHUNK_SMEM, ssd_bwd::DBC_SMEM, tile::slab_parts};
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
     let smem = client.properties().hardware.max_shared_memory_size;
-    let chunk = slab_parts(&client, 772, false);
-    let dbc = slab_parts(&client, 64 * 64 * 4 + 129 * 4 + 64 * 17 * 4, false);
+    let chunk = slab_parts(&client, CHUNK_SMEM, false);
+    let dbc = slab_parts(&client, DBC_SMEM, false);
     assert!(chunk >= 2, "{smem} bytes of shared memory: {chunk} parts");
     assert!(
         (1..=4).contains(&dbc) && dbc <= chunk,

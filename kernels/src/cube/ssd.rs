@@ -23,8 +23,8 @@
 
 use super::tile::{
     contract, fetch_slab, mma_slab, out_smem, slab_k, slab_parts, slab_smem, slab_v, store_slab,
-    tc_add_into, tc_mma_slab, tc_zero, tensor_cores, tile_col, tile_row, zero_acc, KT, THREADS,
-    TILE, V4,
+    tc_finish, tc_mma_slab, tc_zero, tensor_cores, tile_col, tile_row, zero_acc, KT, THREADS, TILE,
+    V4,
 };
 use super::{elemwise, prim, spread, wrap};
 use burn::tensor::backend::Backend;
@@ -180,7 +180,7 @@ pub(crate) fn row_scales(
 
 /// Bytes of shared memory the state and scan tile kernels hold beside their slabs: a chunk's
 /// `cs` (one more than the chunk), `dt` and row scales, f32.
-const CHUNK_SMEM: usize = (3 * TILE + 1) * 4;
+pub const CHUNK_SMEM: usize = (3 * TILE + 1) * 4;
 
 /// Kernel 2 (and the backward's `dprev`), one cube per `(b·chunk·(p tile × n tile), h)`:
 /// `out[b, c, h, p, n] = Σ_q xin[t_q, h, p] s_q ym[t_q, g, n]` with `s_q = exp(L − cs_q) dt_q`
@@ -226,7 +226,7 @@ fn ssd_state_tile_kernel<F: Float>(
 
     let mut a_s = slab_smem(parts);
     let mut b_s = slab_smem(parts);
-    let mut o_s = out_smem(tensor_cores);
+    let mut o_s = out_smem(tensor_cores, parts);
     let mut acc = zero_acc();
     let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
     let ybase = b * ym.stride(0) + t0 * ym.stride(1) + g * ym.stride(2) + n0 * ym.stride(3);
@@ -250,7 +250,7 @@ fn ssd_state_tile_kernel<F: Float>(
             tc_mma_slab(&a_s, &b_s, &frags, parts);
             sync_cube();
         }
-        tc_add_into(&frags, &mut o_s, &mut acc);
+        tc_finish(&frags, &mut a_s, &mut o_s, &mut acc, parts);
     } else {
         for s in 0..slabs {
             #[unroll]
@@ -360,7 +360,7 @@ fn ssd_cb_tile_kernel<F: Float>(
 
     let mut a_s = slab_smem(parts);
     let mut b_s = slab_smem(parts);
-    let mut o_s = out_smem(tensor_cores);
+    let mut o_s = out_smem(tensor_cores, parts);
     let mut acc = zero_acc();
     let cbase = b * cm.stride(0) + t0 * cm.stride(1) + g * cm.stride(2);
     let bbase = b * bm.stride(0) + t0 * bm.stride(1) + g * bm.stride(2);
@@ -496,7 +496,7 @@ fn ssd_scan_tile_kernel<F: Float>(
 
     let mut a_s = slab_smem(parts);
     let mut b_s = slab_smem(parts);
-    let mut o_s = out_smem(tensor_cores);
+    let mut o_s = out_smem(tensor_cores, parts);
     let mut acc = zero_acc();
 
     // Through the state: K = n.
@@ -555,7 +555,7 @@ fn ssd_scan_tile_kernel<F: Float>(
             tc_mma_slab(&a_s, &b_s, &frags, parts);
             sync_cube();
         }
-        tc_add_into(&frags, &mut o_s, &mut acc);
+        tc_finish(&frags, &mut a_s, &mut o_s, &mut acc, parts);
     } else {
         for s in 0..slabs {
             #[unroll]

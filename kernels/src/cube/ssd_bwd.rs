@@ -265,7 +265,7 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
     let mut col_s = SharedMemory::<f32>::new(SHARES);
     let mut a_s = slab_smem(parts);
     let mut b_s = slab_smem(parts);
-    let mut o_s = out_smem(tensor_cores);
+    let mut o_s = out_smem(tensor_cores, parts);
     stage_heads(dt_c, da_cs, b, c, h_lo, h_hi - h_lo, &mut cs_s, &mut dt_s);
     for h in h_lo..h_hi {
         let cso = (h - h_lo) * (TILE + 1);
@@ -363,7 +363,7 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
 
 /// Bytes of shared memory kernel 5 holds beside its slabs: the staged `um` tile, one head's `cs`
 /// and `dt`, the shares.
-const DBC_SMEM: usize = TILE * TILE * 4 + (2 * TILE + 1) * 4 + SHARES * 4;
+pub const DBC_SMEM: usize = TILE * TILE * 4 + (2 * TILE + 1) * 4 + SHARES * 4;
 
 /// Kernel 5, one cube per `(b·chunk, g, split, 64 columns of n)`, looping over its share of
 /// the group's heads; the caller sums the splits (`out`) and the `n` tiles (`part`).
@@ -435,7 +435,7 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
     let mut dt_s = SharedMemory::<f32>::new(TILE);
     let mut a_s = slab_smem(parts);
     let mut b_s = slab_smem(parts);
-    let mut o_s = out_smem(tensor_cores);
+    let mut o_s = out_smem(tensor_cores, parts);
     let mut part_s = SharedMemory::<f32>::new(SHARES);
     let mut total = zero_acc();
     for h in h_lo..h_hi {

@@ -236,7 +236,7 @@ pub fn contract<FA: Float, FB: Float>(
             tc_mma_slab(a_s, b_s, &frags, parts);
             sync_cube();
         }
-        tc_add_into(&frags, o_s, acc);
+        tc_finish(&frags, a_s, o_s, acc, parts);
     } else {
         for s in 0..slabs {
             stage_slab::<FA, FB>(
@@ -373,6 +373,24 @@ pub fn tc_add_into(acc: &TcAcc, o_s: &mut SharedMemory<V4>, regs: &mut Array<f32
     sync_cube();
 }
 
+/// [`tc_add_into`] through the output stage the kernel has: the left slab itself where a slab
+/// is a whole tile's size (four parts: `4 · PART = OUT`; the slabs are free once the slab
+/// loop's last sync has passed), else the separate stage of [`out_smem`].
+#[cube]
+pub fn tc_finish(
+    acc: &TcAcc,
+    a_s: &mut SharedMemory<V4>,
+    o_s: &mut SharedMemory<V4>,
+    regs: &mut Array<f32>,
+    #[comptime] parts: usize,
+) {
+    if comptime!(parts * PART >= OUT) {
+        tc_add_into(acc, a_s, regs);
+    } else {
+        tc_add_into(acc, o_s, regs);
+    }
+}
+
 /// Whether the SSD contractions run on the tensor cores of `client`'s device: asked for with
 /// `MAMBA_SSD_TENSOR_CORES=1` (off by default: on an H100 every tiled kernel ran 1.3-1.7× slower
 /// this way, BENCHMARKS.md 12-06: the kernels wait on their global loads and syncs, not on the
@@ -465,21 +483,37 @@ pub fn slab_parts<R: burn_cubecl::CubeRuntime>(
             }
         }
     });
+    parts_within(smem_budget(client), other_bytes, tc, cap)
+}
+
+/// [`slab_parts`] for a shared-memory `budget` in bytes and a cap on the parts.
+pub fn parts_within(budget: usize, other_bytes: usize, tc: bool, cap: usize) -> usize {
     let v4 = 16;
-    let stage = if tc { OUT * v4 } else { v4 };
-    let budget = smem_budget(client);
     [4, 2, 1]
         .into_iter()
         .filter(|&p| p <= cap)
-        .find(|&p| 2 * p * PART * v4 + stage + other_bytes + ALIGN_SLACK <= budget)
+        .find(|&p| {
+            let stage = if own_stage(tc, p) { OUT * v4 } else { v4 };
+            2 * p * PART * v4 + stage + other_bytes + ALIGN_SLACK <= budget
+        })
         .unwrap_or(1)
 }
 
-/// The output stage of [`tc_add_into`]: a whole tile with `tc`, a single vector (unused)
-/// without.
+/// Whether the tensor cores' output stage needs an array of its own: with `tc`, where a slab
+/// of `parts` parts is smaller than a tile (with four parts [`tc_finish`] stages through the
+/// left slab).
+pub const fn own_stage(tc: bool, parts: usize) -> bool {
+    tc && parts * PART < OUT
+}
+
+/// The output stage of [`tc_add_into`]: a whole tile where [`own_stage`], a single vector
+/// (unused) otherwise.
 #[cube]
-pub fn out_smem(#[comptime] tc: bool) -> SharedMemory<V4> {
-    SharedMemory::<V4>::new_aligned(comptime!(if tc { OUT } else { 1 }), 32usize)
+pub fn out_smem(#[comptime] tc: bool, #[comptime] parts: usize) -> SharedMemory<V4> {
+    SharedMemory::<V4>::new_aligned(
+        comptime!(if own_stage(tc, parts) { OUT } else { 1 }),
+        32usize,
+    )
 }
 
 /// Stages a whole `TILE × TILE` tile of a strided operand in shared memory, row-major by
@@ -523,4 +557,36 @@ pub fn stage_tile<F: Float>(
 #[cube]
 pub fn tile_get(smem: &SharedMemory<V4>, a: usize) -> V4 {
     smem[tile_row(a) * (TILE / 4) + UNIT_POS as usize % 16]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::cube::{ssd::CHUNK_SMEM, ssd_bwd::DBC_SMEM};
+
+    #[test]
+    fn parts_fit_cuda_and_lavapipe_budgets() {
+        // CUDA's 48 KiB: four parts in the chunk kernels on either path (the tensor cores'
+        // output stage is the left slab at four parts), two in `dB`/`dC` on CUDA cores and one
+        // on the tensor cores, whose own 17 KiB stage does not fit beside two.
+        assert_eq!(parts_within(48 << 10, CHUNK_SMEM, false, 4), 4);
+        assert_eq!(parts_within(48 << 10, CHUNK_SMEM, true, 4), 4);
+        assert_eq!(parts_within(48 << 10, DBC_SMEM, false, 4), 2);
+        assert_eq!(parts_within(48 << 10, DBC_SMEM, true, 4), 1);
+        // lavapipe's 32 KiB.
+        assert_eq!(parts_within(32 << 10, CHUNK_SMEM, false, 4), 2);
+        assert_eq!(parts_within(32 << 10, DBC_SMEM, false, 4), 1);
+        // The cap (MAMBA_SSD_SLAB_PARTS).
+        assert_eq!(parts_within(48 << 10, CHUNK_SMEM, false, 1), 1);
+        assert_eq!(parts_within(48 << 10, CHUNK_SMEM, true, 2), 2);
+    }
+
+    #[test]
+    fn output_stage_aliases_only_a_whole_tile_slab() {
+        assert_eq!(4 * PART, OUT);
+        assert!(!own_stage(true, 4));
+        assert!(own_stage(true, 2) && own_stage(true, 1));
+        assert!(!own_stage(false, 1));
+    }
 }
