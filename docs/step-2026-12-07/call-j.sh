@@ -25,11 +25,19 @@ M2=configs/models/mamba2-130m-hf.json
 C7=configs/models/mamba-codestral-7b-shape.json
 H="python3 scripts/hf_generate_bench.py --prompt-len 512 --new-tokens 256 --iters 1"
 run g_cs_b1 40 $B $A --config $C7 --batch 1 --precision bf16 --warmup 1 --iters 2
+run g_cs_b1_rolled 25 env MAMBA_GEMV_UNROLL=off $B $A --config $C7 --batch 1 --precision bf16 --warmup 1 --iters 2
 run hf_cs_b1 60 $H --config $C7 --batch 1 --dtype bfloat16
 run g_130m_b1 40 $B $A --config $M2 --batch 1 --warmup 1 --iters 3
-run g_130m_b32 30 $B $A --config $M2 --batch 32 --warmup 1 --iters 3
+run g_130m_b32 45 $B $A --config $M2 --batch 32 --warmup 1 --iters 3
 run g_cs_b32 25 $B $A --config $C7 --batch 32 --precision bf16 --warmup 1 --iters 1
-run hf_130m_b1 35 $H --config $M2 --batch 1 --dtype float32
 cd .devbench/bench
-run peer_130m_amp 110 env CFG=130m SHAPES=8x1024 LORA=1 GC=0 AMP=1 ITERS=20 python3 peer_mssm.py
+run peer_130m_amp 110 env CFG=130m SHAPES=8x1024 LORA=1 GC=0 AMP=1 ITERS=12 python3 peer_mssm.py
 run peer_7b 150 env CFG=codestral SHAPES=4x2048 LORA=1 GC=1 AMP=1 ITERS=4 python3 peer_mssm.py
+cd $root
+# A cubecl kernel profile of the 7B shape's batch-1 decoding (64 new tokens; every launch timed
+# alone: at this shape a projection runs for tens of microseconds, so its time reads true).
+d=/tmp/profdec; mkdir -p $d
+printf '[compilation]\ncache = { file = "%s/target" }\n[autotune]\ncache = { file = "%s/target" }\n[profiling.logger]\nlevel = "basic"\nfile = "%s/prof.log"\n' $root $root $d > $d/cubecl.toml
+(cd $d && timeout 40 $B generate --device cuda --prompt-len 512 --new-tokens 64 --json --config $root/$C7 --batch 1 --precision bf16 --warmup 0 --iters 1 > $d/out 2> $d/err); echo "== prof dec rc=$?" >> $LOG
+python3 $root/scripts/profile_summary.py $d/prof.log 64 > $OUT/prof_gen_7b_b1.json 2>> $LOG
+xz -c $d/prof.log > $OUT/prof_gen_7b_b1.log.xz

@@ -182,6 +182,40 @@ pub(crate) fn row_scales(
 /// `cs` (one more than the chunk), `dt` and row scales, f32.
 pub const CHUNK_SMEM: usize = (3 * TILE + 1) * 4;
 
+/// Stages slab `s` of the state kernel's operands: `x` scaled by the row scales `rs_s[k]` (left)
+/// and `B` (right), both with their rows contiguous. Not synced.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_state_slab<F: Float>(
+    xin: &Tensor<F>,
+    xbase: usize,
+    xs1: usize,
+    xs3: usize,
+    alim: usize,
+    ym: &Tensor<F>,
+    ybase: usize,
+    ys1: usize,
+    ys3: usize,
+    blim: usize,
+    qlim: usize,
+    s: usize,
+    rs_s: &SharedMemory<f32>,
+    a_s: &mut SharedMemory<V4>,
+    b_s: &mut SharedMemory<V4>,
+    #[comptime] tc: bool,
+    #[comptime] parts: usize,
+) {
+    #[unroll]
+    for part in 0..parts {
+        let k0 = s * comptime!(parts * KT) + part * KT;
+        let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, alim, false);
+        let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, blim, false);
+        let sc = rs_s[k0 + slab_k(false)];
+        store_slab(a_s, av * V4::new(sc), part, false, tc);
+        store_slab(b_s, bv, part, false, tc);
+    }
+}
+
 /// Kernel 2 (and the backward's `dprev`), one cube per `(b·chunk·(p tile × n tile), h)`:
 /// `out[b, c, h, p, n] = Σ_q xin[t_q, h, p] s_q ym[t_q, g, n]` with `s_q = exp(L − cs_q) dt_q`
 /// (`to_end`: the chunk's own state, from `x` and `B`) or `s_q = exp(cs_q)` (the state gradient
@@ -234,18 +268,14 @@ fn ssd_state_tile_kernel<F: Float>(
     let (xs1, xs3, ys1, ys3) = (xin.stride(1), xin.stride(3), ym.stride(1), ym.stride(3));
     let kb = comptime!(parts * KT);
     let slabs = (qlim + kb - 1) / kb;
+    let (alim, blim) = (head_dim - p0, dstate - n0);
     if tensor_cores {
         let frags = tc_zero();
         for s in 0..slabs {
-            #[unroll]
-            for part in 0..parts {
-                let k0 = s * kb + part * KT;
-                let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
-                let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
-                let sc = rs_s[k0 + slab_k(false)];
-                store_slab(&mut a_s, av * V4::new(sc), part, false, true);
-                store_slab(&mut b_s, bv, part, false, true);
-            }
+            stage_state_slab::<F>(
+                xin, xbase, xs1, xs3, alim, ym, ybase, ys1, ys3, blim, qlim, s, &rs_s, &mut a_s,
+                &mut b_s, true, parts,
+            );
             sync_cube();
             tc_mma_slab(&a_s, &b_s, &frags, parts);
             sync_cube();
@@ -253,15 +283,10 @@ fn ssd_state_tile_kernel<F: Float>(
         tc_finish(&frags, &mut a_s, &mut o_s, &mut acc, parts);
     } else {
         for s in 0..slabs {
-            #[unroll]
-            for part in 0..parts {
-                let k0 = s * kb + part * KT;
-                let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
-                let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, dstate - n0, false);
-                let sc = rs_s[k0 + slab_k(false)];
-                store_slab(&mut a_s, av * V4::new(sc), part, false, false);
-                store_slab(&mut b_s, bv, part, false, false);
-            }
+            stage_state_slab::<F>(
+                xin, xbase, xs1, xs3, alim, ym, ybase, ys1, ys3, blim, qlim, s, &rs_s, &mut a_s,
+                &mut b_s, false, parts,
+            );
             sync_cube();
             mma_slab(&a_s, &b_s, &mut acc, parts);
             sync_cube();
@@ -455,6 +480,39 @@ fn mix_scale(
     out
 }
 
+/// Stages slab `s` of the scan kernel's within-chunk operands: the mixing matrix `M` (or `Mᵀ`)
+/// from `CB`, `cs` and `dt` (left) and `x` (right, rows contiguous). Not synced.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_mix_slab<F: Float>(
+    cb: &Tensor<f32>,
+    cbbase: usize,
+    cs_s: &SharedMemory<f32>,
+    dt_s: &SharedMemory<f32>,
+    xin: &Tensor<F>,
+    xbase: usize,
+    xs1: usize,
+    xs3: usize,
+    blim: usize,
+    qlim: usize,
+    s: usize,
+    a_s: &mut SharedMemory<V4>,
+    b_s: &mut SharedMemory<V4>,
+    #[comptime] transposed: bool,
+    #[comptime] tc: bool,
+    #[comptime] parts: usize,
+) {
+    #[unroll]
+    for part in 0..parts {
+        let k0 = s * comptime!(parts * KT) + part * KT;
+        let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
+        let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, blim, false);
+        let mv = mix_scale(av, cs_s, dt_s, k0, transposed);
+        store_slab(a_s, mv, part, comptime!(!transposed), tc);
+        store_slab(b_s, bv, part, false, tc);
+    }
+}
+
 /// Kernel 5 (and the backward's `dx`), one cube per `(b·chunk, h, 64 columns of p)`:
 /// `out[t_q, h, p] = s_q Σ_n um[t_q, g, n] st[c, h, p, n] + Σ_j M[q, j] xin[t_j, h, p] + D xin`,
 /// with `s_q = exp(cs_q)`; the forward's `y` from `C`, `prev` and `x`. When `transposed`,
@@ -539,18 +597,14 @@ fn ssd_scan_tile_kernel<F: Float>(
     let (xs1, xs3) = (xin.stride(1), xin.stride(3));
     let kb = comptime!(parts * KT);
     let slabs = (qlim + kb - 1) / kb;
+    let blim = head_dim - p0;
     if tensor_cores {
         let frags = tc_zero();
         for s in 0..slabs {
-            #[unroll]
-            for part in 0..parts {
-                let k0 = s * kb + part * KT;
-                let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
-                let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
-                let mv = mix_scale(av, &cs_s, &dt_s, k0, transposed);
-                store_slab(&mut a_s, mv, part, comptime!(!transposed), true);
-                store_slab(&mut b_s, bv, part, false, true);
-            }
+            stage_mix_slab::<F>(
+                cb, cbbase, &cs_s, &dt_s, xin, xbase, xs1, xs3, blim, qlim, s, &mut a_s, &mut b_s,
+                transposed, true, parts,
+            );
             sync_cube();
             tc_mma_slab(&a_s, &b_s, &frags, parts);
             sync_cube();
@@ -558,15 +612,10 @@ fn ssd_scan_tile_kernel<F: Float>(
         tc_finish(&frags, &mut a_s, &mut o_s, &mut acc, parts);
     } else {
         for s in 0..slabs {
-            #[unroll]
-            for part in 0..parts {
-                let k0 = s * kb + part * KT;
-                let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
-                let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, head_dim - p0, false);
-                let mv = mix_scale(av, &cs_s, &dt_s, k0, transposed);
-                store_slab(&mut a_s, mv, part, comptime!(!transposed), false);
-                store_slab(&mut b_s, bv, part, false, false);
-            }
+            stage_mix_slab::<F>(
+                cb, cbbase, &cs_s, &dt_s, xin, xbase, xs1, xs3, blim, qlim, s, &mut a_s, &mut b_s,
+                transposed, false, parts,
+            );
             sync_cube();
             mma_slab(&a_s, &b_s, &mut acc, parts);
             sync_cube();
