@@ -14,26 +14,24 @@ echo "nsys: $(which nsys) ncu: $(which ncu)" >> $LOG
 B=/tmp/b/bench_k
 M="train --device cuda --config mamba2-130m --seq 1024 --lora-r 8 --checkpoint-every 0 --warmup 2 --steps 10 --json --batch 8 --precision bf16-mixed"
 CS="train --device cuda --config configs/models/mamba-codestral-7b-shape.json --batch 4 --seq 2048 --lora-r 8 --checkpoint-every 1 --warmup 1 --steps 4 --precision bf16-mixed --json"
-run t130 90 $B $M
-run t130_tc 40 env MAMBA_SSD_TENSOR_CORES=1 $B $M
-run t130_p1 25 env MAMBA_SSD_SLAB_PARTS=1 $B $M
-run t7b 45 $B $CS
-run t7b_tc 40 env MAMBA_SSD_TENSOR_CORES=1 $B $CS
-run t7b_p1 30 env MAMBA_SSD_SLAB_PARTS=1 $B $CS
 A="generate --device cuda --prompt-len 512 --new-tokens 256 --json"
 M2=configs/models/mamba2-130m-hf.json
 C7=configs/models/mamba-codestral-7b-shape.json
 H="python3 scripts/hf_generate_bench.py --prompt-len 512 --new-tokens 256 --iters 1"
+run t130 90 $B $M
+run t130_tc 40 env MAMBA_SSD_TENSOR_CORES=1 $B $M
+run t7b 45 $B $CS
+run t7b_tc 40 env MAMBA_SSD_TENSOR_CORES=1 $B $CS
 run g_cs_b1 40 $B $A --config $C7 --batch 1 --precision bf16 --warmup 1 --iters 2
 run g_cs_b1_rolled 25 env MAMBA_GEMV_UNROLL=off $B $A --config $C7 --batch 1 --precision bf16 --warmup 1 --iters 2
 run hf_cs_b1 60 $H --config $C7 --batch 1 --dtype bfloat16
 run g_130m_b1 40 $B $A --config $M2 --batch 1 --warmup 1 --iters 3
 run g_130m_b32 45 $B $A --config $M2 --batch 32 --warmup 1 --iters 3
+run peer_130m_amp 110 env CFG=130m SHAPES=8x1024 LORA=1 GC=0 AMP=1 ITERS=12 python3 .devbench/bench/peer_mssm.py
+run t130_p1 25 env MAMBA_SSD_SLAB_PARTS=1 $B $M
+run t7b_p1 30 env MAMBA_SSD_SLAB_PARTS=1 $B $CS
+run peer_7b 150 env CFG=codestral SHAPES=4x2048 LORA=1 GC=1 AMP=1 ITERS=4 python3 .devbench/bench/peer_mssm.py
 run g_cs_b32 25 $B $A --config $C7 --batch 32 --precision bf16 --warmup 1 --iters 1
-cd .devbench/bench
-run peer_130m_amp 110 env CFG=130m SHAPES=8x1024 LORA=1 GC=0 AMP=1 ITERS=12 python3 peer_mssm.py
-run peer_7b 150 env CFG=codestral SHAPES=4x2048 LORA=1 GC=1 AMP=1 ITERS=4 python3 peer_mssm.py
-cd $root
 # A cubecl kernel profile of the 7B shape's batch-1 decoding (64 new tokens; every launch timed
 # alone: at this shape a projection runs for tens of microseconds, so its time reads true).
 d=/tmp/profdec; mkdir -p $d
