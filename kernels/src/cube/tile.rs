@@ -384,7 +384,7 @@ pub fn tc_finish(
     regs: &mut Array<f32>,
     #[comptime] parts: usize,
 ) {
-    if comptime!(parts * PART >= OUT) {
+    if comptime!(!own_stage(true, parts)) {
         tc_add_into(acc, a_s, regs);
     } else {
         tc_add_into(acc, o_s, regs);
