@@ -147,18 +147,25 @@ const PITCH_SHARES: usize = 17;
 /// Shared memory for one tile's shares.
 const SHARES: usize = TILE * PITCH_SHARES;
 
-/// Thread `u < TILE` writes the sum of row `u`'s 16 shares to `out[base + u * stride]`. The
-/// shares must be synced.
+/// Thread `first + r` (`r < TILE`) writes the sum of row `r`'s 16 shares to
+/// `out[base + r * stride]`. The shares must be synced.
 #[cube]
-fn sum_shares(shares: &SharedMemory<f32>, out: &mut Tensor<f32>, base: usize, stride: usize) {
+fn sum_shares(
+    shares: &SharedMemory<f32>,
+    out: &mut Tensor<f32>,
+    base: usize,
+    stride: usize,
+    #[comptime] first: usize,
+) {
     let u = UNIT_POS as usize;
-    if u < TILE {
+    if u >= first && u < first + TILE {
+        let r = u - first;
         let mut sum = 0.0f32;
         #[unroll]
         for k in 0..16usize {
-            sum += shares[u * PITCH_SHARES + k];
+            sum += shares[r * PITCH_SHARES + k];
         }
-        out[base + u * stride] = sum;
+        out[base + r * stride] = sum;
     }
 }
 
@@ -338,18 +345,9 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
         sync_cube();
         // Each row's and column's 16 shares summed in the cube (threads 0-63 the rows, 64-127
         // the columns). The next head rewrites the shares only after `contract`'s syncs.
-        let u = UNIT_POS as usize;
         let cbase = b * colsum.stride(0) + h * colsum.stride(1) + c * colsum.stride(2);
-        sum_shares(&row_s, rowsum, rbase, rowsum.stride(3));
-        if u >= TILE && u < 2 * TILE {
-            let col = u - TILE;
-            let mut sum = 0.0f32;
-            #[unroll]
-            for k in 0..16usize {
-                sum += col_s[col * PITCH_SHARES + k];
-            }
-            colsum[cbase + col * colsum.stride(3)] = sum;
-        }
+        sum_shares(&row_s, rowsum, rbase, rowsum.stride(3), 0usize);
+        sum_shares(&col_s, colsum, cbase, colsum.stride(3), TILE);
     }
     let obase = split * wg.stride(0) + b * wg.stride(1) + c * wg.stride(2) + g * wg.stride(3);
     #[unroll]
@@ -493,7 +491,13 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
         // thread reaches after this.
         if (UNIT_POS as usize) < qlim {
             let pbase = b * part.stride(0) + t0 * part.stride(1) + h * part.stride(2);
-            sum_shares(&part_s, part, pbase + nt * part.stride(3), part.stride(1));
+            sum_shares(
+                &part_s,
+                part,
+                pbase + nt * part.stride(3),
+                part.stride(1),
+                0usize,
+            );
         }
     }
 
