@@ -119,7 +119,13 @@ type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 /// (the RMSNorm over `groups` groups of `k`) when `norm`, else `x̂ = x`. `w` is read `vs` (its
 /// vector size `V`) elements at a time: its row stride is a multiple of `vs` and, where
 /// `vs > 1`, `k` is contiguous.
-#[cube(launch)]
+///
+/// Launched unchecked (no bounds check on each global read and write): every index below is
+/// guarded by the kernel itself (`pair < pairs` and `kk < gsize` in the norm pass, `kc < k`
+/// while staging, `col < n_out` and `k0 + kk < k` for the weights, `col < n_out` at the end),
+/// and the launcher only passes shapes [`applies`] accepted. `check_mode = "validate"` in
+/// `cubecl.toml` turns the checks back on and reports a read out of bounds.
+#[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn decode_linear_kernel<F: Float, W: Float, N: Float, O: Float, V: Size>(
     x: &Tensor<F>,                        // [rows, k]
@@ -215,6 +221,10 @@ fn decode_linear_kernel<F: Float, W: Float, N: Float, O: Float, V: Size>(
         let k0 = slab * kt;
         // Stage x̂[·, k0 .. k0 + kt]: element kk of row m at m·kt + (kk's lane vector) with
         // its V values LANES apart, so that a lane's reads below are consecutive across lanes.
+        // Unrolled (at most `scratch / THREADS` = 32 iterations) so that a thread's reads of `x`
+        // and the norm's weight are all in flight at once: rolled, each waited for its own
+        // round trip to L2 before the next, the latency every cube paid before its first weight.
+        #[unroll]
         for e0 in 0..comptime!((rows * kt + THREADS - 1) / THREADS) {
             let e = e0 * THREADS + u;
             if e < comptime!(rows * kt) {
@@ -399,26 +409,29 @@ where
         Shape::new([rows, n]),
         out_dtype,
     );
-    decode_linear_kernel::launch::<R>(
-        &client,
-        CubeCount::Static(n.div_ceil(GROUPS * p.cpg) as u32, 1, 1),
-        CubeDim::new_1d(THREADS as u32),
-        p.v,
-        x.into_tensor_arg(),
-        nw.map(|w| prim(w).into_tensor_arg()).into(),
-        weight.into_tensor_arg(),
-        bias.map(|b| prim(b).into_tensor_arg()).into(),
-        residual.map(|r| prim(r).into_tensor_arg()).into(),
-        out.clone().into_tensor_arg(),
-        eps as f32,
-        rows,
-        groups,
-        p.cpg,
-        p.v,
-        p.kt,
-        p.scratch,
-        unroll_k(),
-        [xd.into(), wd.into(), nd.into(), out_dtype.into()],
-    );
+    // SAFETY: the kernel guards each of its global indices (see its doc), and `applies` held.
+    unsafe {
+        decode_linear_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(n.div_ceil(GROUPS * p.cpg) as u32, 1, 1),
+            CubeDim::new_1d(THREADS as u32),
+            p.v,
+            x.into_tensor_arg(),
+            nw.map(|w| prim(w).into_tensor_arg()).into(),
+            weight.into_tensor_arg(),
+            bias.map(|b| prim(b).into_tensor_arg()).into(),
+            residual.map(|r| prim(r).into_tensor_arg()).into(),
+            out.clone().into_tensor_arg(),
+            eps as f32,
+            rows,
+            groups,
+            p.cpg,
+            p.v,
+            p.kt,
+            p.scratch,
+            unroll_k(),
+            [xd.into(), wd.into(), nd.into(), out_dtype.into()],
+        );
+    }
     wrap(out)
 }
