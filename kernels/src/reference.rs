@@ -424,6 +424,15 @@ pub fn mamba2_step<B: MambaBackend>(input: Mamba2StepInput<B>) -> Mamba2StepOutp
     let z = proj.clone().narrow(1, 2 * d_mlp, inner);
     let xbc = proj.clone().narrow(1, 2 * d_mlp + inner, conv_dim);
     let dt = proj.narrow(1, 2 * d_mlp + inner + conv_dim, heads);
+    // The conv bias may be stored in another dtype than the weight (an f32 vector beside bf16
+    // weights): the conv step takes them alike.
+    let conv_bias = conv_bias.map(|b| {
+        if b.dtype() == conv_weight.dtype() {
+            b
+        } else {
+            b.cast(conv_weight.dtype())
+        }
+    });
     let (xbc, conv_state) = B::causal_conv1d_step(xbc, conv_state, conv_weight, conv_bias, true);
     let x = xbc
         .clone()

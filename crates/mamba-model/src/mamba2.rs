@@ -262,7 +262,7 @@ impl<B: MambaBackend> Mamba2Mixer<B> {
             groups: d.groups,
             conv_state: c.act(state.conv),
             conv_weight: c.weight(self.conv1d_weight.val()),
-            conv_bias: self.conv1d_bias.as_ref().map(|b| c.weight(b.val())),
+            conv_bias: self.conv1d_bias.as_ref().map(|b| c.vector(b.val())),
             a: state.a.clone(),
             d: self.d.val(),
             dt_bias: self.dt_bias.val(),

@@ -138,6 +138,16 @@ impl Compute {
         self.act(t)
     }
 
+    /// A vector parameter (a bias) for an op that reads it in any float dtype and computes in
+    /// f32, such as [`mamba_kernels::MambaBackend::mamba2_step`]: as stored (an f32 vector
+    /// beside bf16 weights is not cast every step), except rounded when bf16 is emulated.
+    pub fn vector<B: Backend, const D: usize>(self, t: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::Bf16Emulated => self.act(t),
+            _ => t,
+        }
+    }
+
     /// Back to f32 (the residual stream, the loss).
     pub fn f32<B: Backend, const D: usize>(self, t: Tensor<B, D>) -> Tensor<B, D> {
         to_dtype(t, DType::F32)

@@ -16,6 +16,8 @@ pub mod cublas;
 pub mod gemv;
 pub mod loss;
 pub mod norm;
+#[cfg(all(test, feature = "cuda", feature = "wgpu"))]
+mod offline;
 pub mod optim;
 pub mod selective;
 pub mod split;
