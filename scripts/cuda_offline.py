@@ -38,7 +38,10 @@ def main():
     nvrtc = ctypes.CDLL(find(a.root, "libnvrtc.so.1*"))
     ptxas = find(a.root, "ptxas")
     nvdisasm = find(a.root, "nvdisasm")
-    inc = [os.path.dirname(find(a.root, "cuda_bf16.h")), os.path.dirname(os.path.dirname(os.path.dirname(find(a.root, "cuda/std/cstdint"))))]
+    # The CUDA headers (runtime wheel), crt/ (nvcc wheel: mma.h includes it), CCCL.
+    inc = [os.path.dirname(find(a.root, "cuda_bf16.h")),
+           os.path.dirname(os.path.dirname(find(a.root, "crt/mma.h"))),
+           os.path.dirname(os.path.dirname(os.path.dirname(find(a.root, "cuda/std/cstdint"))))]
     ok = True
     for path in a.files:
         src = open(path, "rb").read()

@@ -970,3 +970,71 @@ where
         Some(kept),
     )
 }
+
+/// The SSD forward's tiled kernels as CUDA C++ (`super::offline`): the `C·Bᵀ` tiles, the chunk
+/// states and the output, in bf16, CUDA cores and tensor cores, four parts.
+#[cfg(all(test, feature = "cuda", feature = "wgpu"))]
+mod cuda_source {
+    use super::super::offline::{client, emit, settings, tensor};
+    use super::ssd_cb_tile_kernel::SsdCbTileKernel;
+    use super::ssd_scan_tile_kernel::SsdScanTileKernel;
+    use super::ssd_state_tile_kernel::SsdStateTileKernel;
+    use cubecl::prelude::*;
+
+    #[test]
+    #[ignore]
+    fn emit_ssd_tiles() {
+        let client = client();
+        let bf16: StorageType = burn::tensor::DType::BF16.into();
+        for tc in [false, true] {
+            let tag = if tc { "tc" } else { "cc" };
+            let parts = 4;
+            let cb = SsdCbTileKernel::<cubecl::wgpu::WgpuRuntime>::new(
+                settings(super::THREADS),
+                client.clone(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tc,
+                parts,
+                bf16,
+            );
+            emit(&format!("ssd_cb_tile_{tag}"), cb, ExecutionMode::Checked);
+            let st = SsdStateTileKernel::<cubecl::wgpu::WgpuRuntime>::new(
+                settings(super::THREADS),
+                client.clone(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                false,
+                tc,
+                parts,
+                bf16,
+            );
+            emit(&format!("ssd_state_tile_{tag}"), st, ExecutionMode::Checked);
+            let scan = SsdScanTileKernel::<cubecl::wgpu::WgpuRuntime>::new(
+                settings(super::THREADS),
+                client.clone(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                false,
+                tc,
+                parts,
+                bf16,
+            );
+            emit(
+                &format!("ssd_scan_tile_{tag}"),
+                scan,
+                ExecutionMode::Checked,
+            );
+        }
+    }
+}
