@@ -35,8 +35,11 @@ fn sigmoid_f32(v: f32) -> f32 {
 
 /// The conv step of channel `c` of row `b`: `Σ_k w[c, k] window[k]` over the window
 /// `[state[b, c, ·], xv]` (f32), and, when `write`, the window shifted by one into `new_state`.
-/// Shared by the conv step and the fused Mamba2 step.
+/// `width` (≥ 2) is comptime: the window's reads are unrolled and all issued before any store
+/// (a read behind a store to another tensor, or behind a branch, waits for it). Shared by the
+/// conv step and the fused Mamba2 step.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn conv_channel<F: Float, W: Float>(
     state: &Tensor<F>,
     new_state: &mut Tensor<F>,
@@ -45,22 +48,31 @@ fn conv_channel<F: Float, W: Float>(
     c: usize,
     xv: F,
     write: bool,
+    #[comptime] width: usize,
 ) -> f32 {
-    let wm1 = weight.shape(1) - 1;
+    let wm1 = comptime!(width - 1);
     let sbase = b * state.stride(0) + c * state.stride(1);
-    let nbase = b * new_state.stride(0) + c * new_state.stride(1);
     let wbase = c * weight.stride(0);
-    let mut acc = 0.0f32;
+    let ws1 = weight.stride(1);
+    let mut win = Array::<F>::new(wm1);
+    #[unroll]
     for k in 0..wm1 {
-        let sv = state[sbase + k * state.stride(2)];
-        acc += f32::cast_from(weight[wbase + k * weight.stride(1)]) * f32::cast_from(sv);
-        if write && k >= 1 {
-            new_state[nbase + (k - 1) * new_state.stride(2)] = sv;
-        }
+        win[k] = state[sbase + k * state.stride(2)];
     }
-    acc += f32::cast_from(weight[wbase + wm1 * weight.stride(1)]) * f32::cast_from(xv);
-    if write && wm1 >= 1 {
-        new_state[nbase + (wm1 - 1) * new_state.stride(2)] = xv;
+    let mut acc = 0.0f32;
+    #[unroll]
+    for k in 0..wm1 {
+        acc += f32::cast_from(weight[wbase + k * ws1]) * f32::cast_from(win[k]);
+    }
+    acc += f32::cast_from(weight[wbase + wm1 * ws1]) * f32::cast_from(xv);
+    if write {
+        let nbase = b * new_state.stride(0) + c * new_state.stride(1);
+        let ns2 = new_state.stride(2);
+        #[unroll]
+        for k in 1..wm1 {
+            new_state[nbase + (k - 1) * ns2] = win[k];
+        }
+        new_state[nbase + (wm1 - 1) * ns2] = xv;
     }
     acc
 }
@@ -75,6 +87,7 @@ fn conv_step_kernel<F: Float>(
     bias: &ComptimeOption<Tensor<F>>, // [channels]
     y: &mut Tensor<F>,                // [batch, channels]
     new_state: &mut Tensor<F>,        // [batch, channels, width - 1]
+    #[comptime] width: usize,
     #[comptime] silu: bool,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -91,7 +104,7 @@ fn conv_step_kernel<F: Float>(
         acc = f32::cast_from(bias[c * bias.stride(0)]);
     }
     let xv = x[b * x.stride(0) + c * x.stride(1)];
-    acc += conv_channel::<F, F>(state, new_state, weight, b, c, xv, true);
+    acc += conv_channel::<F, F>(state, new_state, weight, b, c, xv, true, width);
     if silu {
         acc *= sigmoid_f32(acc);
     }
@@ -212,7 +225,6 @@ fn mamba2_step_kernel<F: Float, W: Float, Bs: Float>(
     let per_group = heads / groups;
     let g = h / per_group;
     let local = comptime!(head_dim + 2 * dstate);
-    let wm1 = comptime!(width - 1);
     let u = UNIT_POS as usize;
 
     let mut xbc_s = SharedMemory::<f32>::new(local);
@@ -220,13 +232,6 @@ fn mamba2_step_kernel<F: Float, W: Float, Bs: Float>(
     let pbase = b * proj.stride(0);
     let ps = proj.stride(1);
     let xbc0 = 2 * d_mlp + inner;
-    let (cs0, cs1, cs2) = (
-        conv_state.stride(0),
-        conv_state.stride(1),
-        conv_state.stride(2),
-    );
-    let (ns0, ns1, ns2) = (new_conv.stride(0), new_conv.stride(1), new_conv.stride(2));
-    let (cw0, cw1) = (conv_w.stride(0), conv_w.stride(1));
 
     #[unroll]
     for it in 0..comptime!((local + STEP_THREADS - 1) / STEP_THREADS) {
@@ -247,26 +252,7 @@ fn mamba2_step_kernel<F: Float, W: Float, Bs: Float>(
             acc = f32::cast_from(bias[ch * bias.stride(0)]);
         }
         let xv = proj[pbase + (xbc0 + ch) * ps];
-        let sbase = b * cs0 + ch * cs1;
-        let nbase = b * ns0 + ch * ns1;
-        let wbase = ch * cw0;
-        let mut win = Array::<F>::new(wm1);
-        #[unroll]
-        for k in 0..wm1 {
-            win[k] = conv_state[sbase + k * cs2];
-        }
-        #[unroll]
-        for k in 0..wm1 {
-            acc += f32::cast_from(conv_w[wbase + k * cw1]) * f32::cast_from(win[k]);
-        }
-        acc += f32::cast_from(conv_w[wbase + wm1 * cw1]) * f32::cast_from(xv);
-        if owner {
-            #[unroll]
-            for k in 1..wm1 {
-                new_conv[nbase + (k - 1) * ns2] = win[k];
-            }
-            new_conv[nbase + (wm1 - 1) * ns2] = xv;
-        }
+        acc += conv_channel::<F, W>(conv_state, new_conv, conv_w, b, ch, xv, owner, width);
         if okl {
             xbc_s[lc] = acc * sigmoid_f32(acc);
         }
@@ -460,6 +446,7 @@ where
         bias.map(|b| prim(b).into_tensor_arg()).into(),
         y.clone().into_tensor_arg(),
         new_state.clone().into_tensor_arg(),
+        width,
         silu,
         dtype.into(),
     );
