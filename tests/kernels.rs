@@ -657,11 +657,15 @@ fn ssd_autodiff_matches_reference() {
 #[test]
 fn ssd_slab_parts_cover_both_paths() {
     use cubecl::Runtime;
-    use mamba_burn::kernels::cube::{ssd::CHUNK_SMEM, ssd_bwd::DBC_SMEM, tile::slab_parts};
+    use mamba_burn::kernels::cube::{
+        ssd::CHUNK_SMEM,
+        ssd_bwd::DBC_SMEM,
+        tile::{slab_parts, Tc},
+    };
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
     let smem = client.properties().hardware.max_shared_memory_size;
-    let chunk = slab_parts(&client, CHUNK_SMEM, false);
-    let dbc = slab_parts(&client, DBC_SMEM, false);
+    let chunk = slab_parts(&client, CHUNK_SMEM, Tc::Off);
+    let dbc = slab_parts(&client, DBC_SMEM, Tc::Off);
     assert!(chunk >= 2, "{smem} bytes of shared memory: {chunk} parts");
     assert!(
         (1..=4).contains(&dbc) && dbc <= chunk,

@@ -22,8 +22,8 @@
 #![allow(clippy::manual_div_ceil)]
 
 use super::tile::{
-    contract, fetch_slab, mma_slab, out_smem, slab_k, slab_parts, slab_smem, slab_v, store_slab,
-    tc_finish, tc_mma_slab, tc_zero, tensor_cores, tile_col, tile_row, zero_acc, KT, THREADS, TILE,
+    contract, fetch_slab, mma_slab, out_smem, slab_k, slab_smem, slab_v, slabs_for, store_slab,
+    tc_finish, tc_mma_slab, tc_zero, tile_col, tile_row, zero_acc, Slab, Slabs, KT, THREADS, TILE,
     V4,
 };
 use super::{elemwise, prim, spread, wrap};
@@ -186,7 +186,7 @@ pub const CHUNK_SMEM: usize = (3 * TILE + 1) * 4;
 /// and `B` (right), both with their rows contiguous. Not synced.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage_state_slab<F: Float>(
+fn stage_state_slab<F: Float, S: Float>(
     xin: &Tensor<F>,
     xbase: usize,
     xs1: usize,
@@ -200,19 +200,18 @@ fn stage_state_slab<F: Float>(
     qlim: usize,
     s: usize,
     rs_s: &SharedMemory<f32>,
-    a_s: &mut SharedMemory<V4>,
-    b_s: &mut SharedMemory<V4>,
-    #[comptime] tc: bool,
-    #[comptime] parts: usize,
+    a_s: &mut Slab<S>,
+    b_s: &mut Slab<S>,
+    #[comptime] slabs: Slabs,
 ) {
     #[unroll]
-    for part in 0..parts {
-        let k0 = s * comptime!(parts * KT) + part * KT;
+    for part in 0..slabs.parts {
+        let k0 = s * comptime!(slabs.kb()) + part * KT;
         let av = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, alim, false);
         let bv = fetch_slab::<F>(ym, ybase, ys1, ys3, k0, qlim, blim, false);
         let sc = rs_s[k0 + slab_k(false)];
-        store_slab(a_s, av * V4::new(sc), part, false, tc);
-        store_slab(b_s, bv, part, false, tc);
+        store_slab::<S>(a_s, av * V4::new(sc), part, false, slabs);
+        store_slab::<S>(b_s, bv, part, false, slabs);
     }
 }
 
@@ -221,16 +220,15 @@ fn stage_state_slab<F: Float>(
 /// (`to_end`: the chunk's own state, from `x` and `B`) or `s_q = exp(cs_q)` (the state gradient
 /// the chunk's outputs send back, from `dy` and `C`).
 #[cube(launch)]
-fn ssd_state_tile_kernel<F: Float>(
+fn ssd_state_tile_kernel<F: Float, S: Float>(
     xin: &Tensor<F>,       // [batch, seq, heads, head_dim]
     ym: &Tensor<F>,        // [batch, seq, groups, state]
     dt_c: &Tensor<f32>,    // [batch, heads, chunks, chunk]
     da_cs: &Tensor<f32>,   // [batch, heads, chunks, chunk]
     out: &mut Tensor<f32>, // [batch, chunks, heads, head_dim, state]
     #[comptime] to_end: bool,
-    #[comptime] tensor_cores: bool,
-    #[comptime] parts: usize,
-    #[define(F)] _dtype: StorageType,
+    #[comptime] slabs: Slabs,
+    #[define(F, S)] _dtypes: [StorageType; 2],
 ) {
     let nchunks = out.shape(1);
     let heads = out.shape(2);
@@ -258,37 +256,37 @@ fn ssd_state_tile_kernel<F: Float>(
     stage_chunk(dt_c, da_cs, b, h, c, &mut cs_s, &mut dt_s);
     row_scales(&cs_s, &dt_s, &mut rs_s, to_end);
 
-    let mut a_s = slab_smem(parts);
-    let mut b_s = slab_smem(parts);
-    let mut o_s = out_smem(tensor_cores, parts);
+    let mut a_s = slab_smem::<S>(slabs);
+    let mut b_s = slab_smem::<S>(slabs);
+    let mut o_s = out_smem(slabs);
     let mut acc = zero_acc();
     let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
     let ybase = b * ym.stride(0) + t0 * ym.stride(1) + g * ym.stride(2) + n0 * ym.stride(3);
     // The slab loop of `contract`, with x scaled by `rs_s[k]` on its way to shared memory.
     let (xs1, xs3, ys1, ys3) = (xin.stride(1), xin.stride(3), ym.stride(1), ym.stride(3));
-    let kb = comptime!(parts * KT);
-    let slabs = (qlim + kb - 1) / kb;
+    let kb = comptime!(slabs.kb());
+    let nslabs = (qlim + kb - 1) / kb;
     let (alim, blim) = (head_dim - p0, dstate - n0);
-    if tensor_cores {
-        let frags = tc_zero();
-        for s in 0..slabs {
-            stage_state_slab::<F>(
+    if comptime!(slabs.tensor_cores()) {
+        let frags = tc_zero(slabs);
+        for s in 0..nslabs {
+            stage_state_slab::<F, S>(
                 xin, xbase, xs1, xs3, alim, ym, ybase, ys1, ys3, blim, qlim, s, &rs_s, &mut a_s,
-                &mut b_s, true, parts,
+                &mut b_s, slabs,
             );
             sync_cube();
-            tc_mma_slab(&a_s, &b_s, &frags, parts);
+            tc_mma_slab::<S>(&a_s, &b_s, &frags, slabs);
             sync_cube();
         }
-        tc_finish(&frags, &mut a_s, &mut o_s, &mut acc, parts);
+        tc_finish::<S>(&frags, &mut a_s, &mut o_s, &mut acc, slabs);
     } else {
-        for s in 0..slabs {
-            stage_state_slab::<F>(
+        for s in 0..nslabs {
+            stage_state_slab::<F, S>(
                 xin, xbase, xs1, xs3, alim, ym, ybase, ys1, ys3, blim, qlim, s, &rs_s, &mut a_s,
-                &mut b_s, false, parts,
+                &mut b_s, slabs,
             );
             sync_cube();
-            mma_slab(&a_s, &b_s, &mut acc, parts);
+            mma_slab::<S>(&a_s, &b_s, &mut acc, slabs);
             sync_cube();
         }
     }
@@ -366,13 +364,12 @@ fn ssd_state_passing_kernel<F: Float>(
 /// Kernel 4, one cube per `(b·chunk, g)`: `cb[b, c, g, i, j] = C[t_i, g] · B[t_j, g]` for every
 /// `i, j` of the chunk (zero past the sequence's end; the causal mask is applied by readers).
 #[cube(launch)]
-fn ssd_cb_tile_kernel<F: Float>(
+fn ssd_cb_tile_kernel<F: Float, S: Float>(
     cm: &Tensor<F>,       // [batch, seq, groups, state]
     bm: &Tensor<F>,       // [batch, seq, groups, state]
     cb: &mut Tensor<f32>, // [batch, chunks, groups, chunk, chunk]
-    #[comptime] tensor_cores: bool,
-    #[comptime] parts: usize,
-    #[define(F)] _dtype: StorageType,
+    #[comptime] slabs: Slabs,
+    #[define(F, S)] _dtypes: [StorageType; 2],
 ) {
     let nchunks = cb.shape(1);
     let seqlen = cm.shape(1);
@@ -383,13 +380,13 @@ fn ssd_cb_tile_kernel<F: Float>(
     let t0 = c * TILE;
     let qlim = chunk_len(seqlen, t0);
 
-    let mut a_s = slab_smem(parts);
-    let mut b_s = slab_smem(parts);
-    let mut o_s = out_smem(tensor_cores, parts);
+    let mut a_s = slab_smem::<S>(slabs);
+    let mut b_s = slab_smem::<S>(slabs);
+    let mut o_s = out_smem(slabs);
     let mut acc = zero_acc();
     let cbase = b * cm.stride(0) + t0 * cm.stride(1) + g * cm.stride(2);
     let bbase = b * bm.stride(0) + t0 * bm.stride(1) + g * bm.stride(2);
-    contract::<F, F>(
+    contract::<F, F, S>(
         cm,
         cbase,
         cm.stride(3),
@@ -407,8 +404,7 @@ fn ssd_cb_tile_kernel<F: Float>(
         &mut acc,
         true,
         true,
-        tensor_cores,
-        parts,
+        slabs,
     );
     let obase = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2);
     #[unroll]
@@ -484,7 +480,7 @@ fn mix_scale(
 /// from `CB`, `cs` and `dt` (left) and `x` (right, rows contiguous). Not synced.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage_mix_slab<F: Float>(
+fn stage_mix_slab<F: Float, S: Float>(
     cb: &Tensor<f32>,
     cbbase: usize,
     cs_s: &SharedMemory<f32>,
@@ -496,20 +492,19 @@ fn stage_mix_slab<F: Float>(
     blim: usize,
     qlim: usize,
     s: usize,
-    a_s: &mut SharedMemory<V4>,
-    b_s: &mut SharedMemory<V4>,
+    a_s: &mut Slab<S>,
+    b_s: &mut Slab<S>,
     #[comptime] transposed: bool,
-    #[comptime] tc: bool,
-    #[comptime] parts: usize,
+    #[comptime] slabs: Slabs,
 ) {
     #[unroll]
-    for part in 0..parts {
-        let k0 = s * comptime!(parts * KT) + part * KT;
+    for part in 0..slabs.parts {
+        let k0 = s * comptime!(slabs.kb()) + part * KT;
         let av = fetch_cb(cb, cbbase, k0, qlim, transposed);
         let bv = fetch_slab::<F>(xin, xbase, xs1, xs3, k0, qlim, blim, false);
         let mv = mix_scale(av, cs_s, dt_s, k0, transposed);
-        store_slab(a_s, mv, part, comptime!(!transposed), tc);
-        store_slab(b_s, bv, part, false, tc);
+        store_slab::<S>(a_s, mv, part, comptime!(!transposed), slabs);
+        store_slab::<S>(b_s, bv, part, false, slabs);
     }
 }
 
@@ -519,7 +514,7 @@ fn stage_mix_slab<F: Float>(
 /// `Mᵀ` replaces `M` and `s_q = exp(L − cs_q) dt_q`: the input gradient `dx` from `B`,
 /// `dstates` and `dy`.
 #[cube(launch)]
-fn ssd_scan_tile_kernel<F: Float>(
+fn ssd_scan_tile_kernel<F: Float, S: Float>(
     um: &Tensor<F>,      // [batch, seq, groups, state]
     st: &Tensor<f32>,    // [batch, chunks, heads, head_dim, state]
     xin: &Tensor<F>,     // [batch, seq, heads, head_dim]
@@ -529,9 +524,8 @@ fn ssd_scan_tile_kernel<F: Float>(
     d: &Tensor<f32>,     // [heads]
     out: &mut Tensor<F>, // [batch, seq, heads, head_dim]
     #[comptime] transposed: bool,
-    #[comptime] tensor_cores: bool,
-    #[comptime] parts: usize,
-    #[define(F)] _dtype: StorageType,
+    #[comptime] slabs: Slabs,
+    #[define(F, S)] _dtypes: [StorageType; 2],
 ) {
     let seqlen = out.shape(1);
     let heads = out.shape(2);
@@ -552,15 +546,15 @@ fn ssd_scan_tile_kernel<F: Float>(
     stage_chunk(dt_c, da_cs, b, h, c, &mut cs_s, &mut dt_s);
     row_scales(&cs_s, &dt_s, &mut rs_s, transposed);
 
-    let mut a_s = slab_smem(parts);
-    let mut b_s = slab_smem(parts);
-    let mut o_s = out_smem(tensor_cores, parts);
+    let mut a_s = slab_smem::<S>(slabs);
+    let mut b_s = slab_smem::<S>(slabs);
+    let mut o_s = out_smem(slabs);
     let mut acc = zero_acc();
 
     // Through the state: K = n.
     let ubase = b * um.stride(0) + t0 * um.stride(1) + g * um.stride(2);
     let sbase = b * st.stride(0) + c * st.stride(1) + h * st.stride(2) + p0 * st.stride(3);
-    contract::<F, f32>(
+    contract::<F, f32, S>(
         um,
         ubase,
         um.stride(3),
@@ -578,8 +572,7 @@ fn ssd_scan_tile_kernel<F: Float>(
         &mut acc,
         true,
         true,
-        tensor_cores,
-        parts,
+        slabs,
     );
     #[unroll]
     for i in 0..4usize {
@@ -595,29 +588,29 @@ fn ssd_scan_tile_kernel<F: Float>(
     let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
     // The slab loop of `contract`, the left operand being M (staged from CB, `cs` and `dt`).
     let (xs1, xs3) = (xin.stride(1), xin.stride(3));
-    let kb = comptime!(parts * KT);
-    let slabs = (qlim + kb - 1) / kb;
+    let kb = comptime!(slabs.kb());
+    let nslabs = (qlim + kb - 1) / kb;
     let blim = head_dim - p0;
-    if tensor_cores {
-        let frags = tc_zero();
-        for s in 0..slabs {
-            stage_mix_slab::<F>(
+    if comptime!(slabs.tensor_cores()) {
+        let frags = tc_zero(slabs);
+        for s in 0..nslabs {
+            stage_mix_slab::<F, S>(
                 cb, cbbase, &cs_s, &dt_s, xin, xbase, xs1, xs3, blim, qlim, s, &mut a_s, &mut b_s,
-                transposed, true, parts,
+                transposed, slabs,
             );
             sync_cube();
-            tc_mma_slab(&a_s, &b_s, &frags, parts);
+            tc_mma_slab::<S>(&a_s, &b_s, &frags, slabs);
             sync_cube();
         }
-        tc_finish(&frags, &mut a_s, &mut o_s, &mut acc, parts);
+        tc_finish::<S>(&frags, &mut a_s, &mut o_s, &mut acc, slabs);
     } else {
-        for s in 0..slabs {
-            stage_mix_slab::<F>(
+        for s in 0..nslabs {
+            stage_mix_slab::<F, S>(
                 cb, cbbase, &cs_s, &dt_s, xin, xbase, xs1, xs3, blim, qlim, s, &mut a_s, &mut b_s,
-                transposed, false, parts,
+                transposed, slabs,
             );
             sync_cube();
-            mma_slab(&a_s, &b_s, &mut acc, parts);
+            mma_slab::<S>(&a_s, &b_s, &mut acc, slabs);
             sync_cube();
         }
     }
@@ -763,6 +756,7 @@ pub(crate) fn state_tiles<R: CubeRuntime>(
     let z = head_dim.div_ceil(TILE) * dstate.div_ceil(TILE);
     if batch * heads * z > 0 {
         let (count, dim) = tiles(batch * nchunks * z, heads, 1);
+        let (slabs, slab_elem) = slabs_for(&xin.client, p.dtype, CHUNK_SMEM);
         ssd_state_tile_kernel::launch::<R>(
             &xin.client,
             count,
@@ -773,9 +767,8 @@ pub(crate) fn state_tiles<R: CubeRuntime>(
             da_cs.clone().into_tensor_arg(),
             out.clone().into_tensor_arg(),
             to_end,
-            tensor_cores(&xin.client),
-            slab_parts(&xin.client, CHUNK_SMEM, tensor_cores(&xin.client)),
-            p.dtype.into(),
+            slabs,
+            [p.dtype.into(), slab_elem],
         );
     }
     out
@@ -798,6 +791,7 @@ pub(crate) fn scan_tiles<R: CubeRuntime>(
     let out = empty_like_device(&p.x, vec![batch, seqlen, heads, head_dim], p.dtype);
     if batch * seqlen * heads * head_dim > 0 {
         let (count, dim) = tiles(batch * p.nchunks, heads, head_dim.div_ceil(TILE));
+        let (slabs, slab_elem) = slabs_for(&xin.client, p.dtype, CHUNK_SMEM);
         ssd_scan_tile_kernel::launch::<R>(
             &xin.client,
             count,
@@ -811,9 +805,8 @@ pub(crate) fn scan_tiles<R: CubeRuntime>(
             p.d.clone().into_tensor_arg(),
             out.clone().into_tensor_arg(),
             transposed,
-            tensor_cores(&xin.client),
-            slab_parts(&xin.client, CHUNK_SMEM, tensor_cores(&xin.client)),
-            p.dtype.into(),
+            slabs,
+            [p.dtype.into(), slab_elem],
         );
     }
     out
@@ -890,6 +883,7 @@ pub(crate) fn parts<R: CubeRuntime>(p: &Prims<R>) -> Parts<R> {
     let cb = empty(vec![batch, nchunks, groups, q, q], DType::F32);
     if batch * groups > 0 {
         let (count, dim) = tiles(batch * nchunks, groups, 1);
+        let (slabs, slab_elem) = slabs_for(&client, dtype, 0);
         ssd_cb_tile_kernel::launch::<R>(
             &client,
             count,
@@ -897,9 +891,8 @@ pub(crate) fn parts<R: CubeRuntime>(p: &Prims<R>) -> Parts<R> {
             p.cm.clone().into_tensor_arg(),
             p.bm.clone().into_tensor_arg(),
             cb.clone().into_tensor_arg(),
-            tensor_cores(&client),
-            slab_parts(&client, 0, tensor_cores(&client)),
-            dtype.into(),
+            slabs,
+            [dtype.into(), slab_elem],
         );
     }
 
@@ -976,6 +969,7 @@ where
 #[cfg(all(test, feature = "cuda", feature = "wgpu"))]
 mod cuda_source {
     use super::super::offline::{client, emit, settings, tensor};
+    use super::super::tile::{Slabs, Tc};
     use super::ssd_cb_tile_kernel::SsdCbTileKernel;
     use super::ssd_scan_tile_kernel::SsdScanTileKernel;
     use super::ssd_state_tile_kernel::SsdStateTileKernel;
@@ -986,18 +980,18 @@ mod cuda_source {
     fn emit_ssd_tiles() {
         let client = client();
         let bf16: StorageType = burn::tensor::DType::BF16.into();
-        for tc in [false, true] {
-            let tag = if tc { "tc" } else { "cc" };
-            let parts = 4;
+        let f32t: StorageType = burn::tensor::DType::F32.into();
+        for (tag, tc) in [("cc", Tc::Off), ("tc", Tc::Tf32), ("bf", Tc::Bf16)] {
+            let slabs = Slabs { parts: 4, tc };
+            let dt = [bf16, if tc == Tc::Bf16 { bf16 } else { f32t }];
             let cb = SsdCbTileKernel::<cubecl::wgpu::WgpuRuntime>::new(
                 settings(super::THREADS),
                 client.clone(),
                 tensor(),
                 tensor(),
                 tensor(),
-                tc,
-                parts,
-                bf16,
+                slabs,
+                dt,
             );
             emit(&format!("ssd_cb_tile_{tag}"), cb, ExecutionMode::Checked);
             let st = SsdStateTileKernel::<cubecl::wgpu::WgpuRuntime>::new(
@@ -1009,9 +1003,8 @@ mod cuda_source {
                 tensor(),
                 tensor(),
                 false,
-                tc,
-                parts,
-                bf16,
+                slabs,
+                dt,
             );
             emit(&format!("ssd_state_tile_{tag}"), st, ExecutionMode::Checked);
             let scan = SsdScanTileKernel::<cubecl::wgpu::WgpuRuntime>::new(
@@ -1026,9 +1019,8 @@ mod cuda_source {
                 tensor(),
                 tensor(),
                 false,
-                tc,
-                parts,
-                bf16,
+                slabs,
+                dt,
             );
             emit(
                 &format!("ssd_scan_tile_{tag}"),

@@ -40,8 +40,8 @@ use super::ssd::{
     Prims,
 };
 use super::tile::{
-    contract, out_smem, slab_parts, slab_smem, stage_tile, tensor_cores, tile_col, tile_get,
-    tile_row, zero_acc, THREADS, TILE, V4,
+    contract, out_smem, slab_smem, slabs_for, stage_tile, tile_col, tile_get, tile_row, zero_acc,
+    Slabs, THREADS, TILE, V4,
 };
 use super::{elemwise, prim, wrap};
 use crate::{SsdGrads, SsdInput, SsdKept};
@@ -224,7 +224,7 @@ fn split_heads(g: usize, hpg: usize, split: usize, splits: usize) -> (usize, usi
 /// `rowsum[b, h, c, i] = Σ_j CB[i, j] dt_j W_h[i, j]` (`colsum[b, h, c, j] = Σ_i CB[i, j]
 /// W_h[i, j]`); the caller sums the splits and the shares.
 #[cube(launch)]
-fn ssd_bwd_w_tile_kernel<F: Float>(
+fn ssd_bwd_w_tile_kernel<F: Float, S: Float>(
     dy: &Tensor<F>,           // [batch, seq, heads, head_dim]
     x: &Tensor<F>,            // [batch, seq, heads, head_dim]
     cb: &Tensor<f32>,         // [batch, chunks, groups, chunk, chunk]
@@ -234,9 +234,8 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
     rowsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk]
     colsum: &mut Tensor<f32>, // [batch, heads, chunks, chunk]
     ddiag: &mut Tensor<f32>,  // [batch, heads, chunks, 16]
-    #[comptime] tensor_cores: bool,
-    #[comptime] parts: usize,
-    #[define(F)] _dtype: StorageType,
+    #[comptime] slabs: Slabs,
+    #[define(F, S)] _dtypes: [StorageType; 2],
 ) {
     let splits = wg.shape(0);
     let nchunks = wg.shape(2);
@@ -270,9 +269,9 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
     let mut dt_s = SharedMemory::<f32>::new(comptime!(HEADS_PER_CUBE * TILE));
     let mut row_s = SharedMemory::<f32>::new(SHARES);
     let mut col_s = SharedMemory::<f32>::new(SHARES);
-    let mut a_s = slab_smem(parts);
-    let mut b_s = slab_smem(parts);
-    let mut o_s = out_smem(tensor_cores, parts);
+    let mut a_s = slab_smem::<S>(slabs);
+    let mut b_s = slab_smem::<S>(slabs);
+    let mut o_s = out_smem(slabs);
     stage_heads(dt_c, da_cs, b, c, h_lo, h_hi - h_lo, &mut cs_s, &mut dt_s);
     for h in h_lo..h_hi {
         let cso = (h - h_lo) * (TILE + 1);
@@ -280,7 +279,7 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
         let mut acc = zero_acc();
         let ybase = b * dy.stride(0) + t0 * dy.stride(1) + h * dy.stride(2);
         let xbase = b * x.stride(0) + t0 * x.stride(1) + h * x.stride(2);
-        contract::<F, F>(
+        contract::<F, F, S>(
             dy,
             ybase,
             dy.stride(3),
@@ -298,8 +297,7 @@ fn ssd_bwd_w_tile_kernel<F: Float>(
             &mut acc,
             true,
             true,
-            tensor_cores,
-            parts,
+            slabs,
         );
         // W's diagonal before the decay, Σ_p dy_q · x_q: shares of D's gradient.
         if tr == tc {
@@ -372,7 +370,7 @@ pub const DBC_SMEM: usize = TILE * TILE * 4 + (2 * TILE + 1) * 4 + SHARES * 4;
 /// + Σ_i Wg[i, j] C[t_i, n]`, and the parts of `sx`, `exp(L − cs_j) Σ_n B[t_j, n] (…)[j, n]`.
 /// The `Wg` term goes to split 0.
 #[cube(launch)]
-fn ssd_bwd_dbc_tile_kernel<F: Float>(
+fn ssd_bwd_dbc_tile_kernel<F: Float, S: Float>(
     xin: &Tensor<F>,        // [batch, seq, heads, head_dim]: dy (dC) or x (dB)
     st: &Tensor<f32>,       // [batch, chunks, heads, head_dim, state]: prev or dstates
     um: &Tensor<F>,         // [batch, seq, groups, state]: C (dC) or B (dB)
@@ -383,9 +381,8 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
     out: &mut Tensor<f32>,  // [splits, batch, seq, groups, state]
     part: &mut Tensor<f32>, // [batch, seq, heads, n tiles]
     #[comptime] for_b: bool,
-    #[comptime] tensor_cores: bool,
-    #[comptime] parts: usize,
-    #[define(F)] _dtype: StorageType,
+    #[comptime] slabs: Slabs,
+    #[define(F, S)] _dtypes: [StorageType; 2],
 ) {
     let nchunks = st.shape(1);
     let splits = out.shape(0);
@@ -431,9 +428,9 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
     // lavapipe among them) give a workgroup.
     let mut cs_s = SharedMemory::<f32>::new(comptime!(TILE + 1));
     let mut dt_s = SharedMemory::<f32>::new(TILE);
-    let mut a_s = slab_smem(parts);
-    let mut b_s = slab_smem(parts);
-    let mut o_s = out_smem(tensor_cores, parts);
+    let mut a_s = slab_smem::<S>(slabs);
+    let mut b_s = slab_smem::<S>(slabs);
+    let mut o_s = out_smem(slabs);
     let mut part_s = SharedMemory::<f32>::new(SHARES);
     let mut total = zero_acc();
     for h in h_lo..h_hi {
@@ -443,7 +440,7 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
         let mut acc = zero_acc();
         let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2);
         let sbase = b * st.stride(0) + c * st.stride(1) + h * st.stride(2) + n0 * st.stride(4);
-        contract::<F, f32>(
+        contract::<F, f32, S>(
             xin,
             xbase,
             xin.stride(3),
@@ -461,8 +458,7 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
             &mut acc,
             true,
             false,
-            tensor_cores,
-            parts,
+            slabs,
         );
         #[unroll]
         for i in 0..4usize {
@@ -511,7 +507,7 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
             wsk = wg.stride(3);
             wsr = wg.stride(4);
         }
-        contract::<f32, F>(
+        contract::<f32, F, S>(
             wg,
             wbase,
             wsk,
@@ -529,8 +525,7 @@ fn ssd_bwd_dbc_tile_kernel<F: Float>(
             &mut total,
             comptime!(!for_b),
             false,
-            tensor_cores,
-            parts,
+            slabs,
         );
     }
 
@@ -831,6 +826,11 @@ where
     let ddiag = empty(vec![batch, heads, nchunks, 16], DType::F32);
     if batch * groups > 0 {
         let (count, dim) = tiles(batch * nchunks, groups, splits);
+        let (slabs, slab_elem) = slabs_for(
+            &client,
+            dtype,
+            HEADS_PER_CUBE * (2 * TILE + 1) * 4 + 2 * SHARES * 4,
+        );
         ssd_bwd_w_tile_kernel::launch::<R>(
             &client,
             count,
@@ -844,13 +844,8 @@ where
             rowsum.clone().into_tensor_arg(),
             colsum.clone().into_tensor_arg(),
             ddiag.clone().into_tensor_arg(),
-            tensor_cores(&client),
-            slab_parts(
-                &client,
-                HEADS_PER_CUBE * (2 * TILE + 1) * 4 + 2 * SHARES * 4,
-                tensor_cores(&client),
-            ),
-            dtype.into(),
+            slabs,
+            [dtype.into(), slab_elem],
         );
     }
     let wg: T<R, F, I, BT, 6> = wrap(wg_parts);
@@ -871,6 +866,7 @@ where
         let part = empty(vec![batch, seqlen, heads, ntiles.max(1)], DType::F32);
         if batch * seqlen * groups * dstate > 0 {
             let (count, dim) = tiles(batch * nchunks * groups * splits * ntiles, 1, 1);
+            let (slabs, slab_elem) = slabs_for(&client, dtype, DBC_SMEM);
             ssd_bwd_dbc_tile_kernel::launch::<R>(
                 &client,
                 count,
@@ -885,9 +881,8 @@ where
                 out.clone().into_tensor_arg(),
                 part.clone().into_tensor_arg(),
                 for_b,
-                tensor_cores(&client),
-                slab_parts(&client, DBC_SMEM, tensor_cores(&client)),
-                dtype.into(),
+                slabs,
+                [dtype.into(), slab_elem],
             );
         }
         let out: T<R, F, I, BT, 5> = wrap(out);

@@ -85,6 +85,44 @@ pub struct Options {
     /// ndarray, from the same inputs) and report both sides' errors against them: which of two
     /// f32 implementations that disagree is the less exact.
     pub truth_f64: bool,
+    /// dtype of the SSD's activations (`x`, `dt`, `B`, `C`, `dy`; `A`, `D` and the `dt` bias
+    /// stay f32, as under bf16-mixed): f32, or bf16 for the bf16 kernels (with
+    /// `MAMBA_SSD_TENSOR_CORES=1`, their tensor-core path).
+    pub ssd_dtype: SsdDtype,
+}
+
+/// The SSD's activation dtype in `bench kernels` (`--ssd-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SsdDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for SsdDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(format!("--ssd-dtype `{other}`: expected f32 or bf16")),
+        }
+    }
+}
+
+impl SsdDtype {
+    fn dtype(self) -> burn::tensor::DType {
+        match self {
+            Self::F32 => burn::tensor::DType::F32,
+            Self::Bf16 => burn::tensor::DType::BF16,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
 }
 
 /// SSD shape: `(batch, seqlen, heads, head_dim, state, groups)` and the chunk size.
@@ -212,23 +250,34 @@ struct SsdCase<B: Backend> {
 }
 
 impl<B: MambaBackend> SsdCase<B> {
-    fn new(s: &SsdShape, device: &B::Device) -> Self {
+    /// Random inputs of shape `s`, the activations in `dtype`.
+    fn new(s: &SsdShape, dtype: burn::tensor::DType, device: &B::Device) -> Self {
         let (b, l, h, p, n, g) = (s.batch, s.seq, s.heads, s.head_dim, s.state, s.groups);
+        fn act<B: Backend, const D: usize>(
+            t: Tensor<B, D>,
+            dtype: burn::tensor::DType,
+        ) -> Tensor<B, D> {
+            if t.dtype() == dtype {
+                t
+            } else {
+                t.cast(dtype)
+            }
+        }
         Self {
             input: SsdInput {
-                x: normal([b, l, h, p], device),
-                dt: normal([b, l, h], device),
+                x: act(normal([b, l, h, p], device), dtype),
+                dt: act(normal([b, l, h], device), dtype),
                 // A = -exp(U(log 1, log 16)), as mamba_ssm initialises A_log.
                 a: uniform::<B, 1>([h], 0.0, 16f64.ln(), device).exp().neg(),
-                b: normal([b, l, g, n], device),
-                c: normal([b, l, g, n], device),
+                b: act(normal([b, l, g, n], device), dtype),
+                c: act(normal([b, l, g, n], device), dtype),
                 d: Tensor::ones([h], device),
                 dt_bias: dt_bias(h, device),
                 dt_limit: (0.0, f64::INFINITY),
                 initial_state: None,
                 chunk_size: s.chunk,
             },
-            dy: normal([b, l, h, p], device),
+            dy: act(normal([b, l, h, p], device), dtype),
         }
     }
 }
@@ -642,6 +691,7 @@ fn run_case<B: MambaBackend, C: Case<B>>(
     device: &B::Device,
     opts: &Options,
     truth: Option<Result<Tensors, String>>,
+    dtype: &'static str,
 ) -> OpResult {
     let kernels = B::has_kernels().then(|| measure::<B, C>(case, OpsMode::Kernels, device, opts));
     let reference = measure::<B, C>(case, OpsMode::Reference, device, opts);
@@ -689,7 +739,7 @@ fn run_case<B: MambaBackend, C: Case<B>>(
             .map(|(_, short, v)| format!("{short}{v}"))
             .collect::<Vec<_>>()
             .join(" "),
-        dtype: "f32",
+        dtype,
         kernels: kernels.map(|k| k.timing),
         reference: Some(reference.timing),
         max_rel_err: worst.as_ref().map(|w| Num(w.1)),
@@ -777,9 +827,17 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
                 ("groups", "g", json!(s.groups)),
                 ("chunk", "chunk", json!(s.chunk)),
             ];
-            let case = SsdCase::<B>::new(s, device);
+            let case = SsdCase::<B>::new(s, opts.ssd_dtype.dtype(), device);
             let truth = opts.truth_f64.then(|| ssd_truth_f64(&case));
-            push(run_case("ssd", &shape, &case, device, opts, truth));
+            push(run_case(
+                "ssd",
+                &shape,
+                &case,
+                device,
+                opts,
+                truth,
+                opts.ssd_dtype.name(),
+            ));
         }
     }
     if only(Op::Conv) {
@@ -799,7 +857,7 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
                 ("silu", "", json!(true)),
             ];
             let case = ConvCase::<B>::new(&s, device);
-            let mut r = run_case("conv", &shape, &case, device, opts, None);
+            let mut r = run_case("conv", &shape, &case, device, opts, None, "f32");
             conv_bandwidth(&s, &case, device, opts, &mut r);
             push(r);
         }
@@ -816,7 +874,7 @@ pub fn run<B: MambaBackend>(device: &B::Device, name: &str, opts: &Options) -> R
                 ("delta_softplus", "", json!(true)),
             ];
             let case = ScanCase::<B>::new(s, device);
-            push(run_case("scan", &shape, &case, device, opts, None));
+            push(run_case("scan", &shape, &case, device, opts, None, "f32"));
         }
     }
     Report {

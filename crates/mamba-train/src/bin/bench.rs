@@ -49,6 +49,10 @@ enum Command {
         /// Also compute the SSD scan in f64 on the CPU and report both sides' errors against it.
         #[arg(long)]
         truth_f64: bool,
+        /// dtype of the SSD's activations: f32, or bf16 (the bf16 kernels; with
+        /// `MAMBA_SSD_TENSOR_CORES=1` their tensor-core path). The other ops stay f32.
+        #[arg(long, default_value = "f32")]
+        ssd_dtype: kernels::SsdDtype,
         /// Fail (exit status 1, after the report) when the kernels' largest relative error on
         /// any output or gradient exceeds this: against f64 with `--truth-f64`, else against
         /// the reference ops. The device check of a kernel path CI cannot run.
@@ -169,6 +173,7 @@ fn main() -> Result<()> {
             only,
             seed,
             truth_f64,
+            ssd_dtype,
             max_err,
             json,
         } => {
@@ -186,6 +191,7 @@ fn main() -> Result<()> {
                 only,
                 seed,
                 truth_f64,
+                ssd_dtype,
             };
             let report = run_on(device, KernelsJob(opts))?;
             if json {
