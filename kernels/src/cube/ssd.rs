@@ -508,6 +508,43 @@ fn stage_mix_slab<F: Float, S: Float>(
     }
 }
 
+/// Stages slab `s` of the scan kernel's through-the-state operands (`K` = the state index `n`,
+/// contiguous in both): `um[t_q, g, n]` with row `q` scaled by `rs_s[q]` (left) and the state
+/// `st[c, h, p, n]` (right). Not synced.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_state_term_slab<F: Float, S: Float>(
+    um: &Tensor<F>,
+    ubase: usize,
+    qlim: usize,
+    st: &Tensor<f32>,
+    sbase: usize,
+    plim: usize,
+    dstate: usize,
+    s: usize,
+    rs_s: &SharedMemory<f32>,
+    a_s: &mut Slab<S>,
+    b_s: &mut Slab<S>,
+    #[comptime] slabs: Slabs,
+) {
+    let (us1, us3) = (um.stride(1), um.stride(3));
+    let (ss3, ss4) = (st.stride(3), st.stride(4));
+    let v = slab_v(true);
+    let mut sc = V4::empty();
+    #[unroll]
+    for i in 0..4usize {
+        sc[i] = rs_s[v * 4 + i];
+    }
+    #[unroll]
+    for part in 0..slabs.parts {
+        let k0 = s * comptime!(slabs.kb()) + part * KT;
+        let av = fetch_slab::<F>(um, ubase, us3, us1, k0, dstate, qlim, true);
+        let bv = fetch_slab::<f32>(st, sbase, ss4, ss3, k0, dstate, plim, true);
+        store_slab::<S>(a_s, av * sc, part, true, slabs);
+        store_slab::<S>(b_s, bv, part, true, slabs);
+    }
+}
+
 /// Kernel 5 (and the backward's `dx`), one cube per `(b·chunk, h, 64 columns of p)`:
 /// `out[t_q, h, p] = s_q Σ_n um[t_q, g, n] st[c, h, p, n] + Σ_j M[q, j] xin[t_j, h, p] + D xin`,
 /// with `s_q = exp(cs_q)`; the forward's `y` from `C`, `prev` and `x`. When `transposed`,
@@ -551,49 +588,32 @@ fn ssd_scan_tile_kernel<F: Float, S: Float>(
     let mut o_s = out_smem(slabs);
     let mut acc = zero_acc();
 
-    // Through the state: K = n.
+    // Both contractions accumulate into one accumulator (on the tensor cores, one set of
+    // fragments with one output stage at the end): through the state (K = n), the row scale
+    // `s_q` applied to `um` as it is staged, then within the chunk (K = positions), the left
+    // operand M staged from CB, `cs` and `dt`. (Scaling the first contraction's results
+    // afterwards kept them in registers through the second's fragments: 99 registers on the bf16
+    // tensor cores, two cubes a multiprocessor, Nsight Compute in call K.)
     let ubase = b * um.stride(0) + t0 * um.stride(1) + g * um.stride(2);
     let sbase = b * st.stride(0) + c * st.stride(1) + h * st.stride(2) + p0 * st.stride(3);
-    contract::<F, f32, S>(
-        um,
-        ubase,
-        um.stride(3),
-        um.stride(1),
-        qlim,
-        st,
-        sbase,
-        st.stride(4),
-        st.stride(3),
-        head_dim - p0,
-        dstate,
-        &mut a_s,
-        &mut b_s,
-        &mut o_s,
-        &mut acc,
-        true,
-        true,
-        slabs,
-    );
-    #[unroll]
-    for i in 0..4usize {
-        let sc = rs_s[tile_row(i)];
-        #[unroll]
-        for j in 0..4usize {
-            acc[i * 4 + j] *= sc;
-        }
-    }
-
-    // Within the chunk: K = positions.
     let cbbase = b * cb.stride(0) + c * cb.stride(1) + g * cb.stride(2);
     let xbase = b * xin.stride(0) + t0 * xin.stride(1) + h * xin.stride(2) + p0 * xin.stride(3);
-    // The slab loop of `contract`, the left operand being M (staged from CB, `cs` and `dt`).
     let (xs1, xs3) = (xin.stride(1), xin.stride(3));
     let kb = comptime!(slabs.kb());
-    let nslabs = (qlim + kb - 1) / kb;
+    let n_slabs = (dstate + kb - 1) / kb;
+    let q_slabs = (qlim + kb - 1) / kb;
     let blim = head_dim - p0;
     if comptime!(slabs.tensor_cores()) {
         let frags = tc_zero(slabs);
-        for s in 0..nslabs {
+        for s in 0..n_slabs {
+            stage_state_term_slab::<F, S>(
+                um, ubase, qlim, st, sbase, blim, dstate, s, &rs_s, &mut a_s, &mut b_s, slabs,
+            );
+            sync_cube();
+            tc_mma_slab::<S>(&a_s, &b_s, &frags, slabs);
+            sync_cube();
+        }
+        for s in 0..q_slabs {
             stage_mix_slab::<F, S>(
                 cb, cbbase, &cs_s, &dt_s, xin, xbase, xs1, xs3, blim, qlim, s, &mut a_s, &mut b_s,
                 transposed, slabs,
@@ -604,7 +624,15 @@ fn ssd_scan_tile_kernel<F: Float, S: Float>(
         }
         tc_finish::<S>(&frags, &mut a_s, &mut o_s, &mut acc, slabs);
     } else {
-        for s in 0..nslabs {
+        for s in 0..n_slabs {
+            stage_state_term_slab::<F, S>(
+                um, ubase, qlim, st, sbase, blim, dstate, s, &rs_s, &mut a_s, &mut b_s, slabs,
+            );
+            sync_cube();
+            mma_slab::<S>(&a_s, &b_s, &mut acc, slabs);
+            sync_cube();
+        }
+        for s in 0..q_slabs {
             stage_mix_slab::<F, S>(
                 cb, cbbase, &cs_s, &dt_s, xin, xbase, xs1, xs3, blim, qlim, s, &mut a_s, &mut b_s,
                 transposed, slabs,
