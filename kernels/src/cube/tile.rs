@@ -372,86 +372,63 @@ pub fn tc_zero(#[comptime] slabs: Slabs) -> TcAcc {
 /// [`store_slab`], so already TF32 or bf16 values).
 #[cube]
 pub fn tc_mma_slab<S: Float>(a_s: &Slab<S>, b_s: &Slab<S>, acc: &TcAcc, #[comptime] slabs: Slabs) {
+    if comptime!(slabs.bf16()) {
+        tc_mma_steps::<S, S>(a_s, b_s, acc, slabs, 16usize);
+    } else {
+        tc_mma_steps::<tf32, S>(a_s, b_s, acc, slabs, 8usize);
+    }
+}
+
+/// [`tc_mma_slab`]'s steps of `k` (16 × 16 × `k` products, operands of type `E`).
+#[cube]
+fn tc_mma_steps<E: Float, S: Float>(
+    a_s: &Slab<S>,
+    b_s: &Slab<S>,
+    acc: &TcAcc,
+    #[comptime] slabs: Slabs,
+    #[comptime] k: usize,
+) {
     let w = UNIT_POS as usize / 32;
     let wr = w / 2;
     let wc = w % 2;
     let pitch = comptime!(slabs.pitch());
     let len = comptime!(slabs.parts * slabs.part());
     let ld = comptime!((slabs.pitch() * 4) as u32);
-    if comptime!(slabs.bf16()) {
-        #[unroll]
-        for kk in 0..comptime!(slabs.kb() / 16) {
-            let k_off = kk * 16 * pitch;
-            let a = unsafe {
-                cmma::Matrix::<S>::uninitialized(
-                    cmma::MatrixIdent::A,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::ColMajor,
-                )
-            };
-            let b0 = unsafe {
-                cmma::Matrix::<S>::uninitialized(
-                    cmma::MatrixIdent::B,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                )
-            };
-            let b1 = unsafe {
-                cmma::Matrix::<S>::uninitialized(
-                    cmma::MatrixIdent::B,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                )
-            };
-            cmma::load(&a, &a_s.slice(k_off + wr * 4, len), ld);
-            cmma::load(&b0, &b_s.slice(k_off + wc * 8, len), ld);
-            cmma::load(&b1, &b_s.slice(k_off + wc * 8 + 4, len), ld);
-            cmma::execute::<S, S, f32, f32>(&a, &b0, &acc.m0, &acc.m0);
-            cmma::execute::<S, S, f32, f32>(&a, &b1, &acc.m1, &acc.m1);
-        }
-    } else {
-        #[unroll]
-        for kk in 0..comptime!(slabs.kb() / 8) {
-            let k_off = kk * 8 * pitch;
-            let a = unsafe {
-                cmma::Matrix::<tf32>::uninitialized(
-                    cmma::MatrixIdent::A,
-                    16usize,
-                    16usize,
-                    8usize,
-                    cmma::MatrixLayout::ColMajor,
-                )
-            };
-            let b0 = unsafe {
-                cmma::Matrix::<tf32>::uninitialized(
-                    cmma::MatrixIdent::B,
-                    16usize,
-                    16usize,
-                    8usize,
-                    cmma::MatrixLayout::RowMajor,
-                )
-            };
-            let b1 = unsafe {
-                cmma::Matrix::<tf32>::uninitialized(
-                    cmma::MatrixIdent::B,
-                    16usize,
-                    16usize,
-                    8usize,
-                    cmma::MatrixLayout::RowMajor,
-                )
-            };
-            cmma::load(&a, &a_s.slice(k_off + wr * 4, len), ld);
-            cmma::load(&b0, &b_s.slice(k_off + wc * 8, len), ld);
-            cmma::load(&b1, &b_s.slice(k_off + wc * 8 + 4, len), ld);
-            cmma::execute::<tf32, tf32, f32, f32>(&a, &b0, &acc.m0, &acc.m0);
-            cmma::execute::<tf32, tf32, f32, f32>(&a, &b1, &acc.m1, &acc.m1);
-        }
+    #[unroll]
+    for kk in 0..comptime!(slabs.kb() / k) {
+        let k_off = kk * k * pitch;
+        let a = unsafe {
+            cmma::Matrix::<E>::uninitialized(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                k,
+                cmma::MatrixLayout::ColMajor,
+            )
+        };
+        let b0 = unsafe {
+            cmma::Matrix::<E>::uninitialized(
+                cmma::MatrixIdent::B,
+                16usize,
+                16usize,
+                k,
+                cmma::MatrixLayout::RowMajor,
+            )
+        };
+        let b1 = unsafe {
+            cmma::Matrix::<E>::uninitialized(
+                cmma::MatrixIdent::B,
+                16usize,
+                16usize,
+                k,
+                cmma::MatrixLayout::RowMajor,
+            )
+        };
+        cmma::load(&a, &a_s.slice(k_off + wr * 4, len), ld);
+        cmma::load(&b0, &b_s.slice(k_off + wc * 8, len), ld);
+        cmma::load(&b1, &b_s.slice(k_off + wc * 8 + 4, len), ld);
+        cmma::execute::<E, E, f32, f32>(&a, &b0, &acc.m0, &acc.m0);
+        cmma::execute::<E, E, f32, f32>(&a, &b1, &acc.m1, &acc.m1);
     }
 }
 
