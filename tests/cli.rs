@@ -532,6 +532,8 @@ fn bench_kernels_small_on_wgpu() {
     }
     for r in results {
         let what = format!("{} {}", r["op"], r["shape"]);
+        // `--ssd-dtype` defaults to f32, and every op says the dtype it ran in.
+        assert_eq!(r["dtype"], "f32", "{what}");
         for side in ["kernels", "reference"] {
             for t in ["fwd_ms", "fwd_bwd_ms"] {
                 positive(&r[side][t], &format!("{what} {side}.{t}"));
@@ -601,6 +603,42 @@ fn bench_kernels_max_err_fails_past_the_tolerance() {
         let e = r["max_rel_err"].as_f64().unwrap();
         assert!(e > 1e-12 && e <= REL_TOL, "ssd error {e:e}");
     }
+}
+
+/// `--ssd-dtype` takes f32 or bf16 and names itself when given anything else, or bf16 on a
+/// backend without bf16 tensors (wgpu).
+#[test]
+fn bench_kernels_bad_ssd_dtype_is_a_clear_error() {
+    let out = run_limited(
+        BENCH,
+        &["kernels", "--device", "cpu", "--ssd-dtype", "f16"],
+        BENCH_LIMIT,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--ssd-dtype") && err.contains("f16") && err.contains("f32 or bf16"),
+        "{err}"
+    );
+    let out = run_limited(
+        BENCH,
+        &[
+            "kernels",
+            "--device",
+            "wgpu",
+            "--ssd-dtype",
+            "bf16",
+            "--shapes",
+            "small",
+        ],
+        BENCH_LIMIT,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--ssd-dtype: the wgpu backend has no bf16 tensors"),
+        "{err}"
+    );
 }
 
 /// On the CPU `bench kernels` measures the reference only.

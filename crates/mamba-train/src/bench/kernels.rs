@@ -111,13 +111,13 @@ impl std::str::FromStr for SsdDtype {
 }
 
 impl SsdDtype {
-    fn dtype(self) -> burn::tensor::DType {
+    pub fn dtype(self) -> burn::tensor::DType {
         match self {
             Self::F32 => burn::tensor::DType::F32,
             Self::Bf16 => burn::tensor::DType::BF16,
         }
     }
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",

@@ -149,6 +149,13 @@ struct KernelsJob(kernels::Options);
 impl BackendJob for KernelsJob {
     type Output = kernels::Report;
     fn run<B: MambaBackend>(self, device: B::Device, name: &str) -> Result<kernels::Report> {
+        let dtype = self.0.ssd_dtype.dtype();
+        ensure!(
+            B::supports_dtype(&device, dtype),
+            "--ssd-dtype: the {name} backend has no {} tensors (on the CPU and wgpu use \
+             --ssd-dtype f32)",
+            self.0.ssd_dtype.name()
+        );
         Ok(kernels::run::<B>(&device, name, &self.0))
     }
 }
