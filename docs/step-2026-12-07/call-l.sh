@@ -1,5 +1,5 @@
 #!/bin/bash
-# Call L (issue 14 first, then 16): `bench_p` = the chunk-scan kernel with both contractions in
+# Call L (issue 14; issue 16 was resolved, its decode runs left out): `bench_p` = the chunk-scan kernel with both contractions in
 # one accumulator (its row scale applied while staging `C`/`B`), which took its bf16
 # tensor-core variant from 99 to 64 registers offline (two cubes a multiprocessor in call K's
 # Nsight Compute, four now), against `bench_o` (call K's build). In priority order: the 7B-shape
@@ -28,24 +28,11 @@ t_start=$(date +%s); CALL_S=${CALL_S:-540}
 go() { local t=$2; if (( $(date +%s) - t_start + t > CALL_S )); then echo "== $1 skipped (call budget)" | tee -a $LOG >> $RES; return; fi; run "$@"; }
 go t7b_p 100 $BP $CS
 go t7b_p_bf 50 $TC $BP $CS
-go t7b_o_bf 60 $TC $BO $CS
-go peer_7b 240 env CFG=codestral SHAPES=4x2048 LORA=1 GC=1 AMP=1 ITERS=4 python3 .devbench/bench/peer_mssm.py
-go k_small_p_cc 60 $BP $KS --shapes small
-go k_small_p_bf 60 $TC $BP $KS --shapes small
-NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-for mode in 0 1; do
-  if [ -n "$NCU" ] && (( $(date +%s) - t_start + 60 <= CALL_S )); then
-    MAMBA_SSD_TENSOR_CORES=$mode timeout 60 $NCU --kernel-name regex:'ssd_(scan_tile|bwd_dbc_tile|bwd_w_tile)' \
-      --launch-count 6 --section SpeedOfLight --section Occupancy --section LaunchStats \
-      --section WarpStateStats --section MemoryWorkloadAnalysis \
-      --csv --page details $BP $KS --shapes bench --warmup 0 --iters 1 > $OUT/ncu_ssd_p_tc$mode.csv 2> /tmp/o/ncu$mode.err
-    echo "== ncu tc=$mode rc=$?" >> $LOG; tail -c 1200 /tmp/o/ncu$mode.err >> $LOG
-  fi
-done
+# mamba_ssm at the same shape, same call; its Triton cache comes back so a later call's peer
+# runs start warm (call K's cold compile outlasted 150 s).
+export TRITON_CACHE_DIR=/tmp/triton_cache
+[ -f .devbench/triton_cache.tar.xz ] && { mkdir -p $TRITON_CACHE_DIR; tar -xJf .devbench/triton_cache.tar.xz -C $TRITON_CACHE_DIR; }
+go peer_7b 300 env PYTHONUNBUFFERED=1 CFG=codestral SHAPES=4x2048 LORA=1 GC=1 AMP=1 ITERS=4 python3 .devbench/bench/peer_mssm.py
 go t130_p 60 $BP $M
 go t130_p_bf 40 $TC $BP $M
-go peer_130m_amp 240 env CFG=130m SHAPES=8x1024 LORA=1 GC=0 AMP=1 ITERS=12 python3 .devbench/bench/peer_mssm.py
-go g_cs_b1_p 50 $BP $A --config $C7 --batch 1 --precision bf16 --warmup 1 --iters 2
-go hf_cs_b1 70 $H --config $C7 --batch 1 --dtype bfloat16
-go g_130m_b32_p 60 $BP $A --config $M2 --batch 32 --warmup 1 --iters 3
-go g_130m_b1_p 40 $BP $A --config $M2 --batch 1 --warmup 1 --iters 3
+[ -d $TRITON_CACHE_DIR ] && tar -cJf $OUT/triton_cache.tar.xz -C $TRITON_CACHE_DIR . && ls -la $OUT >> $LOG
