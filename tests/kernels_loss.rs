@@ -166,14 +166,73 @@ fn split_matches_narrow() {
     check("piece 1", pieces[1].clone(), x.narrow(2, 3, 5));
 }
 
+/// On a cube backend the split's pieces are views wherever a piece starts at the runtime's memory
+/// alignment (burn's `narrow` also asks the end to be aligned, and copies otherwise): their
+/// values through `into_data` and through a kernel that reads one in place (the gated norm with
+/// the piece as its gate), against `narrow` on the CPU.
+#[test]
+fn split_pieces_are_views() {
+    set_ops_mode(OpsMode::Kernels);
+    let gpu = Default::default();
+    let cpu = Default::default();
+    // Piece 1 starts 512 bytes into each row (aligned on every runtime) and ends 96 bytes before
+    // it: burn's `narrow` copies it.
+    let sizes = [128, 200, 24];
+    let src = random(&[3, 41, 352], 1.0);
+    let x_cpu = Tensor::<Cpu, 3>::from_data(src.clone(), &cpu);
+    let x_gpu = Tensor::<Gpu, 3>::from_data(src.clone(), &gpu);
+    let pieces = Gpu::split_last(x_gpu.clone(), &sizes);
+    let mut start = 0;
+    for (k, (piece, &len)) in pieces.iter().zip(&sizes).enumerate() {
+        check(
+            &format!("piece {k}"),
+            piece.clone(),
+            x_cpu.clone().narrow(2, start, len),
+        );
+        start += len;
+    }
+    let view = pieces[1].clone().into_primitive().tensor();
+    assert_eq!(view.handle.offset_start, Some(512), "piece 1 is a view");
+    assert_eq!(
+        view.meta.strides()[1],
+        352,
+        "piece 1 keeps the input's row stride"
+    );
+    // A kernel reading the view in place.
+    let y = random(&[3, 41, 200], 1.0);
+    let w = random(&[200], 1.0);
+    let got = Gpu::gated_rms_norm(
+        Tensor::from_data(y.clone(), &gpu),
+        pieces[1].clone(),
+        Tensor::from_data(w.clone(), &gpu),
+        4,
+        1e-5,
+    );
+    let want = Cpu::gated_rms_norm(
+        Tensor::from_data(y, &cpu),
+        x_cpu.narrow(2, 128, 200),
+        Tensor::from_data(w, &cpu),
+        4,
+        1e-5,
+    );
+    check("gated norm of a view", got, want);
+}
+
 /// The one-launch `cat` of the split's backward (wgpu) against `Tensor::cat` on the CPU: two and
-/// three pieces, one of them a strided view, over several cubes; four pieces take `Tensor::cat`.
+/// three pieces, one of them a strided view, over several cubes, with widths that are whole
+/// vectors (the vector kernel) and widths that are not; four pieces take `Tensor::cat`.
 #[test]
 fn cat_last_matches_cat() {
     set_ops_mode(OpsMode::Kernels);
     let gpu = Default::default();
     let cpu = Default::default();
-    for widths in [&[300, 45][..], &[17, 1536, 24], &[5, 6, 7, 8]] {
+    for widths in [
+        &[300, 45][..],
+        &[17, 1536, 24],
+        &[256, 1792, 24],
+        &[128, 64],
+        &[5, 6, 7, 8],
+    ] {
         let data: Vec<TensorData> = widths.iter().map(|&w| random(&[3, 41, w], 1.0)).collect();
         let want = Tensor::cat(
             data.iter()

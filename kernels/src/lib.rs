@@ -1046,6 +1046,13 @@ where
         cube::ssd::ssd_chunk_scan(input)
     }
 
+    fn split_last<const D: usize>(x: Tensor<Self, D>, sizes: &[usize]) -> Vec<Tensor<Self, D>> {
+        if !kernels_active::<Self>() {
+            return split::split_last_reference(x, sizes);
+        }
+        cube::split::split_last(x, sizes)
+    }
+
     fn cat_last<const D: usize>(pieces: Vec<Tensor<Self, D>>) -> Tensor<Self, D> {
         if !kernels_active::<Self>() {
             return Tensor::cat(pieces, D - 1);

@@ -105,7 +105,7 @@ pub fn split_last<B: MambaBackend, C: CheckpointStrategy, const D: usize>(
     sizes: &[usize],
 ) -> Vec<Tensor<Autodiff<B, C>, D>> {
     let x = x.into_primitive().tensor();
-    let pieces = split_last_reference::<B, D>(inner(x.primitive.clone()), sizes);
+    let pieces = B::split_last(inner::<B, D>(x.primitive.clone()), sizes);
     let shapes: Vec<Vec<usize>> = pieces.iter().map(|p| p.dims().to_vec()).collect();
     let slots: Vec<GradSlot<B>> = (1..pieces.len())
         .map(|_| GradSlot::<B>::default())
