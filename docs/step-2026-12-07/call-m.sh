@@ -30,6 +30,7 @@ go t130_q 40 $BQ $M --precision bf16-mixed
 go t130_p 30 $BP $M --precision bf16-mixed
 go t130_q2 20 $BQ $M --precision bf16-mixed
 go t130_p2 20 $BP $M --precision bf16-mixed
+go t130_q_nv 20 env MAMBA_NORM_VECTORS=off $BQ $M --precision bf16-mixed
 go t130_q_f32 40 $BQ $M --precision f32
 go peer_130m 250 env PYTHONUNBUFFERED=1 CFG=130m SHAPES=8x1024 LORA=1 GC=0 AMP=0,1 ITERS=12 python3 .devbench/bench/peer_mssm.py
 tar -cJf $OUT/triton_cache.tar.xz -C $TRITON_CACHE_DIR . ; ls -la $OUT >> $LOG
