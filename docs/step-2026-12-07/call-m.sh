@@ -3,7 +3,7 @@
 # `narrow` copied `z` and `xBC` every forward: `SliceKernel`, 120 ms of call K's 7B profile) and
 # the norms' vector kernels, against `bench_p` (call L's build), alternately at both shapes;
 # mamba_ssm beside them in the same call (its 7B Triton cache from call L, so it starts warm;
-# the 130m cache is brought back for later calls); then the new build's 7B profile.
+# the 130m cache is brought back for later calls); the new build's 130m step profiled.
 cd "$(dirname "$0")/../.."
 source docs/cublas-2026-12-06/common.sh
 root=$PWD
@@ -32,5 +32,16 @@ go t130_q2 20 $BQ $M --precision bf16-mixed
 go t130_p2 20 $BP $M --precision bf16-mixed
 go t130_q_nv 20 env MAMBA_NORM_VECTORS=off $BQ $M --precision bf16-mixed
 go t130_q_f32 40 $BQ $M --precision f32
+prof() { # name limit args...: a cubecl-profiled run, summarised over $STEPS steps
+  local name=$1 t=$2; shift 2
+  if (( $(date +%s) - t_start + t > CALL_S )); then echo "== prof $name skipped (call budget)" >> $LOG; return; fi
+  local d=/tmp/prof_$name; mkdir -p $d
+  printf '[compilation]\ncache = { file = "%s/target" }\n[autotune]\ncache = { file = "%s/target" }\n[profiling.logger]\nlevel = "basic"\nfile = "%s/prof.log"\n' $root $root $d > $d/cubecl.toml
+  (cd $d && timeout $t "$@" > $d/out 2> $d/err); echo "== prof $name rc=$?" >> $LOG
+  tail -c 800 $d/err >> $LOG
+  python3 $root/scripts/profile_summary.py $d/prof.log $STEPS > $OUT/prof_$name.json 2>> $LOG
+}
+# The new build's 130m step under cubecl's profiler (each launch timed alone; cuBLAS not in it).
+STEPS=3 prof train_130m_q 40 $BQ train --device cuda --config mamba2-130m --seq 1024 --lora-r 8 --checkpoint-every 0 --warmup 1 --steps 2 --json --batch 8 --precision bf16-mixed
 go peer_130m 250 env PYTHONUNBUFFERED=1 CFG=130m SHAPES=8x1024 LORA=1 GC=0 AMP=0,1 ITERS=12 python3 .devbench/bench/peer_mssm.py
 tar -cJf $OUT/triton_cache.tar.xz -C $TRITON_CACHE_DIR . ; ls -la $OUT >> $LOG
