@@ -253,7 +253,7 @@ impl VecPlan {
     /// idle threads (the larger on a tie), `None` when the group is not whole vectors or needs
     /// more than [`MAX_HELD`] channels a thread.
     pub(crate) fn new(gw: usize, vs: usize) -> Option<Self> {
-        if vs == 0 || gw == 0 || gw % vs != 0 {
+        if vs == 0 || gw == 0 || !gw.is_multiple_of(vs) {
             return None;
         }
         let nv = gw / vs;
@@ -518,7 +518,7 @@ fn vec_plan<R: CubeRuntime>(
         .io_optimized_vector_sizes(dtype.size())
         .filter(|&vs| vs > 1)
         .find(|&vs| {
-            gw % vs == 0
+            gw.is_multiple_of(vs)
                 && tensors.iter().all(|t| {
                     let shape = t.meta.shape();
                     let strides = t.meta.strides();
