@@ -619,14 +619,35 @@ fn ssd_bwd_head_sums_kernel(
     }
 }
 
-/// Kernel 6, one thread per `(b, h, chunk)` (heads fastest). Per position, with
-/// `sx = exp(L − cs_q) x_q · dstates · B_q` and `oy = exp(cs_q) dy_q · prev · C_q`:
+/// `Σ v` over a cube of [`TILE`] threads, returned to every thread (`s`: [`TILE`] slots).
+#[cube]
+fn chunk_sum(v: f32, s: &mut SharedMemory<f32>) -> f32 {
+    let u = UNIT_POS as usize;
+    s[u] = v;
+    sync_cube();
+    #[unroll]
+    for level in 0..comptime!(TILE.trailing_zeros() as usize) {
+        let stride = TILE >> (level + 1);
+        if u < stride {
+            s[u] += s[u + stride];
+        }
+        sync_cube();
+    }
+    let total = s[0];
+    sync_cube();
+    total
+}
+
+/// Kernel 6, one cube of [`TILE`] threads per `(b, h, chunk)`, a thread per position. Per
+/// position, with `sx = exp(L − cs_q) x_q · dstates · B_q` and `oy = exp(cs_q) dy_q · prev · C_q`:
 /// `dt_q`'s gradient holding `cs` fixed is `sx + colsum_q`; `cs_q`'s is
 /// `oy − dt_q sx + rowsum_q − dt_q colsum_q`; and `dt_q sx` also reaches `L_c` (through the
-/// chunk's state), as does the reverse state passing's `dlast`. Then, positions last to first,
-/// the reverse cumsum gives `d(dt · A)`, which splits into `dt` (times `A`) and `A` (times `dt`);
-/// `dt` goes back through the clamp and softplus. Writes the raw `dt`'s gradient and per-chunk
-/// partial sums of `dA` and `d dt_bias`.
+/// chunk's state), as does the reverse state passing's `dlast`. The reverse cumsum of the `cs`
+/// gradients (a suffix scan in shared memory, on top of `L_c`'s) gives `d(dt · A)` at each
+/// position, which splits into `dt` (times `A`) and `A` (times `dt`); `dt` goes back through the
+/// clamp and softplus. Writes the raw `dt`'s gradient and per-chunk partial sums of `dA` and
+/// `d dt_bias`. (One thread a chunk walking its positions twice left 3,072 threads at the 130m
+/// shape, each a chain of dependent loads: 0.19 ms a layer in call M's profile.)
 #[cube(launch)]
 fn ssd_bwd_dt_kernel<F: Float>(
     dt: &Tensor<F>,            // [batch, seq, heads], raw
@@ -649,68 +670,79 @@ fn ssd_bwd_dt_kernel<F: Float>(
 ) {
     let heads = dt_c.shape(1);
     let nchunks = dt_c.shape(2);
-    let q_len = dt_c.shape(3);
     let seqlen = dt.shape(1);
-    if ABSOLUTE_POS >= dt_c.shape(0) * heads * nchunks {
+    let cube = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+    if cube >= dt_c.shape(0) * heads * nchunks {
         terminate!();
     }
-    let h = ABSOLUTE_POS % heads;
-    let c = (ABSOLUTE_POS / heads) % nchunks;
-    let b = ABSOLUTE_POS / (nchunks * heads);
+    let h = cube % heads;
+    let c = (cube / heads) % nchunks;
+    let b = cube / (nchunks * heads);
     let base = b * dt_c.stride(0) + h * dt_c.stride(1) + c * dt_c.stride(2);
-    let qlim = chunk_len(seqlen, c * q_len);
+    let qlim = chunk_len(seqlen, c * TILE);
+    let u = UNIT_POS as usize;
+    let ok = u < qlim;
+    // Past the sequence's end a thread reads position 0 and contributes nothing.
+    let q = select(ok, u, 0);
+    let t = c * TILE + q;
+    let mut s = SharedMemory::<f32>::new(TILE);
 
-    let mut d_last = dlast[b * dlast.stride(0) + c * dlast.stride(1) + h * dlast.stride(2)];
-    for q in 0..qlim {
-        let t = c * q_len + q;
-        d_last += dt_c[base + q * dt_c.stride(3)]
-            * tile_sum(sx, b * sx.stride(0) + t * sx.stride(1) + h * sx.stride(2));
+    let dt_q = dt_c[base + q * dt_c.stride(3)];
+    let sxv = tile_sum(sx, b * sx.stride(0) + t * sx.stride(1) + h * sx.stride(2));
+    let oyv = tile_sum(oy, b * oy.stride(0) + t * oy.stride(1) + h * oy.stride(2));
+    let col = colsum
+        [b * colsum.stride(0) + h * colsum.stride(1) + c * colsum.stride(2) + q * colsum.stride(3)];
+    let row = rowsum
+        [b * rowsum.stride(0) + h * rowsum.stride(1) + c * rowsum.stride(2) + q * rowsum.stride(3)];
+    let raw = f32::cast_from(dt[b * dt.stride(0) + t * dt.stride(1) + h * dt.stride(2)]);
+
+    let d_last = dlast[b * dlast.stride(0) + c * dlast.stride(1) + h * dlast.stride(2)]
+        + chunk_sum(select(ok, dt_q * sxv, 0.0f32), &mut s);
+    // Suffix sum of the `cs` gradients: after it, s[q] = Σ_{q' ≥ q} term_{q'}.
+    s[u] = select(ok, oyv - dt_q * sxv + row - dt_q * col, 0.0f32);
+    sync_cube();
+    #[unroll]
+    for level in 0..comptime!(TILE.trailing_zeros() as usize) {
+        let off = 1usize << level;
+        let mut v = s[u];
+        if u + off < TILE {
+            v += s[u + off];
+        }
+        sync_cube();
+        s[u] = v;
+        sync_cube();
     }
-    let a_h = f32::cast_from(a[h * a.stride(0)]);
-    let bias = f32::cast_from(dt_bias[h * dt_bias.stride(0)]);
-    let mut run = d_last;
-    let mut da = 0.0f32;
-    let mut dbias = 0.0f32;
-    for k in 0..qlim {
-        let q = qlim - 1 - k;
-        let t = c * q_len + q;
-        let dt_q = dt_c[base + q * dt_c.stride(3)];
-        let sxv = tile_sum(sx, b * sx.stride(0) + t * sx.stride(1) + h * sx.stride(2));
-        let oyv = tile_sum(oy, b * oy.stride(0) + t * oy.stride(1) + h * oy.stride(2));
-        let col = colsum[b * colsum.stride(0)
-            + h * colsum.stride(1)
-            + c * colsum.stride(2)
-            + q * colsum.stride(3)];
-        let row = rowsum[b * rowsum.stride(0)
-            + h * rowsum.stride(1)
-            + c * rowsum.stride(2)
-            + q * rowsum.stride(3)];
-        run += oyv - dt_q * sxv + row - dt_q * col;
-        da += dt_q * run;
-        let g_dt = sxv + col + a_h * run;
-        let v = f32::cast_from(dt[b * dt.stride(0) + t * dt.stride(1) + h * dt.stride(2)]) + bias;
-        let mut sp = v;
-        if v <= 20.0f32 {
-            sp = (1.0f32 + v.exp()).ln();
-        }
-        let mut pass = true;
-        if clamp_min && sp < dt_min {
-            pass = false;
-        }
-        if clamp_max && sp > dt_max {
-            pass = false;
-        }
-        let mut g_raw = 0.0f32;
-        if pass {
-            g_raw = g_dt / (1.0f32 + (-v).exp());
-        }
-        dbias += g_raw;
+    let run = d_last + s[u];
+    sync_cube();
+
+    let a_h = a[h * a.stride(0)];
+    let g_dt = sxv + col + a_h * run;
+    let v = raw + dt_bias[h * dt_bias.stride(0)];
+    let mut sp = v;
+    if v <= 20.0f32 {
+        sp = (1.0f32 + v.exp()).ln();
+    }
+    let mut pass = true;
+    if clamp_min && sp < dt_min {
+        pass = false;
+    }
+    if clamp_max && sp > dt_max {
+        pass = false;
+    }
+    let mut g_raw = 0.0f32;
+    if pass {
+        g_raw = g_dt / (1.0f32 + (-v).exp());
+    }
+    if ok {
         ddt_raw[b * ddt_raw.stride(0) + t * ddt_raw.stride(1) + h * ddt_raw.stride(2)] =
             F::cast_from(g_raw);
     }
-    let o = b * da_part.stride(0) + h * da_part.stride(1) + c * da_part.stride(2);
-    da_part[o] = da;
-    db_part[b * db_part.stride(0) + h * db_part.stride(1) + c * db_part.stride(2)] = dbias;
+    let da = chunk_sum(select(ok, dt_q * run, 0.0f32), &mut s);
+    let dbias = chunk_sum(select(ok, g_raw, 0.0f32), &mut s);
+    if u == 0 {
+        da_part[b * da_part.stride(0) + h * da_part.stride(1) + c * da_part.stride(2)] = da;
+        db_part[b * db_part.stride(0) + h * db_part.stride(1) + c * db_part.stride(2)] = dbias;
+    }
 }
 
 /// How many cubes share a group's `hpg` heads in kernels 3 and 5, given `base` cubes per split:
@@ -904,11 +936,12 @@ where
     let (lo, hi) = p.dt_limit;
     let n = batch * heads * nchunks;
     if n > 0 {
-        let (count, dim) = elemwise(&client, n);
+        // One cube a chunk (2-D past the grid's 65,535 limit; spare cubes return at once).
+        let x = n.min(65_535);
         ssd_bwd_dt_kernel::launch::<R>(
             &client,
-            count,
-            dim,
+            CubeCount::Static(x as u32, n.div_ceil(x) as u32, 1),
+            CubeDim::new_1d(TILE as u32),
             p.dt.clone().into_tensor_arg(),
             p.a.clone().into_tensor_arg(),
             p.dt_bias.clone().into_tensor_arg(),
