@@ -24,40 +24,12 @@ use cubecl::prelude::*;
 use super::{elemwise, prim, wrap};
 
 /// `out[r, col]` from piece `a`, `b` or (with `three`) `c`, all contiguous with the output's
-/// rows: `a` holds the first `wa` columns, `b` the next `wb`, `c` the rest.
-#[cube(launch)]
-fn cat_last_kernel<F: Float>(
-    a: &Tensor<F>,
-    b: &Tensor<F>,
-    c: &Tensor<F>,
-    out: &mut Tensor<F>,
-    wa: usize,
-    wb: usize,
-    #[comptime] three: bool,
-    #[define(F)] _dtype: StorageType,
-) {
-    let i = ABSOLUTE_POS;
-    if i >= out.len() {
-        terminate!();
-    }
-    let w = out.shape(out.rank() - 1);
-    let row = i / w;
-    let col = i % w;
-    if col < wa {
-        out[i] = a[row * wa + col];
-    } else if col < wa + wb {
-        out[i] = b[row * wb + col - wa];
-    } else if three {
-        let wc = w - wa - wb;
-        out[i] = c[row * wc + col - wa - wb];
-    }
-}
-
-/// [`cat_last_kernel`] `vs` channels at a time, when every piece's width is whole vectors:
-/// `i` indexes vectors, the widths `wa`, `wb` count vectors.
+/// rows: `a` holds the first `wa` columns, `b` the next `wb`, `c` the rest. Everything counts
+/// vectors of `V` elements (one element where the widths are not whole vectors): `i` the output's
+/// vector, `n` the output's vectors, `w` a row's.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn cat_last_vec_kernel<F: Float, V: Size>(
+fn cat_last_kernel<F: Float, V: Size>(
     a: &Tensor<Vector<F, V>>,
     b: &Tensor<Vector<F, V>>,
     c: &Tensor<Vector<F, V>>,
@@ -176,11 +148,11 @@ where
                     .all(|p| p.handle.offset_start.unwrap_or(0) % (vs * dtype.size()) as u64 == 0)
         })
         .unwrap_or(1);
-    if n > 0 && vs > 1 {
+    if n > 0 {
         let nv = n / vs;
         let (count, dim) = elemwise(&client, nv);
         let c = if three { &prims[2] } else { &prims[0] };
-        cat_last_vec_kernel::launch::<R>(
+        cat_last_kernel::launch::<R>(
             &client,
             count,
             dim,
@@ -193,22 +165,6 @@ where
             shape[D - 1] / vs,
             widths[0] / vs,
             widths[1] / vs,
-            three,
-            dtype.into(),
-        );
-    } else if n > 0 {
-        let (count, dim) = elemwise(&client, n);
-        let c = if three { &prims[2] } else { &prims[0] };
-        cat_last_kernel::launch::<R>(
-            &client,
-            count,
-            dim,
-            prims[0].clone().into_tensor_arg(),
-            prims[1].clone().into_tensor_arg(),
-            c.clone().into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            widths[0],
-            widths[1],
             three,
             dtype.into(),
         );
