@@ -858,3 +858,25 @@ where
         dw,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::VecPlan;
+
+    /// The cube sizes the model's norms get (mamba2-130m's 768- and 1,536-wide rows, the 7B
+    /// shape's 4,096-wide pre-norm and 1,024-wide gated groups), and the groups left to the
+    /// scalar kernels.
+    #[test]
+    fn vec_plans() {
+        let plan = |gw, vs| VecPlan::new(gw, vs).map(|p| (p.threads, p.rounds));
+        assert_eq!(plan(768, 4), Some((64, 3))); // 192 vectors: no idle thread
+        assert_eq!(plan(1536, 8), Some((64, 3)));
+        assert_eq!(plan(4096, 4), Some((256, 4)));
+        assert_eq!(plan(1024, 8), Some((128, 1)));
+        assert_eq!(plan(300, 4), Some((32, 3))); // 75 vectors: 21 idle at 32, more otherwise
+        assert_eq!(plan(1536, 4), Some((128, 3)));
+        assert_eq!(plan(65, 4), None); // not whole vectors
+        assert_eq!(plan(65_536, 8), None); // 32 vectors a thread at 256: past MAX_HELD
+        assert_eq!(plan(0, 4), None);
+    }
+}
